@@ -1,0 +1,312 @@
+//! Configuration: the TOML file, its defaults, and validation before anything starts.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::duration::parse_duration;
+
+/// The query that reads one account's variables from the reference `accounts` table.
+/// `$1` is the user_id; every column returned becomes a variable of the same name.
+pub const DEFAULT_PARAMS_QUERY: &str = "SELECT * FROM accounts WHERE user_id = $1";
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub database: DatabaseConfig,
+    pub daemon: DaemonConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct DatabaseConfig {
+    pub url: String,
+    pub params_query: String,
+    pub max_connections: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    pub resync_interval: Duration,
+    pub log_dir: PathBuf,
+    pub schemes_dir: PathBuf,
+    pub max_attempts: i32,
+    pub retry_base: Duration,
+    pub retry_cap: Duration,
+    pub lease: Duration,
+    pub poll_interval: Duration,
+    pub window: usize,
+    pub expand_batch: i64,
+    pub shutdown_grace: Duration,
+    pub exec_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            database: DatabaseConfig {
+                url: "sqlite://var/nasd.db".into(),
+                params_query: DEFAULT_PARAMS_QUERY.into(),
+                max_connections: 8,
+            },
+            daemon: DaemonConfig {
+                resync_interval: Duration::from_secs(60),
+                log_dir: "var/log".into(),
+                schemes_dir: "schemes".into(),
+                max_attempts: 10,
+                retry_base: Duration::from_secs(1),
+                retry_cap: Duration::from_secs(300),
+                lease: Duration::from_secs(30),
+                poll_interval: Duration::from_millis(500),
+                window: 5000,
+                expand_batch: 1000,
+                shutdown_grace: Duration::from_secs(10),
+                exec_timeout: Duration::from_secs(10),
+            },
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    database: RawDatabase,
+    #[serde(default)]
+    daemon: RawDaemon,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDatabase {
+    url: Option<String>,
+    params_query: Option<String>,
+    max_connections: Option<u32>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDaemon {
+    resync_interval: Option<String>,
+    log_dir: Option<PathBuf>,
+    schemes_dir: Option<PathBuf>,
+    max_attempts: Option<i32>,
+    retry_base: Option<String>,
+    retry_cap: Option<String>,
+    lease: Option<String>,
+    poll_interval: Option<String>,
+    window: Option<usize>,
+    expand_batch: Option<i64>,
+    shutdown_grace: Option<String>,
+    exec_timeout: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config {path}: {message}")]
+    File { path: String, message: String },
+    #[error("config key {key}: {message}")]
+    Key { key: &'static str, message: String },
+}
+
+fn duration_key(
+    key: &'static str,
+    raw: Option<&String>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    match raw {
+        None => Ok(default),
+        Some(text) => parse_duration(text).map_err(|message| ConfigError::Key { key, message }),
+    }
+}
+
+impl Config {
+    /// `--config FILE` when given; else `nasd.toml` in the working directory when present;
+    /// else the built-in defaults.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        match path {
+            Some(p) => Config::from_file(p),
+            None if Path::new("nasd.toml").exists() => Config::from_file(Path::new("nasd.toml")),
+            None => Ok(Config::default()),
+        }
+    }
+
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        Config::from_toml(&text).map_err(|e| match e {
+            ConfigError::File { message, .. } => ConfigError::File {
+                path: path.display().to_string(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::File {
+            path: "(text)".into(),
+            message: e.message().to_string()
+                + &e.span()
+                    .map(|s| format!(" (at line {})", text[..s.start].lines().count().max(1)))
+                    .unwrap_or_default(),
+        })?;
+        let d = Config::default();
+        let cfg = Config {
+            database: DatabaseConfig {
+                url: raw.database.url.unwrap_or(d.database.url),
+                params_query: raw.database.params_query.unwrap_or(d.database.params_query),
+                max_connections: raw
+                    .database
+                    .max_connections
+                    .unwrap_or(d.database.max_connections),
+            },
+            daemon: DaemonConfig {
+                resync_interval: duration_key(
+                    "daemon.resync_interval",
+                    raw.daemon.resync_interval.as_ref(),
+                    d.daemon.resync_interval,
+                )?,
+                log_dir: raw.daemon.log_dir.unwrap_or(d.daemon.log_dir),
+                schemes_dir: raw.daemon.schemes_dir.unwrap_or(d.daemon.schemes_dir),
+                max_attempts: raw.daemon.max_attempts.unwrap_or(d.daemon.max_attempts),
+                retry_base: duration_key(
+                    "daemon.retry_base",
+                    raw.daemon.retry_base.as_ref(),
+                    d.daemon.retry_base,
+                )?,
+                retry_cap: duration_key(
+                    "daemon.retry_cap",
+                    raw.daemon.retry_cap.as_ref(),
+                    d.daemon.retry_cap,
+                )?,
+                lease: duration_key("daemon.lease", raw.daemon.lease.as_ref(), d.daemon.lease)?,
+                poll_interval: duration_key(
+                    "daemon.poll_interval",
+                    raw.daemon.poll_interval.as_ref(),
+                    d.daemon.poll_interval,
+                )?,
+                window: raw.daemon.window.unwrap_or(d.daemon.window),
+                expand_batch: raw.daemon.expand_batch.unwrap_or(d.daemon.expand_batch),
+                shutdown_grace: duration_key(
+                    "daemon.shutdown_grace",
+                    raw.daemon.shutdown_grace.as_ref(),
+                    d.daemon.shutdown_grace,
+                )?,
+                exec_timeout: duration_key(
+                    "daemon.exec_timeout",
+                    raw.daemon.exec_timeout.as_ref(),
+                    d.daemon.exec_timeout,
+                )?,
+            },
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Refuses values the daemon cannot run with, naming the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let key = |key: &'static str, message: &str| {
+            Err(ConfigError::Key {
+                key,
+                message: message.to_string(),
+            })
+        };
+        let url = &self.database.url;
+        if !(url.starts_with("postgres://")
+            || url.starts_with("postgresql://")
+            || url.starts_with("sqlite:"))
+        {
+            return key(
+                "database.url",
+                "expected postgres://USER@HOST/DB or sqlite://PATH",
+            );
+        }
+        if !self.database.params_query.contains("$1") {
+            return key(
+                "database.params_query",
+                "must use $1 for the user_id, e.g. SELECT * FROM accounts WHERE user_id = $1",
+            );
+        }
+        if self.database.max_connections < 2 {
+            return key("database.max_connections", "must be at least 2");
+        }
+        let d = &self.daemon;
+        if d.max_attempts < 1 {
+            return key("daemon.max_attempts", "must be at least 1");
+        }
+        if d.resync_interval < Duration::from_millis(100) {
+            return key("daemon.resync_interval", "must be at least 100ms");
+        }
+        if d.retry_base.is_zero() || d.retry_cap < d.retry_base {
+            return key(
+                "daemon.retry_cap",
+                "retry_base must be above 0 and retry_cap at least retry_base",
+            );
+        }
+        if d.lease < Duration::from_secs(1) {
+            return key("daemon.lease", "must be at least 1s");
+        }
+        if d.poll_interval.is_zero() {
+            return key("daemon.poll_interval", "must be above 0");
+        }
+        if d.window < 10 {
+            return key("daemon.window", "must be at least 10");
+        }
+        if d.expand_batch < 1 {
+            return key("daemon.expand_batch", "must be at least 1");
+        }
+        if d.exec_timeout.is_zero() {
+            return key("daemon.exec_timeout", "must be above 0");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_without_keys() {
+        let cfg = Config::from_toml("").unwrap();
+        assert_eq!(cfg.database.url, "sqlite://var/nasd.db");
+        assert_eq!(cfg.daemon.resync_interval, Duration::from_secs(60));
+        assert_eq!(cfg.daemon.max_attempts, 10);
+    }
+
+    #[test]
+    fn reads_keys() {
+        let cfg = Config::from_toml(
+            "[database]\nurl = \"postgres://u@h/db\"\n[daemon]\nresync_interval = \"5s\"\nmax_attempts = 3\nlog_dir = \"/tmp/x\"\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.database.url, "postgres://u@h/db");
+        assert_eq!(cfg.daemon.resync_interval, Duration::from_secs(5));
+        assert_eq!(cfg.daemon.max_attempts, 3);
+        assert_eq!(cfg.daemon.log_dir, PathBuf::from("/tmp/x"));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            (
+                "[daemon]\nresync_interval = \"soon\"",
+                "daemon.resync_interval",
+            ),
+            ("[daemon]\nmax_attempts = 0", "daemon.max_attempts"),
+            ("[database]\nurl = \"mysql://x\"", "database.url"),
+            (
+                "[database]\nparams_query = \"SELECT 1\"",
+                "database.params_query",
+            ),
+            ("[daemon]\nresync_intreval = \"5s\"", "resync_intreval"),
+            ("[deamon]\n", "deamon"),
+        ];
+        for (text, needle) in cases {
+            let err = Config::from_toml(text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text:?} gave {err:?}");
+        }
+    }
+}

@@ -1,0 +1,239 @@
+//! `nasd demo`: a fresh embedded SQLite database in its own directory, one demo NAS whose
+//! scheme runs a shipped local script, a few hundred accounts and a burst of events;
+//! shows progress and a summary, and exits when the stack is drained.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::store::{AccountRecord, CompactEvent, Nas};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct DemoOptions {
+    /// Directory for the demo's database and logs (default: var/demo/<timestamp>).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Number of subscriber accounts.
+    #[arg(long, default_value_t = 300)]
+    pub accounts: i64,
+    /// Events per account (a NAS reboot brings up to 5).
+    #[arg(long, default_value_t = 5)]
+    pub events_per_account: i64,
+    /// Worker tasks for the demo NAS.
+    #[arg(long, default_value_t = 16)]
+    pub workers: i32,
+    /// Schemes directory (default: ./schemes, else the one shipped in the source tree).
+    #[arg(long)]
+    pub schemes_dir: Option<PathBuf>,
+}
+
+/// The demo's directory: the one given, or a new one under var/demo.
+pub fn choose_dir(opts: &DemoOptions) -> PathBuf {
+    opts.dir.clone().unwrap_or_else(|| {
+        PathBuf::from("var/demo").join(chrono::Local::now().format("%Y%m%d-%H%M%S").to_string())
+    })
+}
+
+pub fn default_schemes_dir() -> PathBuf {
+    let local = PathBuf::from("schemes");
+    if local.join("demo-exec/scheme.toml").exists() {
+        local
+    } else {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("schemes")
+    }
+}
+
+/// The cmds a subscriber's life brings, in a plausible order.
+const LIFE: &[&str] = &[
+    "user_add",
+    "user_rate_set",
+    "user_drop",
+    "user_redirect",
+    "user_redirect_cancel",
+    "user_accept",
+    "user_info",
+    "user_rate_set_cancel",
+];
+
+pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
+    let dir = choose_dir(&opts);
+    if dir.join("nasd.db").exists() {
+        anyhow::bail!(
+            "{} already holds a demo database; pass a new --dir",
+            dir.display()
+        );
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut cfg = Config::default();
+    cfg.database.url = format!("sqlite://{}", dir.join("nasd.db").display());
+    cfg.daemon.log_dir = dir.join("log");
+    cfg.daemon.schemes_dir = opts.schemes_dir.clone().unwrap_or_else(default_schemes_dir);
+    cfg.daemon.resync_interval = Duration::from_secs(5);
+    cfg.daemon.poll_interval = Duration::from_millis(50);
+    cfg.daemon.retry_base = Duration::from_millis(200);
+    cfg.validate()?;
+
+    let store = crate::daemon::open_store(&cfg).await?;
+    let nas = Nas {
+        id: 1,
+        name: "Demo_NAS".into(),
+        ip: "10.255.0.1".into(),
+        scheme: Some("demo-exec".into()),
+        script_name: None,
+        n_workers: opts.workers,
+        protocol: None,
+        port: None,
+        login: Some("admin".into()),
+        password: Some(crate::store::Secret::new("demo-password")),
+        secret: None,
+        max_sessions: 4,
+        enabled: true,
+    };
+    store.nas_upsert(&nas).await?;
+    let headers: Vec<String> = [
+        "user_id",
+        "abonent_id",
+        "nas_id",
+        "login",
+        "ip",
+        "rate_in",
+        "rate_out",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut accounts = Vec::new();
+    for i in 1..=opts.accounts {
+        let values = vec![
+            i.to_string(),
+            (1000 + i).to_string(),
+            "1".to_string(),
+            format!("user{i}"),
+            format!("10.88.{}.{}", i / 250, i % 250 + 1),
+            "10240".to_string(),
+            "10240".to_string(),
+        ];
+        accounts.push(AccountRecord::from_fields(&headers, &values).map_err(anyhow::Error::msg)?);
+    }
+    store.accounts_upsert(&accounts).await?;
+    let mut events = Vec::new();
+    for round in 0..opts.events_per_account {
+        for user_id in 1..=opts.accounts {
+            let cmd = LIFE[(round as usize + user_id as usize) % LIFE.len()];
+            events.push(CompactEvent {
+                cmd: cmd.into(),
+                user_id,
+                ..Default::default()
+            });
+        }
+    }
+    // Two mistakes an operator meets in real life, to show how they are reported.
+    events.push(CompactEvent {
+        cmd: "user_frobnicate".into(),
+        user_id: 1,
+        ..Default::default()
+    });
+    events.push(CompactEvent {
+        cmd: "user_add".into(),
+        user_id: opts.accounts + 1000,
+        ..Default::default()
+    });
+    let total = events.len() as i64;
+    println!(
+        "nasd demo: {} accounts on NAS {} ({}, scheme demo-exec, {} workers), {} events",
+        opts.accounts, nas.name, nas.ip, nas.n_workers, total
+    );
+    println!("  database {}", cfg.database.url);
+    let started = Instant::now();
+    for chunk in events.chunks(1000) {
+        store.enqueue_compact(chunk).await?;
+    }
+    let shutdown = CancellationToken::new();
+    let daemon = tokio::spawn(crate::daemon::run(cfg.clone(), shutdown.clone()));
+    let mut last_print = Instant::now();
+    let (done, failed) = loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (done, failed) = store.history_counts().await?;
+        if last_print.elapsed() >= Duration::from_millis(500) || done + failed >= total {
+            let secs = started.elapsed().as_secs_f64();
+            print!(
+                "\r  progress: {:>5}/{total} done {:>5} failed {:>2}  {:>6.0} events/s   ",
+                done + failed,
+                done,
+                failed,
+                (done + failed) as f64 / secs.max(0.001)
+            );
+            let _ = std::io::stdout().flush();
+            last_print = Instant::now();
+        }
+        if done + failed >= total {
+            break (done, failed);
+        }
+        if daemon.is_finished() {
+            anyhow::bail!("the daemon stopped before the stack was drained");
+        }
+    };
+    let elapsed = started.elapsed();
+    shutdown.cancel();
+    daemon.await??;
+    println!();
+    let mut lat = store.latencies_ms().await?;
+    lat.sort_by(|a, b| a.total_cmp(b));
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 - 1.0) * p) as usize)
+            .copied()
+            .unwrap_or(0.0)
+    };
+    println!(
+        "summary: {} events in {:.2}s: {} done, {} failed, {:.0} events/s, enqueue-to-done p50 {:.0} ms p99 {:.0} ms",
+        total,
+        elapsed.as_secs_f64(),
+        done,
+        failed,
+        total as f64 / elapsed.as_secs_f64(),
+        pct(0.5),
+        pct(0.99)
+    );
+    for row in store.history(None, i64::MAX).await? {
+        if row.outcome == "failed" {
+            println!(
+                "  failed: event for user_id={} cmd={}: {}",
+                row.user_id,
+                row.cmd,
+                row.error.unwrap_or_default()
+            );
+        }
+    }
+    let device_log = dir.join("device.log");
+    if let Ok(text) = std::fs::read_to_string(&device_log) {
+        println!(
+            "  the demo device received {} commands: {}",
+            text.lines().count(),
+            device_log.display()
+        );
+    }
+    println!(
+        "  daemon log: {}",
+        cfg.daemon.log_dir.join("nas_event_daemon.log").display()
+    );
+    println!(
+        "  NAS log:    {}",
+        cfg.daemon
+            .log_dir
+            .join("nas_event_daemon/Demo_NAS_10.255.0.1.log")
+            .display()
+    );
+    println!(
+        "  account 1:  {}",
+        cfg.daemon
+            .log_dir
+            .join("abonents/1001/event_1.log")
+            .display()
+    );
+    Ok(())
+}

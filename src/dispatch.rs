@@ -1,0 +1,785 @@
+//! One owner task per NAS: the NAS's pending events in memory as per-account FIFO lanes,
+//! batched claims, at most `n_workers` attempts in flight, batched completion.
+//!
+//! Order: a lane starts its next event only after the previous one's result has been
+//! committed, and an event waiting for a retry blocks only its own lane. `user_info`
+//! goes to the front of its lane, but never past an event in flight.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rand::Rng;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::task::JoinSet;
+use tokio::time::{Instant, sleep_until};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::DaemonConfig;
+use crate::journal::{AccountTarget, Attempt, Journal, NasTarget};
+use crate::retry::{Next, next_step};
+use crate::scheme::{Scheme, TransportKind, Vars};
+use crate::store::{Finish, Nas, Outcome, Reschedule, StackEvent, Store};
+use crate::transport::{Reply, Verdict, exec, null};
+
+/// The cmd that jumps the queue of its account (an operator waits for it in the UI).
+pub const PRIORITY_CMD: &str = "user_info";
+
+/// What an owner needs to know about its NAS; replaced whole when settings change.
+#[derive(Debug, Clone)]
+pub struct NasRuntime {
+    pub nas: Nas,
+    /// The scheme, for a NAS without `script_name`.
+    pub scheme: Option<Arc<Scheme>>,
+    /// Why the NAS cannot be served now (e.g. its scheme is missing); its events wait.
+    pub unavailable: Option<String>,
+}
+
+/// Daemon-wide parts every owner uses.
+pub struct Shared {
+    pub store: Store,
+    pub journal: Journal,
+    pub cfg: DaemonConfig,
+}
+
+/// The supervisor's handle on a running owner.
+pub struct OwnerHandle {
+    pub wake: Arc<Notify>,
+    pub config: watch::Sender<Arc<NasRuntime>>,
+    pub stop: CancellationToken,
+    pub join: tokio::task::JoinHandle<()>,
+}
+
+pub fn spawn_owner(shared: Arc<Shared>, runtime: NasRuntime) -> OwnerHandle {
+    let wake = Arc::new(Notify::new());
+    let (config, config_rx) = watch::channel(Arc::new(runtime));
+    let stop = CancellationToken::new();
+    let owner = Owner::new(shared, config_rx, wake.clone(), stop.clone());
+    let join = tokio::spawn(owner.run());
+    OwnerHandle {
+        wake,
+        config,
+        stop,
+        join,
+    }
+}
+
+/// The variables an attempt sees: the event's params, the event itself and the NAS.
+/// Secrets are returned apart so that they are passed on but never logged.
+pub fn attempt_vars(event: &StackEvent, nas: &Nas) -> (Vars, Vars) {
+    let mut vars = event.params.clone();
+    vars.insert("cmd".into(), event.cmd.clone().into());
+    vars.insert("event_id".into(), event.id.into());
+    vars.insert("try_count".into(), event.try_count.into());
+    vars.insert("user_id".into(), event.user_id.into());
+    if let Some(a) = event.abonent_id {
+        vars.insert("abonent_id".into(), a.into());
+    }
+    vars.insert("nas_id".into(), nas.id.into());
+    vars.insert("nas_ip".into(), nas.ip.clone().into());
+    vars.insert("nas_name".into(), nas.name.clone().into());
+    if let Some(port) = nas.port {
+        vars.insert("telnet_port".into(), port.into());
+        vars.insert("nas_port".into(), port.into());
+    }
+    if let Some(login) = &nas.login {
+        vars.insert("telnet_login".into(), login.clone().into());
+        vars.insert("nas_login".into(), login.clone().into());
+    }
+    let mut secrets = Vars::new();
+    if let Some(p) = &nas.password {
+        secrets.insert("telnet_password".into(), p.expose().into());
+        secrets.insert("nas_password".into(), p.expose().into());
+    }
+    if let Some(s) = &nas.secret {
+        secrets.insert("coa_psw".into(), s.expose().into());
+    }
+    (vars, secrets)
+}
+
+/// Variables as environment pairs: strings as they are, other values as JSON text.
+pub fn env_pairs(vars: &Vars) -> Vec<(String, String)> {
+    vars.iter()
+        .map(|(k, v)| {
+            let text = match v {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            (k.clone(), text)
+        })
+        .collect()
+}
+
+/// Sends one event the way its NAS is configured. Pure of the database.
+pub async fn send_event(runtime: &NasRuntime, event: &StackEvent, exec_timeout: Duration) -> Reply {
+    let (vars, secrets) = attempt_vars(event, &runtime.nas);
+    if let Some(script) = &runtime.nas.script_name {
+        return exec::run(
+            Path::new(script),
+            &event.cmd,
+            &env_pairs(&vars),
+            &env_pairs(&secrets),
+            exec_timeout,
+        )
+        .await;
+    }
+    let Some(scheme) = &runtime.scheme else {
+        return Reply {
+            commands: vec![],
+            answer: String::new(),
+            verdict: Verdict::Retry(
+                runtime
+                    .unavailable
+                    .clone()
+                    .unwrap_or_else(|| "no scheme".into()),
+            ),
+        };
+    };
+    match scheme.transport {
+        TransportKind::Exec => {
+            if !scheme.defines(&event.cmd) {
+                return failed_before_send(format!(
+                    "scheme {} does not define cmd {}",
+                    scheme.name, event.cmd
+                ));
+            }
+            let Some(script) = &scheme.script else {
+                return failed_before_send(format!("scheme {} has no script", scheme.name));
+            };
+            exec::run(
+                script,
+                &event.cmd,
+                &env_pairs(&vars),
+                &env_pairs(&secrets),
+                scheme.timeout,
+            )
+            .await
+        }
+        TransportKind::Null => {
+            let mut all = vars;
+            all.extend(secrets);
+            match scheme.render(&event.cmd, &all) {
+                Ok(commands) => null::send(commands),
+                Err(e) => failed_before_send(e.to_string()),
+            }
+        }
+    }
+}
+
+fn failed_before_send(reason: String) -> Reply {
+    Reply {
+        commands: vec![],
+        answer: String::new(),
+        verdict: Verdict::Failed(reason),
+    }
+}
+
+/// Converts a database time to a tokio instant (None when it is already past).
+fn instant_at(t: Option<DateTime<Utc>>) -> Option<Instant> {
+    let t = t?;
+    let delta = (t - Utc::now()).to_std().ok()?;
+    Some(Instant::now() + delta)
+}
+
+struct Pending {
+    event: StackEvent,
+    /// Not to be started before this instant (retry time, or a foreign lease).
+    not_before: Option<Instant>,
+}
+
+#[derive(Default)]
+struct Lane {
+    events: VecDeque<Pending>,
+    /// The head is in flight.
+    busy: bool,
+    /// The account is in the ready queue.
+    queued: bool,
+}
+
+struct AttemptResult {
+    user_id: i64,
+    event: StackEvent,
+    token: i64,
+    reply: Reply,
+    duration: Duration,
+}
+
+struct Owner {
+    shared: Arc<Shared>,
+    config_rx: watch::Receiver<Arc<NasRuntime>>,
+    runtime: Arc<NasRuntime>,
+    wake: Arc<Notify>,
+    stop: CancellationToken,
+    lanes: HashMap<i64, Lane>,
+    ready: VecDeque<i64>,
+    timers: BinaryHeap<Reverse<(Instant, i64)>>,
+    /// Event id -> claim token, for attempts running now.
+    in_flight: HashMap<i64, i64>,
+    /// Accounts with an attempt running now: their lanes may not start anything else.
+    busy_users: HashSet<i64>,
+    /// Results whose commit failed (database away); retried, lanes stay blocked.
+    uncommitted: Vec<AttemptResult>,
+    loaded: usize,
+    max_id: i64,
+    want_refill: bool,
+    want_reload: bool,
+    results_tx: mpsc::UnboundedSender<AttemptResult>,
+    results_rx: mpsc::UnboundedReceiver<AttemptResult>,
+    workers: JoinSet<()>,
+    db_retry_at: Option<Instant>,
+}
+
+impl Owner {
+    fn new(
+        shared: Arc<Shared>,
+        config_rx: watch::Receiver<Arc<NasRuntime>>,
+        wake: Arc<Notify>,
+        stop: CancellationToken,
+    ) -> Owner {
+        let runtime = config_rx.borrow().clone();
+        let (results_tx, results_rx) = mpsc::unbounded_channel();
+        Owner {
+            shared,
+            config_rx,
+            runtime,
+            wake,
+            stop,
+            lanes: HashMap::new(),
+            ready: VecDeque::new(),
+            timers: BinaryHeap::new(),
+            in_flight: HashMap::new(),
+            busy_users: HashSet::new(),
+            uncommitted: Vec::new(),
+            loaded: 0,
+            max_id: 0,
+            want_refill: true,
+            want_reload: false,
+            results_tx,
+            results_rx,
+            workers: JoinSet::new(),
+            db_retry_at: None,
+        }
+    }
+
+    fn nas_id(&self) -> i64 {
+        self.runtime.nas.id
+    }
+
+    async fn run(mut self) {
+        let cfg = self.shared.cfg.clone();
+        let mut next_poll = Instant::now();
+        let mut next_heartbeat = Instant::now() + cfg.lease / 3;
+        let mut stopping_since: Option<Instant> = None;
+        loop {
+            while self.workers.try_join_next().is_some() {}
+            let now = Instant::now();
+            if stopping_since.is_none() && self.stop.is_cancelled() {
+                stopping_since = Some(now);
+            }
+            if let Some(since) = stopping_since {
+                if self.in_flight.is_empty() && self.uncommitted.is_empty() {
+                    break;
+                }
+                if now >= since + cfg.shutdown_grace {
+                    self.give_up_in_flight().await;
+                    break;
+                }
+            }
+            if now >= next_poll {
+                self.want_refill = true;
+                next_poll = now + cfg.poll_interval;
+            }
+            if now >= next_heartbeat {
+                next_heartbeat = now + cfg.lease / 3;
+                let ids: Vec<i64> = self.in_flight.keys().copied().collect();
+                let until = Utc::now() + cfg.lease;
+                if let Err(e) = self.shared.store.extend_leases(&ids, until).await {
+                    tracing::warn!(nas_id = self.nas_id(), "extending leases: {e}");
+                }
+            }
+            if !self.uncommitted.is_empty() && self.db_retry_at.is_none_or(|t| t <= now) {
+                let results = std::mem::take(&mut self.uncommitted);
+                self.complete(results).await;
+            }
+            if stopping_since.is_none() && self.db_retry_at.is_none_or(|t| t <= now) {
+                if self.want_reload {
+                    self.reload().await;
+                } else if self.want_refill {
+                    self.refill().await;
+                }
+                self.fire_timers();
+                self.start_ready().await;
+            }
+
+            let mut deadline = next_poll.min(next_heartbeat);
+            if let Some(Reverse((t, _))) = self.timers.peek() {
+                deadline = deadline.min(*t);
+            }
+            if let Some(t) = self.db_retry_at {
+                deadline = deadline.min(t);
+            }
+            if let Some(since) = stopping_since {
+                deadline = deadline.min(since + cfg.shutdown_grace);
+            }
+            tokio::select! {
+                biased;
+                _ = self.stop.cancelled(), if stopping_since.is_none() => {}
+                Some(first) = self.results_rx.recv() => {
+                    let mut batch = vec![first];
+                    while let Ok(more) = self.results_rx.try_recv() {
+                        batch.push(more);
+                    }
+                    self.complete(batch).await;
+                }
+                changed = self.config_rx.changed() => {
+                    if changed.is_ok() {
+                        self.runtime = self.config_rx.borrow_and_update().clone();
+                    }
+                }
+                _ = self.wake.notified() => { self.want_refill = true; }
+                _ = sleep_until(deadline) => {}
+            }
+        }
+        self.workers.abort_all();
+    }
+
+    /// Shutdown grace ran out: the attempts still running are released (back to ready,
+    /// try count kept) so that the next start sends them again.
+    async fn give_up_in_flight(&mut self) {
+        let held: Vec<(i64, i64)> = self.in_flight.iter().map(|(id, t)| (*id, *t)).collect();
+        if held.is_empty() {
+            return;
+        }
+        tracing::warn!(
+            nas_id = self.nas_id(),
+            n = held.len(),
+            "shutdown grace ran out; releasing attempts still in flight"
+        );
+        if let Err(e) = self.shared.store.release(&held).await {
+            tracing::warn!(
+                nas_id = self.nas_id(),
+                "releasing events: {e}; their leases will expire"
+            );
+        }
+    }
+
+    fn insert(&mut self, event: StackEvent) {
+        let not_before = if event.state == "running" && !self.in_flight.contains_key(&event.id) {
+            instant_at(event.lease_until)
+        } else {
+            instant_at(event.retry_at)
+        };
+        let in_flight = self.in_flight.contains_key(&event.id);
+        let user_id = event.user_id;
+        let is_priority = event.cmd == PRIORITY_CMD;
+        let account_busy = self.busy_users.contains(&user_id);
+        let lane = self.lanes.entry(user_id).or_default();
+        lane.busy |= account_busy;
+        let pending = Pending { event, not_before };
+        if in_flight {
+            lane.events.push_front(pending);
+        } else if is_priority {
+            let mut at = usize::from(lane.busy);
+            while at < lane.events.len() && lane.events[at].event.cmd == PRIORITY_CMD {
+                at += 1;
+            }
+            lane.events.insert(at, pending);
+        } else {
+            lane.events.push_back(pending);
+        }
+        self.loaded += 1;
+        self.schedule(user_id);
+    }
+
+    /// Puts a lane in the ready queue, or on the timer heap, when its head can start.
+    fn schedule(&mut self, user_id: i64) {
+        let Some(lane) = self.lanes.get_mut(&user_id) else {
+            return;
+        };
+        if lane.busy || lane.queued {
+            return;
+        }
+        let Some(head) = lane.events.front() else {
+            self.lanes.remove(&user_id);
+            return;
+        };
+        match head.not_before {
+            Some(t) if t > Instant::now() => self.timers.push(Reverse((t, user_id))),
+            _ => {
+                lane.queued = true;
+                self.ready.push_back(user_id);
+            }
+        }
+    }
+
+    fn fire_timers(&mut self) {
+        let now = Instant::now();
+        while let Some(Reverse((t, user_id))) = self.timers.peek().copied() {
+            if t > now {
+                break;
+            }
+            self.timers.pop();
+            self.schedule(user_id);
+        }
+    }
+
+    async fn refill(&mut self) {
+        let window = self.shared.cfg.window;
+        if self.loaded >= window / 2 {
+            self.want_refill = false;
+            return;
+        }
+        let limit = (window - self.loaded) as i64;
+        match self
+            .shared
+            .store
+            .load_window(self.nas_id(), self.max_id, limit)
+            .await
+        {
+            Ok(rows) => {
+                self.want_refill = rows.len() as i64 == limit;
+                for row in rows {
+                    self.max_id = self.max_id.max(row.id);
+                    self.insert(row);
+                }
+            }
+            Err(e) => self.db_failed("loading events", e),
+        }
+    }
+
+    /// Rebuilds the lanes from the table, keeping what is in flight: used when a claim
+    /// or a completion shows that memory and table disagree.
+    async fn reload(&mut self) {
+        self.lanes.clear();
+        self.ready.clear();
+        self.timers.clear();
+        self.loaded = 0;
+        self.max_id = 0;
+        self.want_reload = false;
+        self.want_refill = true;
+        self.refill().await;
+    }
+
+    fn db_failed(&mut self, what: &str, e: crate::store::StoreError) {
+        tracing::warn!(nas_id = self.nas_id(), "{what}: {e}; retrying in 1s");
+        self.db_retry_at = Some(Instant::now() + Duration::from_secs(1));
+    }
+
+    async fn start_ready(&mut self) {
+        if self.runtime.unavailable.is_some() || !self.runtime.nas.enabled {
+            return;
+        }
+        let cap = self.runtime.nas.n_workers.max(1) as usize;
+        let free = cap.saturating_sub(self.in_flight.len());
+        if free == 0 || self.ready.is_empty() {
+            return;
+        }
+        let mut heads: Vec<(i64, i64)> = Vec::with_capacity(free);
+        while heads.len() < free {
+            let Some(user_id) = self.ready.pop_front() else {
+                break;
+            };
+            let Some(lane) = self.lanes.get_mut(&user_id) else {
+                continue;
+            };
+            lane.queued = false;
+            if lane.busy {
+                continue;
+            }
+            if let Some(head) = lane.events.front() {
+                heads.push((user_id, head.event.id));
+            }
+        }
+        if heads.is_empty() {
+            return;
+        }
+        let token = loop {
+            let t: i64 = rand::rng().random();
+            if t != 0 {
+                break t;
+            }
+        };
+        let now = Utc::now();
+        let ids: Vec<i64> = heads.iter().map(|(_, id)| *id).collect();
+        let claimed = match self
+            .shared
+            .store
+            .claim(&ids, token, now, now + self.shared.cfg.lease)
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                for (user_id, _) in heads {
+                    self.schedule(user_id);
+                }
+                self.db_failed("claiming events", e);
+                return;
+            }
+        };
+        let claimed: HashMap<i64, i32> = claimed.into_iter().map(|c| (c.id, c.try_count)).collect();
+        for (user_id, id) in heads {
+            let Some(try_count) = claimed.get(&id).copied() else {
+                // Someone else holds it (a lease that has not expired) or it is gone:
+                // look again later and rebuild from the table.
+                if let Some(head) = self
+                    .lanes
+                    .get_mut(&user_id)
+                    .and_then(|l| l.events.front_mut())
+                {
+                    head.not_before =
+                        Some(Instant::now() + self.shared.cfg.lease.min(Duration::from_secs(5)));
+                }
+                self.want_reload = true;
+                self.schedule(user_id);
+                continue;
+            };
+            let Some(lane) = self.lanes.get_mut(&user_id) else {
+                continue;
+            };
+            lane.busy = true;
+            let Some(head) = lane.events.front_mut() else {
+                continue;
+            };
+            head.event.try_count = try_count;
+            head.event.state = "running".into();
+            head.event.claim_token = Some(token);
+            let event = head.event.clone();
+            self.in_flight.insert(id, token);
+            self.busy_users.insert(user_id);
+            let runtime = self.runtime.clone();
+            let tx = self.results_tx.clone();
+            let exec_timeout = self.shared.cfg.exec_timeout;
+            let max_attempts = self.shared.cfg.max_attempts;
+            self.workers.spawn(async move {
+                let started = Instant::now();
+                let reply = if event.try_count > max_attempts {
+                    Reply {
+                        commands: vec![],
+                        answer: String::new(),
+                        verdict: Verdict::Failed(format!(
+                            "gave up: attempt {} is over max_attempts {max_attempts} (attempts were interrupted)",
+                            event.try_count
+                        )),
+                    }
+                } else {
+                    send_event(&runtime, &event, exec_timeout).await
+                };
+                let _ = tx.send(AttemptResult {
+                    user_id,
+                    event,
+                    token,
+                    reply,
+                    duration: started.elapsed(),
+                });
+            });
+        }
+    }
+
+    async fn complete(&mut self, results: Vec<AttemptResult>) {
+        let cfg = &self.shared.cfg;
+        let now = Utc::now();
+        let mut finishes = Vec::new();
+        let mut reschedules = Vec::new();
+        // Per result: the outcome text for the logs and, for a retry, the delay.
+        let mut plans: Vec<(String, Option<Duration>)> = Vec::with_capacity(results.len());
+        for r in &results {
+            let duration_ms = r.duration.as_millis() as i64;
+            let (outcome, error, delay) = match &r.reply.verdict {
+                Verdict::Done => (Outcome::Done, None, None),
+                Verdict::Failed(why) => (Outcome::Failed, Some(why.clone()), None),
+                Verdict::Retry(why) => {
+                    let unit: f64 = rand::rng().random();
+                    match next_step(
+                        r.event.try_count,
+                        cfg.max_attempts,
+                        cfg.retry_base,
+                        cfg.retry_cap,
+                        unit,
+                    ) {
+                        Next::GiveUp => (
+                            Outcome::Failed,
+                            Some(format!(
+                                "gave up after {} attempts: {why}",
+                                r.event.try_count
+                            )),
+                            None,
+                        ),
+                        Next::RetryAfter(d) => (Outcome::Done, Some(why.clone()), Some(d)),
+                    }
+                }
+            };
+            match delay {
+                Some(d) => {
+                    reschedules.push(Reschedule {
+                        id: r.event.id,
+                        claim_token: r.token,
+                        retry_at: now + d,
+                        error: error.clone().unwrap_or_default(),
+                    });
+                    plans.push((
+                        format!(
+                            "retry in {}: {}",
+                            crate::duration::format_duration(d),
+                            error.unwrap_or_default()
+                        ),
+                        Some(d),
+                    ));
+                }
+                None => {
+                    let text = match (&outcome, &error) {
+                        (Outcome::Done, _) => "done".to_string(),
+                        (Outcome::Failed, Some(why)) => format!("failed: {why}"),
+                        (Outcome::Failed, None) => "failed".to_string(),
+                    };
+                    finishes.push(Finish {
+                        id: r.event.id,
+                        claim_token: r.token,
+                        outcome,
+                        commands: r.reply.commands.clone(),
+                        answer: r.reply.answer.clone(),
+                        error,
+                        duration_ms,
+                    });
+                    plans.push((text, None));
+                }
+            }
+        }
+        let applied: HashSet<i64> = match self
+            .shared
+            .store
+            .complete(&finishes, &reschedules, now)
+            .await
+        {
+            Ok(ids) => ids.into_iter().collect(),
+            Err(e) => {
+                self.uncommitted.extend(results);
+                self.db_failed("recording results", e);
+                return;
+            }
+        };
+        self.db_retry_at = None;
+        let nas_target = NasTarget {
+            id: self.runtime.nas.id,
+            name: self.runtime.nas.name.clone(),
+            ip: self.runtime.nas.ip.clone(),
+        };
+        for (r, (outcome_text, delay)) in results.into_iter().zip(plans) {
+            self.in_flight.remove(&r.event.id);
+            self.busy_users.remove(&r.user_id);
+            self.shared.journal.attempt(
+                &nas_target,
+                &AccountTarget {
+                    abonent_id: r.event.abonent_id,
+                    user_id: r.user_id,
+                },
+                &Attempt {
+                    event_id: r.event.id,
+                    cmd: r.event.cmd.clone(),
+                    try_count: r.event.try_count,
+                    commands: r.reply.commands.clone(),
+                    answer: r.reply.answer.clone(),
+                    outcome: outcome_text,
+                    duration: r.duration,
+                },
+            );
+            let Some(lane) = self.lanes.get_mut(&r.user_id) else {
+                continue;
+            };
+            lane.busy = false;
+            let head_matches = lane
+                .events
+                .front()
+                .is_some_and(|p| p.event.id == r.event.id);
+            if !applied.contains(&r.event.id) {
+                // The claim went stale (another owner took the event): discard our result.
+                tracing::warn!(
+                    nas_id = self.runtime.nas.id,
+                    event_id = r.event.id,
+                    "claim went stale; result discarded"
+                );
+                self.want_reload = true;
+                continue;
+            }
+            match delay {
+                None => {
+                    if head_matches {
+                        lane.events.pop_front();
+                    } else {
+                        lane.events.retain(|p| p.event.id != r.event.id);
+                    }
+                    self.loaded = self.loaded.saturating_sub(1);
+                }
+                Some(d) => {
+                    if let Some(head) = lane.events.iter_mut().find(|p| p.event.id == r.event.id) {
+                        head.event.state = "ready".into();
+                        head.event.claim_token = None;
+                        head.event.try_count = r.event.try_count;
+                        head.not_before = Some(Instant::now() + d);
+                    }
+                }
+            }
+            self.schedule(r.user_id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Secret;
+
+    fn nas() -> Nas {
+        Nas {
+            id: 7,
+            name: "Test NAS".into(),
+            ip: "10.0.0.1".into(),
+            scheme: Some("null-routeros".into()),
+            script_name: None,
+            n_workers: 4,
+            protocol: None,
+            port: Some(23),
+            login: Some("admin".into()),
+            password: Some(Secret::new("pw")),
+            secret: Some(Secret::new("coa")),
+            max_sessions: 2,
+            enabled: true,
+        }
+    }
+
+    #[test]
+    fn vars_keep_secrets_apart() {
+        let mut params = Vars::new();
+        params.insert("ip".into(), "10.1.1.1".into());
+        let event = StackEvent {
+            id: 5,
+            compact_id: None,
+            event_date: Utc::now(),
+            enqueued_at: Utc::now(),
+            cmd: "user_add".into(),
+            user_id: 42,
+            abonent_id: Some(4),
+            nas_id: 7,
+            usluga_id: None,
+            acct_session_id: None,
+            params,
+            try_count: 1,
+            state: "running".into(),
+            retry_at: None,
+            claim_token: None,
+            lease_until: None,
+            last_error: None,
+        };
+        let (vars, secrets) = attempt_vars(&event, &nas());
+        assert_eq!(vars["ip"], "10.1.1.1");
+        assert_eq!(vars["nas_ip"], "10.0.0.1");
+        assert_eq!(vars["telnet_login"], "admin");
+        assert_eq!(vars["event_id"], 5);
+        assert!(!vars.contains_key("telnet_password"));
+        assert!(!vars.values().any(|v| v == "pw" || v == "coa"));
+        assert_eq!(secrets["telnet_password"], "pw");
+        assert_eq!(secrets["coa_psw"], "coa");
+    }
+}

@@ -1,0 +1,17 @@
+//! nasd: delivers ISP billing events from the event stack to network access servers.
+//!
+//! See ARCHITECTURE.md for the map of the modules.
+
+pub mod bench;
+pub mod config;
+pub mod daemon;
+pub mod demo;
+pub mod dispatch;
+pub mod duration;
+pub mod expand;
+pub mod journal;
+pub mod retry;
+pub mod scheme;
+pub mod store;
+pub mod supervisor;
+pub mod transport;

@@ -1,0 +1,660 @@
+//! PostgreSQL backend: batched statements with arrays (`unnest`), `FOR UPDATE SKIP LOCKED`
+//! claims, and LISTEN/NOTIFY as a wake-up hint for new compact rows.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgListener, PgPool, PgPoolOptions, PgRow};
+use sqlx::{Column, Row, TypeInfo, ValueRef};
+
+use super::{
+    AccountRecord, Claimed, CompactEvent, CompactRow, ExpandReport, Finish, HistoryRow, Nas,
+    Reschedule, Secret, SqlContext, StackCount, StackEvent, StoreError, plan_expansion,
+};
+use crate::scheme::Vars;
+
+#[derive(Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    pub async fn connect(url: &str, max_connections: u32) -> Result<PgStore, StoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(std::time::Duration::from_secs(10))
+            .connect(url)
+            .await
+            .ctx("connect")?;
+        Ok(PgStore { pool })
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// A listener on the channel the compact-stack trigger notifies.
+    pub async fn listen_compact(&self) -> Result<PgListener, StoreError> {
+        let mut listener = PgListener::connect_with(&self.pool).await.ctx("listen")?;
+        listener.listen("nasd_compact").await.ctx("listen")?;
+        Ok(listener)
+    }
+
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        sqlx::migrate!("migrations/postgres")
+            .run(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .ctx("ping")?;
+        Ok(())
+    }
+
+    pub async fn nas_list(&self) -> Result<Vec<Nas>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, name, ip, scheme, script_name, n_workers, protocol, port, login, password, \
+             secret, max_sessions, enabled FROM nas ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .ctx("list nas")?;
+        rows.iter()
+            .map(nas_from_row)
+            .collect::<Result<_, _>>()
+            .ctx("list nas")
+    }
+
+    pub async fn nas_upsert(&self, nas: &Nas) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO nas (id, name, ip, scheme, script_name, n_workers, protocol, port, login, \
+             password, secret, max_sessions, enabled, updated_at) \
+             VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13, clock_timestamp()) \
+             ON CONFLICT (id) DO UPDATE SET name=EXCLUDED.name, ip=EXCLUDED.ip, \
+             scheme=EXCLUDED.scheme, script_name=EXCLUDED.script_name, n_workers=EXCLUDED.n_workers, \
+             protocol=EXCLUDED.protocol, port=EXCLUDED.port, login=EXCLUDED.login, \
+             password=EXCLUDED.password, secret=EXCLUDED.secret, max_sessions=EXCLUDED.max_sessions, \
+             enabled=EXCLUDED.enabled, updated_at=clock_timestamp()",
+        )
+        .bind(nas.id)
+        .bind(&nas.name)
+        .bind(&nas.ip)
+        .bind(&nas.scheme)
+        .bind(&nas.script_name)
+        .bind(nas.n_workers)
+        .bind(&nas.protocol)
+        .bind(nas.port)
+        .bind(&nas.login)
+        .bind(nas.password.as_ref().map(Secret::expose))
+        .bind(nas.secret.as_ref().map(Secret::expose))
+        .bind(nas.max_sessions)
+        .bind(nas.enabled)
+        .execute(&self.pool)
+        .await
+        .ctx("save nas")?;
+        Ok(())
+    }
+
+    pub async fn nas_remove(&self, id: i64) -> Result<bool, StoreError> {
+        let done = sqlx::query("DELETE FROM nas WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .ctx("remove nas")?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    pub async fn accounts_upsert(&self, records: &[AccountRecord]) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await.ctx("import accounts")?;
+        for rec in records {
+            sqlx::query(
+                "INSERT INTO accounts (user_id, abonent_id, nas_id, login, ip, mac, vlan, auth_type, \
+                 snat_ip, rate_in, rate_out, ceil_in, ceil_out, burst_in, burst_out, extra) \
+                 VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16) \
+                 ON CONFLICT (user_id) DO UPDATE SET abonent_id=EXCLUDED.abonent_id, \
+                 nas_id=EXCLUDED.nas_id, login=EXCLUDED.login, ip=EXCLUDED.ip, mac=EXCLUDED.mac, \
+                 vlan=EXCLUDED.vlan, auth_type=EXCLUDED.auth_type, snat_ip=EXCLUDED.snat_ip, \
+                 rate_in=EXCLUDED.rate_in, rate_out=EXCLUDED.rate_out, ceil_in=EXCLUDED.ceil_in, \
+                 ceil_out=EXCLUDED.ceil_out, burst_in=EXCLUDED.burst_in, burst_out=EXCLUDED.burst_out, \
+                 extra=EXCLUDED.extra, updated_at=clock_timestamp()",
+            )
+            .bind(rec.int("user_id"))
+            .bind(rec.int("abonent_id"))
+            .bind(rec.int("nas_id"))
+            .bind(rec.text("login"))
+            .bind(rec.text("ip"))
+            .bind(rec.text("mac"))
+            .bind(rec.int("vlan").map(|v| v as i32))
+            .bind(rec.text("auth_type"))
+            .bind(rec.text("snat_ip"))
+            .bind(rec.int("rate_in"))
+            .bind(rec.int("rate_out"))
+            .bind(rec.int("ceil_in"))
+            .bind(rec.int("ceil_out"))
+            .bind(rec.int("burst_in"))
+            .bind(rec.int("burst_out"))
+            .bind(serde_json::Value::Object(rec.extra.clone()))
+            .execute(&mut *tx)
+            .await
+            .ctx("import accounts")?;
+        }
+        tx.commit().await.ctx("import accounts")?;
+        Ok(records.len() as u64)
+    }
+
+    pub async fn account_params(
+        &self,
+        params_query: &str,
+        user_id: i64,
+    ) -> Result<Option<Vars>, StoreError> {
+        let mut conn = self.pool.acquire().await.ctx("params_query")?;
+        params_for(&mut conn, params_query, user_id).await
+    }
+
+    pub async fn enqueue_compact(&self, events: &[CompactEvent]) -> Result<Vec<i64>, StoreError> {
+        let cmds: Vec<&str> = events.iter().map(|e| e.cmd.as_str()).collect();
+        let users: Vec<i64> = events.iter().map(|e| e.user_id).collect();
+        let abonents: Vec<Option<i64>> = events.iter().map(|e| e.abonent_id).collect();
+        let ips: Vec<Option<&str>> = events.iter().map(|e| e.nas_ip.as_deref()).collect();
+        let uslugas: Vec<Option<i64>> = events.iter().map(|e| e.usluga_id).collect();
+        let sessions: Vec<Option<&str>> = events
+            .iter()
+            .map(|e| e.acct_session_id.as_deref())
+            .collect();
+        let ids: Vec<i64> = sqlx::query_scalar(
+            "INSERT INTO events_stack_compact (cmd, user_id, abonent_id, nas_ip, usluga_id, acct_session_id) \
+             SELECT cmd, user_id, abonent_id, nas_ip, usluga_id, acct_session_id FROM \
+             unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::bigint[], $6::text[]) \
+             WITH ORDINALITY AS t(cmd, user_id, abonent_id, nas_ip, usluga_id, acct_session_id, ord) \
+             ORDER BY ord RETURNING id",
+        )
+        .bind(&cmds)
+        .bind(&users)
+        .bind(&abonents)
+        .bind(&ips)
+        .bind(&uslugas)
+        .bind(&sessions)
+        .fetch_all(&self.pool)
+        .await
+        .ctx("enqueue")?;
+        Ok(ids)
+    }
+
+    pub async fn expand(&self, params_query: &str, limit: i64) -> Result<ExpandReport, StoreError> {
+        let mut tx = self.pool.begin().await.ctx("expand")?;
+        let rows = sqlx::query(
+            "SELECT id, cmd, user_id, abonent_id, nas_ip, usluga_id, acct_session_id, created_at \
+             FROM events_stack_compact ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await
+        .ctx("expand: read compact stack")?;
+        if rows.is_empty() {
+            return Ok(ExpandReport::default());
+        }
+        let compact: Vec<CompactRow> = rows
+            .iter()
+            .map(|r| -> Result<CompactRow, sqlx::Error> {
+                Ok(CompactRow {
+                    id: r.try_get("id")?,
+                    event: CompactEvent {
+                        cmd: r.try_get("cmd")?,
+                        user_id: r.try_get("user_id")?,
+                        abonent_id: r.try_get("abonent_id")?,
+                        nas_ip: r.try_get("nas_ip")?,
+                        usluga_id: r.try_get("usluga_id")?,
+                        acct_session_id: r.try_get("acct_session_id")?,
+                    },
+                    created_at: r.try_get("created_at")?,
+                })
+            })
+            .collect::<Result<_, _>>()
+            .ctx("expand: read compact stack")?;
+        let nas: Vec<(i64, String)> = sqlx::query_as("SELECT id, ip FROM nas")
+            .fetch_all(&mut *tx)
+            .await
+            .ctx("expand: read nas")?;
+        let nas_by_ip: HashMap<String, i64> =
+            nas.iter().map(|(id, ip)| (ip.clone(), *id)).collect();
+        let nas_ids: Vec<i64> = nas.iter().map(|(id, _)| *id).collect();
+        let mut params: HashMap<i64, Option<Vars>> = HashMap::new();
+        for row in &compact {
+            if !params.contains_key(&row.event.user_id) {
+                let vars = params_for(&mut tx, params_query, row.event.user_id).await?;
+                params.insert(row.event.user_id, vars);
+            }
+        }
+        let (events, failures) = plan_expansion(&compact, &params, &nas_by_ip, &nas_ids);
+
+        if !events.is_empty() {
+            let compact_ids: Vec<Option<i64>> = events.iter().map(|e| e.compact_id).collect();
+            let enqueued: Vec<DateTime<Utc>> = events.iter().map(|e| e.enqueued_at).collect();
+            let cmds: Vec<&str> = events.iter().map(|e| e.cmd.as_str()).collect();
+            let users: Vec<i64> = events.iter().map(|e| e.user_id).collect();
+            let abonents: Vec<Option<i64>> = events.iter().map(|e| e.abonent_id).collect();
+            let nas_ids: Vec<i64> = events.iter().map(|e| e.nas_id).collect();
+            let uslugas: Vec<Option<i64>> = events.iter().map(|e| e.usluga_id).collect();
+            let sessions: Vec<Option<&str>> = events
+                .iter()
+                .map(|e| e.acct_session_id.as_deref())
+                .collect();
+            let params: Vec<String> = events
+                .iter()
+                .map(|e| serde_json::Value::Object(e.params.clone()).to_string())
+                .collect();
+            sqlx::query(
+                "INSERT INTO events_stack (compact_id, enqueued_at, cmd, user_id, abonent_id, nas_id, \
+                 usluga_id, acct_session_id, params, owner_script, owner_function) \
+                 SELECT compact_id, enqueued_at, cmd, user_id, abonent_id, nas_id, usluga_id, \
+                 acct_session_id, params::jsonb, 'events_stack_compact', 'expand' FROM \
+                 unnest($1::bigint[], $2::timestamptz[], $3::text[], $4::bigint[], $5::bigint[], \
+                 $6::bigint[], $7::bigint[], $8::text[], $9::text[]) WITH ORDINALITY AS \
+                 t(compact_id, enqueued_at, cmd, user_id, abonent_id, nas_id, usluga_id, \
+                 acct_session_id, params, ord) ORDER BY ord",
+            )
+            .bind(&compact_ids)
+            .bind(&enqueued)
+            .bind(&cmds)
+            .bind(&users)
+            .bind(&abonents)
+            .bind(&nas_ids)
+            .bind(&uslugas)
+            .bind(&sessions)
+            .bind(&params)
+            .execute(&mut *tx)
+            .await
+            .ctx("expand: write events_stack")?;
+        }
+        for (row, reason) in &failures {
+            let e = &row.event;
+            sqlx::query(
+                "INSERT INTO events_history (compact_id, enqueued_at, cmd, user_id, abonent_id, \
+                 usluga_id, acct_session_id, outcome, attempts, error) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, 'failed', 0, $8)",
+            )
+            .bind(row.id)
+            .bind(row.created_at)
+            .bind(&e.cmd)
+            .bind(e.user_id)
+            .bind(e.abonent_id)
+            .bind(e.usluga_id)
+            .bind(&e.acct_session_id)
+            .bind(reason)
+            .execute(&mut *tx)
+            .await
+            .ctx("expand: write history")?;
+        }
+        let ids: Vec<i64> = compact.iter().map(|r| r.id).collect();
+        sqlx::query("DELETE FROM events_stack_compact WHERE id = ANY($1)")
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await
+            .ctx("expand: delete compact rows")?;
+        tx.commit().await.ctx("expand: commit")?;
+        let mut touched: Vec<i64> = events.iter().map(|e| e.nas_id).collect();
+        touched.sort_unstable();
+        touched.dedup();
+        Ok(ExpandReport {
+            expanded: events.len(),
+            failed: failures.len(),
+            nas_ids: touched,
+        })
+    }
+
+    pub async fn load_window(
+        &self,
+        nas_id: i64,
+        after_id: i64,
+        limit: i64,
+    ) -> Result<Vec<StackEvent>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, compact_id, event_date, enqueued_at, cmd, user_id, abonent_id, nas_id, \
+             usluga_id, acct_session_id, params, try_count, state, retry_at, claim_token, \
+             lease_until, last_error FROM events_stack WHERE nas_id = $1 AND id > $2 \
+             ORDER BY id LIMIT $3",
+        )
+        .bind(nas_id)
+        .bind(after_id)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .ctx("load events")?;
+        rows.iter()
+            .map(|r| -> Result<StackEvent, sqlx::Error> {
+                let params: serde_json::Value = r.try_get("params")?;
+                Ok(StackEvent {
+                    id: r.try_get("id")?,
+                    compact_id: r.try_get("compact_id")?,
+                    event_date: r.try_get("event_date")?,
+                    enqueued_at: r.try_get("enqueued_at")?,
+                    cmd: r.try_get("cmd")?,
+                    user_id: r.try_get("user_id")?,
+                    abonent_id: r.try_get("abonent_id")?,
+                    nas_id: r.try_get("nas_id")?,
+                    usluga_id: r.try_get("usluga_id")?,
+                    acct_session_id: r.try_get("acct_session_id")?,
+                    params: match params {
+                        serde_json::Value::Object(map) => map,
+                        _ => Vars::new(),
+                    },
+                    try_count: r.try_get("try_count")?,
+                    state: r.try_get("state")?,
+                    retry_at: r.try_get("retry_at")?,
+                    claim_token: r.try_get("claim_token")?,
+                    lease_until: r.try_get("lease_until")?,
+                    last_error: r.try_get("last_error")?,
+                })
+            })
+            .collect::<Result<_, _>>()
+            .ctx("load events")
+    }
+
+    pub async fn claim(
+        &self,
+        ids: &[i64],
+        claim_token: i64,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+    ) -> Result<Vec<Claimed>, StoreError> {
+        let rows: Vec<(i64, i32)> = sqlx::query_as(
+            "WITH c AS MATERIALIZED (SELECT id FROM events_stack WHERE id = ANY($1) \
+             AND (state = 'ready' OR lease_until < $3) FOR UPDATE SKIP LOCKED) \
+             UPDATE events_stack s SET state = 'running', claim_token = $2, claimed_at = $3, \
+             lease_until = $4, try_count = s.try_count + 1 FROM c WHERE s.id = c.id \
+             RETURNING s.id, s.try_count",
+        )
+        .bind(ids)
+        .bind(claim_token)
+        .bind(now)
+        .bind(lease_until)
+        .fetch_all(&self.pool)
+        .await
+        .ctx("claim events")?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, try_count)| Claimed { id, try_count })
+            .collect())
+    }
+
+    pub async fn complete(
+        &self,
+        finishes: &[Finish],
+        reschedules: &[Reschedule],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<i64>, StoreError> {
+        let mut tx = self.pool.begin().await.ctx("complete events")?;
+        let mut applied = Vec::with_capacity(finishes.len() + reschedules.len());
+        if !finishes.is_empty() {
+            let ids: Vec<i64> = finishes.iter().map(|f| f.id).collect();
+            let tokens: Vec<i64> = finishes.iter().map(|f| f.claim_token).collect();
+            let outcomes: Vec<&str> = finishes.iter().map(|f| f.outcome.as_str()).collect();
+            let commands: Vec<String> = finishes
+                .iter()
+                .map(|f| serde_json::to_string(&f.commands).unwrap_or_else(|_| "[]".into()))
+                .collect();
+            let answers: Vec<&str> = finishes.iter().map(|f| f.answer.as_str()).collect();
+            let errors: Vec<Option<&str>> = finishes.iter().map(|f| f.error.as_deref()).collect();
+            let durations: Vec<i64> = finishes.iter().map(|f| f.duration_ms).collect();
+            let done: Vec<i64> = sqlx::query_scalar(
+                "WITH f AS (SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], \
+                 $5::text[], $6::text[], $7::bigint[]) AS f(id, tok, outcome, commands, answer, error, \
+                 duration_ms)), \
+                 moved AS (DELETE FROM events_stack s USING f WHERE s.id = f.id AND s.claim_token = f.tok \
+                 RETURNING s.*, f.outcome AS f_outcome, f.commands AS f_commands, f.answer AS f_answer, \
+                 f.error AS f_error, f.duration_ms AS f_duration) \
+                 INSERT INTO events_history (event_id, compact_id, event_date, enqueued_at, cmd, user_id, \
+                 abonent_id, nas_id, usluga_id, acct_session_id, params, outcome, attempts, commands, \
+                 answer, error, duration_ms, finished_at) \
+                 SELECT id, compact_id, event_date, enqueued_at, cmd, user_id, abonent_id, nas_id, \
+                 usluga_id, acct_session_id, params, f_outcome, try_count, f_commands::jsonb, f_answer, \
+                 f_error, f_duration, $8 FROM moved ORDER BY id RETURNING event_id",
+            )
+            .bind(&ids)
+            .bind(&tokens)
+            .bind(&outcomes)
+            .bind(&commands)
+            .bind(&answers)
+            .bind(&errors)
+            .bind(&durations)
+            .bind(now)
+            .fetch_all(&mut *tx)
+            .await
+            .ctx("finish events")?;
+            applied.extend(done);
+        }
+        if !reschedules.is_empty() {
+            let ids: Vec<i64> = reschedules.iter().map(|r| r.id).collect();
+            let tokens: Vec<i64> = reschedules.iter().map(|r| r.claim_token).collect();
+            let retry_at: Vec<DateTime<Utc>> = reschedules.iter().map(|r| r.retry_at).collect();
+            let errors: Vec<&str> = reschedules.iter().map(|r| r.error.as_str()).collect();
+            let done: Vec<i64> = sqlx::query_scalar(
+                "UPDATE events_stack s SET state = 'ready', retry_at = f.retry_at, last_error = f.error, \
+                 claim_token = NULL, lease_until = NULL FROM unnest($1::bigint[], $2::bigint[], \
+                 $3::timestamptz[], $4::text[]) AS f(id, tok, retry_at, error) \
+                 WHERE s.id = f.id AND s.claim_token = f.tok RETURNING s.id",
+            )
+            .bind(&ids)
+            .bind(&tokens)
+            .bind(&retry_at)
+            .bind(&errors)
+            .fetch_all(&mut *tx)
+            .await
+            .ctx("reschedule events")?;
+            applied.extend(done);
+        }
+        tx.commit().await.ctx("complete events: commit")?;
+        Ok(applied)
+    }
+
+    pub async fn extend_leases(
+        &self,
+        ids: &[i64],
+        lease_until: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE events_stack SET lease_until = $2 WHERE id = ANY($1) AND state = 'running'",
+        )
+        .bind(ids)
+        .bind(lease_until)
+        .execute(&self.pool)
+        .await
+        .ctx("extend leases")?;
+        Ok(())
+    }
+
+    pub async fn release(&self, ids: &[(i64, i64)]) -> Result<(), StoreError> {
+        let (ids, tokens): (Vec<i64>, Vec<i64>) = ids.iter().copied().unzip();
+        sqlx::query(
+            "UPDATE events_stack s SET state = 'ready', claim_token = NULL, lease_until = NULL \
+             FROM unnest($1::bigint[], $2::bigint[]) AS f(id, tok) \
+             WHERE s.id = f.id AND s.claim_token = f.tok",
+        )
+        .bind(&ids)
+        .bind(&tokens)
+        .execute(&self.pool)
+        .await
+        .ctx("release events")?;
+        Ok(())
+    }
+
+    pub async fn stack_count(&self) -> Result<StackCount, StoreError> {
+        let compact_total: i64 = sqlx::query_scalar("SELECT count(*) FROM events_stack_compact")
+            .fetch_one(&self.pool)
+            .await
+            .ctx("count compact stack")?;
+        let by_cmd: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT cmd, count(*) FROM events_stack GROUP BY cmd ORDER BY count(*) DESC, cmd",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .ctx("count stack by cmd")?;
+        let by_nas: Vec<(i64, i64)> = sqlx::query_as(
+            "SELECT nas_id, count(*) FROM events_stack GROUP BY nas_id ORDER BY nas_id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .ctx("count stack by nas")?;
+        let oldest: Option<DateTime<Utc>> = sqlx::query_scalar(
+            "SELECT min(t) FROM (SELECT min(enqueued_at) AS t FROM events_stack \
+             UNION ALL SELECT min(created_at) FROM events_stack_compact) x",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .ctx("oldest event")?;
+        Ok(StackCount {
+            compact_total,
+            stack_total: by_cmd.iter().map(|(_, n)| n).sum(),
+            by_cmd,
+            by_nas,
+            oldest,
+        })
+    }
+
+    pub async fn history(
+        &self,
+        user_id: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<HistoryRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, event_id, compact_id, cmd, user_id, nas_id, outcome, attempts, \
+             commands::text AS commands, answer, error, duration_ms, enqueued_at, finished_at \
+             FROM events_history WHERE ($1::bigint IS NULL OR user_id = $1) ORDER BY id LIMIT $2",
+        )
+        .bind(user_id)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .ctx("read history")?;
+        rows.iter()
+            .map(|r| -> Result<HistoryRow, sqlx::Error> {
+                let commands: String = r.try_get("commands")?;
+                Ok(HistoryRow {
+                    id: r.try_get("id")?,
+                    event_id: r.try_get("event_id")?,
+                    compact_id: r.try_get("compact_id")?,
+                    cmd: r.try_get("cmd")?,
+                    user_id: r.try_get("user_id")?,
+                    nas_id: r.try_get("nas_id")?,
+                    outcome: r.try_get("outcome")?,
+                    attempts: r.try_get("attempts")?,
+                    commands: serde_json::from_str(&commands).unwrap_or_default(),
+                    answer: r.try_get("answer")?,
+                    error: r.try_get("error")?,
+                    duration_ms: r.try_get("duration_ms")?,
+                    enqueued_at: r.try_get("enqueued_at")?,
+                    finished_at: r.try_get("finished_at")?,
+                })
+            })
+            .collect::<Result<_, _>>()
+            .ctx("read history")
+    }
+
+    pub async fn history_counts(&self) -> Result<(i64, i64), StoreError> {
+        let (done, failed): (i64, i64) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE outcome = 'done'), count(*) FILTER (WHERE outcome = 'failed') \
+             FROM events_history",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .ctx("count history")?;
+        Ok((done, failed))
+    }
+
+    pub async fn latencies_ms(&self) -> Result<Vec<f64>, StoreError> {
+        sqlx::query_scalar(
+            "SELECT (EXTRACT(EPOCH FROM (finished_at - enqueued_at)) * 1000)::float8 \
+             FROM events_history ORDER BY 1",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .ctx("read latencies")
+    }
+}
+
+fn nas_from_row(r: &PgRow) -> Result<Nas, sqlx::Error> {
+    Ok(Nas {
+        id: r.try_get("id")?,
+        name: r.try_get("name")?,
+        ip: r.try_get("ip")?,
+        scheme: r.try_get("scheme")?,
+        script_name: r.try_get("script_name")?,
+        n_workers: r.try_get("n_workers")?,
+        protocol: r.try_get("protocol")?,
+        port: r.try_get("port")?,
+        login: r.try_get("login")?,
+        password: r.try_get::<Option<String>, _>("password")?.map(Secret::new),
+        secret: r.try_get::<Option<String>, _>("secret")?.map(Secret::new),
+        max_sessions: r.try_get("max_sessions")?,
+        enabled: r.try_get("enabled")?,
+    })
+}
+
+async fn params_for(
+    conn: &mut sqlx::PgConnection,
+    params_query: &str,
+    user_id: i64,
+) -> Result<Option<Vars>, StoreError> {
+    let row = sqlx::query(params_query)
+        .bind(user_id)
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(|e| StoreError::ParamsQuery(format!("user_id={user_id}: {e}")))?;
+    match row {
+        None => Ok(None),
+        Some(row) => row_to_vars(&row).map(Some).map_err(StoreError::ParamsQuery),
+    }
+}
+
+/// Turns one row of `params_query` into variables. NULL columns are left out, so a
+/// template that needs them fails with "undefined variable"; a JSON object column named
+/// `extra` is merged in.
+fn row_to_vars(row: &PgRow) -> Result<Vars, String> {
+    let mut vars = Vars::new();
+    for (i, col) in row.columns().iter().enumerate() {
+        let name = col.name();
+        let raw = row.try_get_raw(i).map_err(|e| e.to_string())?;
+        if raw.is_null() {
+            continue;
+        }
+        let type_name = col.type_info().name().to_string();
+        let err = |e: sqlx::Error| format!("column {name}: {e}");
+        let value: serde_json::Value = match type_name.as_str() {
+            "TEXT" | "VARCHAR" | "BPCHAR" | "NAME" | "CHAR" => {
+                row.try_get::<String, _>(i).map_err(err)?.into()
+            }
+            "INT8" => row.try_get::<i64, _>(i).map_err(err)?.into(),
+            "INT4" => row.try_get::<i32, _>(i).map_err(err)?.into(),
+            "INT2" => row.try_get::<i16, _>(i).map_err(err)?.into(),
+            "FLOAT8" => row.try_get::<f64, _>(i).map_err(err)?.into(),
+            "FLOAT4" => row.try_get::<f32, _>(i).map_err(err)?.into(),
+            "BOOL" => row.try_get::<bool, _>(i).map_err(err)?.into(),
+            "JSON" | "JSONB" => row.try_get::<serde_json::Value, _>(i).map_err(err)?,
+            "TIMESTAMPTZ" => row
+                .try_get::<DateTime<Utc>, _>(i)
+                .map_err(err)?
+                .format("%Y-%m-%d %H:%M:%S")
+                .to_string()
+                .into(),
+            other => {
+                return Err(format!(
+                    "column {name} has type {other} that nasd cannot read: cast it to text in the query ({name}::text)"
+                ));
+            }
+        };
+        if name == "extra" {
+            if let serde_json::Value::Object(map) = value {
+                for (k, v) in map {
+                    vars.entry(k).or_insert(v);
+                }
+            }
+            continue;
+        }
+        vars.insert(name.to_string(), value);
+    }
+    Ok(vars)
+}

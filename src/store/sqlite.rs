@@ -1,0 +1,669 @@
+//! SQLite backend, the embedded default: one connection (SQLite has one writer anyway),
+//! WAL journal, write transactions opened with `BEGIN IMMEDIATE` so they never fail on
+//! lock upgrade. Times are stored as INTEGER milliseconds since the Unix epoch.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone, Utc};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{Column, Row, TypeInfo, ValueRef};
+
+use super::{
+    AccountRecord, Claimed, CompactEvent, CompactRow, ExpandReport, Finish, HistoryRow, Nas,
+    Reschedule, Secret, SqlContext, StackCount, StackEvent, StoreError, plan_expansion,
+};
+use crate::scheme::Vars;
+
+#[derive(Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+fn ms(t: DateTime<Utc>) -> i64 {
+    t.timestamp_millis()
+}
+
+fn from_ms(v: i64) -> DateTime<Utc> {
+    Utc.timestamp_millis_opt(v).single().unwrap_or_default()
+}
+
+/// `?1, ?2, ...` for `n` values starting at `start`.
+fn placeholders(start: usize, n: usize) -> String {
+    (start..start + n)
+        .map(|i| format!("?{i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl SqliteStore {
+    pub async fn connect(url: &str) -> Result<SqliteStore, StoreError> {
+        let opts = SqliteConnectOptions::from_str(url)
+            .ctx("open sqlite")?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        if let Some(dir) = opts.get_filename().parent()
+            && !dir.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StoreError::Invalid(format!("cannot create {}: {e}", dir.display()))
+            })?;
+        }
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(opts)
+            .await
+            .ctx("open sqlite")?;
+        Ok(SqliteStore { pool })
+    }
+
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        sqlx::migrate!("migrations/sqlite").run(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .ctx("ping")?;
+        Ok(())
+    }
+
+    pub async fn nas_list(&self) -> Result<Vec<Nas>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, name, ip, scheme, script_name, n_workers, protocol, port, login, password, \
+             secret, max_sessions, enabled FROM nas ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .ctx("list nas")?;
+        rows.iter()
+            .map(|r| -> Result<Nas, sqlx::Error> {
+                Ok(Nas {
+                    id: r.try_get("id")?,
+                    name: r.try_get("name")?,
+                    ip: r.try_get("ip")?,
+                    scheme: r.try_get("scheme")?,
+                    script_name: r.try_get("script_name")?,
+                    n_workers: r.try_get("n_workers")?,
+                    protocol: r.try_get("protocol")?,
+                    port: r.try_get("port")?,
+                    login: r.try_get("login")?,
+                    password: r.try_get::<Option<String>, _>("password")?.map(Secret::new),
+                    secret: r.try_get::<Option<String>, _>("secret")?.map(Secret::new),
+                    max_sessions: r.try_get("max_sessions")?,
+                    enabled: r.try_get("enabled")?,
+                })
+            })
+            .collect::<Result<_, _>>()
+            .ctx("list nas")
+    }
+
+    pub async fn nas_upsert(&self, nas: &Nas) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO nas (id, name, ip, scheme, script_name, n_workers, protocol, port, login, \
+             password, secret, max_sessions, enabled, updated_at) \
+             VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14) \
+             ON CONFLICT (id) DO UPDATE SET name=excluded.name, ip=excluded.ip, \
+             scheme=excluded.scheme, script_name=excluded.script_name, n_workers=excluded.n_workers, \
+             protocol=excluded.protocol, port=excluded.port, login=excluded.login, \
+             password=excluded.password, secret=excluded.secret, max_sessions=excluded.max_sessions, \
+             enabled=excluded.enabled, updated_at=excluded.updated_at",
+        )
+        .bind(nas.id)
+        .bind(&nas.name)
+        .bind(&nas.ip)
+        .bind(&nas.scheme)
+        .bind(&nas.script_name)
+        .bind(nas.n_workers)
+        .bind(&nas.protocol)
+        .bind(nas.port)
+        .bind(&nas.login)
+        .bind(nas.password.as_ref().map(Secret::expose))
+        .bind(nas.secret.as_ref().map(Secret::expose))
+        .bind(nas.max_sessions)
+        .bind(nas.enabled)
+        .bind(ms(Utc::now()))
+        .execute(&self.pool)
+        .await
+        .ctx("save nas")?;
+        Ok(())
+    }
+
+    pub async fn nas_remove(&self, id: i64) -> Result<bool, StoreError> {
+        let done = sqlx::query("DELETE FROM nas WHERE id = ?1")
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .ctx("remove nas")?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    pub async fn accounts_upsert(&self, records: &[AccountRecord]) -> Result<u64, StoreError> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .ctx("import accounts")?;
+        let now = ms(Utc::now());
+        for rec in records {
+            sqlx::query(
+                "INSERT INTO accounts (user_id, abonent_id, nas_id, login, ip, mac, vlan, auth_type, \
+                 snat_ip, rate_in, rate_out, ceil_in, ceil_out, burst_in, burst_out, extra, updated_at) \
+                 VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17) \
+                 ON CONFLICT (user_id) DO UPDATE SET abonent_id=excluded.abonent_id, \
+                 nas_id=excluded.nas_id, login=excluded.login, ip=excluded.ip, mac=excluded.mac, \
+                 vlan=excluded.vlan, auth_type=excluded.auth_type, snat_ip=excluded.snat_ip, \
+                 rate_in=excluded.rate_in, rate_out=excluded.rate_out, ceil_in=excluded.ceil_in, \
+                 ceil_out=excluded.ceil_out, burst_in=excluded.burst_in, burst_out=excluded.burst_out, \
+                 extra=excluded.extra, updated_at=excluded.updated_at",
+            )
+            .bind(rec.int("user_id"))
+            .bind(rec.int("abonent_id"))
+            .bind(rec.int("nas_id"))
+            .bind(rec.text("login"))
+            .bind(rec.text("ip"))
+            .bind(rec.text("mac"))
+            .bind(rec.int("vlan"))
+            .bind(rec.text("auth_type"))
+            .bind(rec.text("snat_ip"))
+            .bind(rec.int("rate_in"))
+            .bind(rec.int("rate_out"))
+            .bind(rec.int("ceil_in"))
+            .bind(rec.int("ceil_out"))
+            .bind(rec.int("burst_in"))
+            .bind(rec.int("burst_out"))
+            .bind(serde_json::Value::Object(rec.extra.clone()).to_string())
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .ctx("import accounts")?;
+        }
+        tx.commit().await.ctx("import accounts")?;
+        Ok(records.len() as u64)
+    }
+
+    pub async fn account_params(
+        &self,
+        params_query: &str,
+        user_id: i64,
+    ) -> Result<Option<Vars>, StoreError> {
+        let mut conn = self.pool.acquire().await.ctx("params_query")?;
+        params_for(&mut conn, params_query, user_id).await
+    }
+
+    pub async fn enqueue_compact(&self, events: &[CompactEvent]) -> Result<Vec<i64>, StoreError> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .ctx("enqueue")?;
+        let now = ms(Utc::now());
+        let mut ids = Vec::with_capacity(events.len());
+        for e in events {
+            let id: i64 = sqlx::query_scalar(
+                "INSERT INTO events_stack_compact (cmd, user_id, abonent_id, nas_ip, usluga_id, \
+                 acct_session_id, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) RETURNING id",
+            )
+            .bind(&e.cmd)
+            .bind(e.user_id)
+            .bind(e.abonent_id)
+            .bind(&e.nas_ip)
+            .bind(e.usluga_id)
+            .bind(&e.acct_session_id)
+            .bind(now)
+            .fetch_one(&mut *tx)
+            .await
+            .ctx("enqueue")?;
+            ids.push(id);
+        }
+        tx.commit().await.ctx("enqueue")?;
+        Ok(ids)
+    }
+
+    pub async fn expand(&self, params_query: &str, limit: i64) -> Result<ExpandReport, StoreError> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .ctx("expand")?;
+        let rows = sqlx::query(
+            "SELECT id, cmd, user_id, abonent_id, nas_ip, usluga_id, acct_session_id, created_at \
+             FROM events_stack_compact ORDER BY id LIMIT ?1",
+        )
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await
+        .ctx("expand: read compact stack")?;
+        if rows.is_empty() {
+            return Ok(ExpandReport::default());
+        }
+        let compact: Vec<CompactRow> = rows
+            .iter()
+            .map(|r| -> Result<CompactRow, sqlx::Error> {
+                Ok(CompactRow {
+                    id: r.try_get("id")?,
+                    event: CompactEvent {
+                        cmd: r.try_get("cmd")?,
+                        user_id: r.try_get("user_id")?,
+                        abonent_id: r.try_get("abonent_id")?,
+                        nas_ip: r.try_get("nas_ip")?,
+                        usluga_id: r.try_get("usluga_id")?,
+                        acct_session_id: r.try_get("acct_session_id")?,
+                    },
+                    created_at: from_ms(r.try_get("created_at")?),
+                })
+            })
+            .collect::<Result<_, _>>()
+            .ctx("expand: read compact stack")?;
+        let nas: Vec<(i64, String)> = sqlx::query_as("SELECT id, ip FROM nas")
+            .fetch_all(&mut *tx)
+            .await
+            .ctx("expand: read nas")?;
+        let nas_by_ip: HashMap<String, i64> =
+            nas.iter().map(|(id, ip)| (ip.clone(), *id)).collect();
+        let nas_ids: Vec<i64> = nas.iter().map(|(id, _)| *id).collect();
+        let mut params: HashMap<i64, Option<Vars>> = HashMap::new();
+        for row in &compact {
+            if !params.contains_key(&row.event.user_id) {
+                let vars = params_for(&mut tx, params_query, row.event.user_id).await?;
+                params.insert(row.event.user_id, vars);
+            }
+        }
+        let (events, failures) = plan_expansion(&compact, &params, &nas_by_ip, &nas_ids);
+        let now = ms(Utc::now());
+        for e in &events {
+            sqlx::query(
+                "INSERT INTO events_stack (compact_id, event_date, enqueued_at, cmd, user_id, \
+                 abonent_id, nas_id, usluga_id, acct_session_id, params, owner_script, owner_function) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'events_stack_compact', 'expand')",
+            )
+            .bind(e.compact_id)
+            .bind(now)
+            .bind(ms(e.enqueued_at))
+            .bind(&e.cmd)
+            .bind(e.user_id)
+            .bind(e.abonent_id)
+            .bind(e.nas_id)
+            .bind(e.usluga_id)
+            .bind(&e.acct_session_id)
+            .bind(serde_json::Value::Object(e.params.clone()).to_string())
+            .execute(&mut *tx)
+            .await
+            .ctx("expand: write events_stack")?;
+        }
+        for (row, reason) in &failures {
+            let e = &row.event;
+            sqlx::query(
+                "INSERT INTO events_history (compact_id, enqueued_at, cmd, user_id, abonent_id, \
+                 usluga_id, acct_session_id, outcome, attempts, error, finished_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'failed', 0, ?8, ?9)",
+            )
+            .bind(row.id)
+            .bind(ms(row.created_at))
+            .bind(&e.cmd)
+            .bind(e.user_id)
+            .bind(e.abonent_id)
+            .bind(e.usluga_id)
+            .bind(&e.acct_session_id)
+            .bind(reason)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .ctx("expand: write history")?;
+        }
+        let (Some(first), Some(last)) = (compact.first(), compact.last()) else {
+            return Ok(ExpandReport::default());
+        };
+        // The rows were read in id order under the write lock, so the range is exactly them.
+        sqlx::query("DELETE FROM events_stack_compact WHERE id BETWEEN ?1 AND ?2")
+            .bind(first.id)
+            .bind(last.id)
+            .execute(&mut *tx)
+            .await
+            .ctx("expand: delete compact rows")?;
+        tx.commit().await.ctx("expand: commit")?;
+        let mut touched: Vec<i64> = events.iter().map(|e| e.nas_id).collect();
+        touched.sort_unstable();
+        touched.dedup();
+        Ok(ExpandReport {
+            expanded: events.len(),
+            failed: failures.len(),
+            nas_ids: touched,
+        })
+    }
+
+    pub async fn load_window(
+        &self,
+        nas_id: i64,
+        after_id: i64,
+        limit: i64,
+    ) -> Result<Vec<StackEvent>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, compact_id, event_date, enqueued_at, cmd, user_id, abonent_id, nas_id, \
+             usluga_id, acct_session_id, params, try_count, state, retry_at, claim_token, \
+             lease_until, last_error FROM events_stack WHERE nas_id = ?1 AND id > ?2 \
+             ORDER BY id LIMIT ?3",
+        )
+        .bind(nas_id)
+        .bind(after_id)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .ctx("load events")?;
+        rows.iter()
+            .map(|r| -> Result<StackEvent, sqlx::Error> {
+                let params: String = r.try_get("params")?;
+                Ok(StackEvent {
+                    id: r.try_get("id")?,
+                    compact_id: r.try_get("compact_id")?,
+                    event_date: from_ms(r.try_get("event_date")?),
+                    enqueued_at: from_ms(r.try_get("enqueued_at")?),
+                    cmd: r.try_get("cmd")?,
+                    user_id: r.try_get("user_id")?,
+                    abonent_id: r.try_get("abonent_id")?,
+                    nas_id: r.try_get("nas_id")?,
+                    usluga_id: r.try_get("usluga_id")?,
+                    acct_session_id: r.try_get("acct_session_id")?,
+                    params: serde_json::from_str(&params).unwrap_or_default(),
+                    try_count: r.try_get("try_count")?,
+                    state: r.try_get("state")?,
+                    retry_at: r.try_get::<Option<i64>, _>("retry_at")?.map(from_ms),
+                    claim_token: r.try_get("claim_token")?,
+                    lease_until: r.try_get::<Option<i64>, _>("lease_until")?.map(from_ms),
+                    last_error: r.try_get("last_error")?,
+                })
+            })
+            .collect::<Result<_, _>>()
+            .ctx("load events")
+    }
+
+    pub async fn claim(
+        &self,
+        ids: &[i64],
+        claim_token: i64,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+    ) -> Result<Vec<Claimed>, StoreError> {
+        let mut claimed = Vec::with_capacity(ids.len());
+        // SQLite caps bound parameters; claim in slices well under the limit.
+        for chunk in ids.chunks(500) {
+            let sql = format!(
+                "UPDATE events_stack SET state = 'running', claim_token = ?1, claimed_at = ?2, \
+                 lease_until = ?3, try_count = try_count + 1 WHERE id IN ({}) \
+                 AND (state = 'ready' OR lease_until < ?2) RETURNING id, try_count",
+                placeholders(4, chunk.len())
+            );
+            let mut q = sqlx::query_as::<_, (i64, i32)>(&sql)
+                .bind(claim_token)
+                .bind(ms(now))
+                .bind(ms(lease_until));
+            for id in chunk {
+                q = q.bind(id);
+            }
+            let rows = q.fetch_all(&self.pool).await.ctx("claim events")?;
+            claimed.extend(
+                rows.into_iter()
+                    .map(|(id, try_count)| Claimed { id, try_count }),
+            );
+        }
+        Ok(claimed)
+    }
+
+    pub async fn complete(
+        &self,
+        finishes: &[Finish],
+        reschedules: &[Reschedule],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<i64>, StoreError> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .ctx("complete events")?;
+        let mut applied = Vec::with_capacity(finishes.len() + reschedules.len());
+        for f in finishes {
+            let commands = serde_json::to_string(&f.commands).unwrap_or_else(|_| "[]".into());
+            let moved = sqlx::query(
+                "INSERT INTO events_history (event_id, compact_id, event_date, enqueued_at, cmd, \
+                 user_id, abonent_id, nas_id, usluga_id, acct_session_id, params, outcome, attempts, \
+                 commands, answer, error, duration_ms, finished_at) \
+                 SELECT id, compact_id, event_date, enqueued_at, cmd, user_id, abonent_id, nas_id, \
+                 usluga_id, acct_session_id, params, ?3, try_count, ?4, ?5, ?6, ?7, ?8 \
+                 FROM events_stack WHERE id = ?1 AND claim_token = ?2",
+            )
+            .bind(f.id)
+            .bind(f.claim_token)
+            .bind(f.outcome.as_str())
+            .bind(commands)
+            .bind(&f.answer)
+            .bind(&f.error)
+            .bind(f.duration_ms)
+            .bind(ms(now))
+            .execute(&mut *tx)
+            .await
+            .ctx("finish events")?;
+            if moved.rows_affected() == 1 {
+                sqlx::query("DELETE FROM events_stack WHERE id = ?1 AND claim_token = ?2")
+                    .bind(f.id)
+                    .bind(f.claim_token)
+                    .execute(&mut *tx)
+                    .await
+                    .ctx("finish events")?;
+                applied.push(f.id);
+            }
+        }
+        for r in reschedules {
+            let done = sqlx::query(
+                "UPDATE events_stack SET state = 'ready', retry_at = ?3, last_error = ?4, \
+                 claim_token = NULL, lease_until = NULL WHERE id = ?1 AND claim_token = ?2",
+            )
+            .bind(r.id)
+            .bind(r.claim_token)
+            .bind(ms(r.retry_at))
+            .bind(&r.error)
+            .execute(&mut *tx)
+            .await
+            .ctx("reschedule events")?;
+            if done.rows_affected() == 1 {
+                applied.push(r.id);
+            }
+        }
+        tx.commit().await.ctx("complete events: commit")?;
+        Ok(applied)
+    }
+
+    pub async fn extend_leases(
+        &self,
+        ids: &[i64],
+        lease_until: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        for chunk in ids.chunks(500) {
+            let sql = format!(
+                "UPDATE events_stack SET lease_until = ?1 WHERE state = 'running' AND id IN ({})",
+                placeholders(2, chunk.len())
+            );
+            let mut q = sqlx::query(&sql).bind(ms(lease_until));
+            for id in chunk {
+                q = q.bind(id);
+            }
+            q.execute(&self.pool).await.ctx("extend leases")?;
+        }
+        Ok(())
+    }
+
+    pub async fn release(&self, ids: &[(i64, i64)]) -> Result<(), StoreError> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .ctx("release events")?;
+        for (id, token) in ids {
+            sqlx::query(
+                "UPDATE events_stack SET state = 'ready', claim_token = NULL, lease_until = NULL \
+                 WHERE id = ?1 AND claim_token = ?2",
+            )
+            .bind(id)
+            .bind(token)
+            .execute(&mut *tx)
+            .await
+            .ctx("release events")?;
+        }
+        tx.commit().await.ctx("release events")?;
+        Ok(())
+    }
+
+    pub async fn stack_count(&self) -> Result<StackCount, StoreError> {
+        let compact_total: i64 = sqlx::query_scalar("SELECT count(*) FROM events_stack_compact")
+            .fetch_one(&self.pool)
+            .await
+            .ctx("count compact stack")?;
+        let by_cmd: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT cmd, count(*) FROM events_stack GROUP BY cmd ORDER BY count(*) DESC, cmd",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .ctx("count stack by cmd")?;
+        let by_nas: Vec<(i64, i64)> = sqlx::query_as(
+            "SELECT nas_id, count(*) FROM events_stack GROUP BY nas_id ORDER BY nas_id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .ctx("count stack by nas")?;
+        let oldest: Option<i64> = sqlx::query_scalar(
+            "SELECT min(t) FROM (SELECT min(enqueued_at) AS t FROM events_stack \
+             UNION ALL SELECT min(created_at) FROM events_stack_compact)",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .ctx("oldest event")?;
+        Ok(StackCount {
+            compact_total,
+            stack_total: by_cmd.iter().map(|(_, n)| n).sum(),
+            by_cmd,
+            by_nas,
+            oldest: oldest.map(from_ms),
+        })
+    }
+
+    pub async fn history(
+        &self,
+        user_id: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<HistoryRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, event_id, compact_id, cmd, user_id, nas_id, outcome, attempts, commands, \
+             answer, error, duration_ms, enqueued_at, finished_at FROM events_history \
+             WHERE (?1 IS NULL OR user_id = ?1) ORDER BY id LIMIT ?2",
+        )
+        .bind(user_id)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .ctx("read history")?;
+        rows.iter()
+            .map(|r| -> Result<HistoryRow, sqlx::Error> {
+                let commands: String = r.try_get("commands")?;
+                Ok(HistoryRow {
+                    id: r.try_get("id")?,
+                    event_id: r.try_get("event_id")?,
+                    compact_id: r.try_get("compact_id")?,
+                    cmd: r.try_get("cmd")?,
+                    user_id: r.try_get("user_id")?,
+                    nas_id: r.try_get("nas_id")?,
+                    outcome: r.try_get("outcome")?,
+                    attempts: r.try_get("attempts")?,
+                    commands: serde_json::from_str(&commands).unwrap_or_default(),
+                    answer: r.try_get("answer")?,
+                    error: r.try_get("error")?,
+                    duration_ms: r.try_get("duration_ms")?,
+                    enqueued_at: from_ms(r.try_get("enqueued_at")?),
+                    finished_at: from_ms(r.try_get("finished_at")?),
+                })
+            })
+            .collect::<Result<_, _>>()
+            .ctx("read history")
+    }
+
+    pub async fn history_counts(&self) -> Result<(i64, i64), StoreError> {
+        let (done, failed): (i64, i64) = sqlx::query_as(
+            "SELECT coalesce(sum(outcome = 'done'), 0), coalesce(sum(outcome = 'failed'), 0) \
+             FROM events_history",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .ctx("count history")?;
+        Ok((done, failed))
+    }
+
+    pub async fn latencies_ms(&self) -> Result<Vec<f64>, StoreError> {
+        sqlx::query_scalar(
+            "SELECT CAST(finished_at - enqueued_at AS REAL) FROM events_history ORDER BY 1",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .ctx("read latencies")
+    }
+}
+
+async fn params_for(
+    conn: &mut sqlx::SqliteConnection,
+    params_query: &str,
+    user_id: i64,
+) -> Result<Option<Vars>, StoreError> {
+    let row = sqlx::query(params_query)
+        .bind(user_id)
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(|e| StoreError::ParamsQuery(format!("user_id={user_id}: {e}")))?;
+    match row {
+        None => Ok(None),
+        Some(row) => row_to_vars(&row).map(Some).map_err(StoreError::ParamsQuery),
+    }
+}
+
+/// Turns one row of `params_query` into variables (NULLs left out; a JSON object in a
+/// column named `extra` merged in). SQLite types each value, so the value decides.
+fn row_to_vars(row: &SqliteRow) -> Result<Vars, String> {
+    let mut vars = Vars::new();
+    for (i, col) in row.columns().iter().enumerate() {
+        let name = col.name();
+        let raw = row.try_get_raw(i).map_err(|e| e.to_string())?;
+        if raw.is_null() {
+            continue;
+        }
+        let type_name = raw.type_info().name().to_string();
+        let err = |e: sqlx::Error| format!("column {name}: {e}");
+        let value: serde_json::Value = match type_name.as_str() {
+            "INTEGER" => row.try_get::<i64, _>(i).map_err(err)?.into(),
+            "REAL" => row.try_get::<f64, _>(i).map_err(err)?.into(),
+            "TEXT" => row.try_get::<String, _>(i).map_err(err)?.into(),
+            other => {
+                return Err(format!(
+                    "column {name} has type {other} that nasd cannot read: cast it to text in the query"
+                ));
+            }
+        };
+        if name == "extra" {
+            if let serde_json::Value::String(text) = &value
+                && let Ok(serde_json::Value::Object(map)) = serde_json::from_str(text)
+            {
+                for (k, v) in map {
+                    vars.entry(k).or_insert(v);
+                }
+            }
+            continue;
+        }
+        vars.insert(name.to_string(), value);
+    }
+    Ok(vars)
+}

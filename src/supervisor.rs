@@ -1,0 +1,303 @@
+//! The supervisor: every `resync_interval` it rereads the `nas` table and the schemes,
+//! and starts, updates or stops one owner per enabled NAS.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::dispatch::{NasRuntime, OwnerHandle, Shared, spawn_owner};
+use crate::scheme::SchemeSet;
+use crate::store::Nas;
+
+/// What one resync must do to make the running owners match the table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Start(i64),
+    /// Settings changed; the text says which, for the daemon log.
+    Update(i64, String),
+    Stop(i64),
+}
+
+/// Desired (the table) against running (the settings each owner has now). Disabled NAS
+/// are not desired. Pure, so it is table-tested.
+pub fn plan(desired: &[Nas], running: &HashMap<i64, Nas>) -> Vec<Action> {
+    let mut actions = Vec::new();
+    for nas in desired.iter().filter(|n| n.enabled) {
+        match running.get(&nas.id) {
+            None => actions.push(Action::Start(nas.id)),
+            Some(old) if old != nas => {
+                actions.push(Action::Update(nas.id, describe_change(old, nas)))
+            }
+            Some(_) => {}
+        }
+    }
+    let mut stopped: Vec<i64> = running
+        .keys()
+        .filter(|id| !desired.iter().any(|n| n.id == **id && n.enabled))
+        .copied()
+        .collect();
+    stopped.sort_unstable();
+    actions.extend(stopped.into_iter().map(Action::Stop));
+    actions
+}
+
+fn describe_change(old: &Nas, new: &Nas) -> String {
+    let mut parts = Vec::new();
+    let mut diff = |name: &str, a: String, b: String| {
+        if a != b {
+            parts.push(format!("{name} {a} -> {b}"));
+        }
+    };
+    let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "<null>".into());
+    diff("name", old.name.clone(), new.name.clone());
+    diff("ip", old.ip.clone(), new.ip.clone());
+    diff("scheme", opt(&old.scheme), opt(&new.scheme));
+    diff("script_name", opt(&old.script_name), opt(&new.script_name));
+    diff(
+        "workers",
+        old.n_workers.to_string(),
+        new.n_workers.to_string(),
+    );
+    diff("protocol", opt(&old.protocol), opt(&new.protocol));
+    diff("port", format!("{:?}", old.port), format!("{:?}", new.port));
+    diff("login", opt(&old.login), opt(&new.login));
+    diff(
+        "max_sessions",
+        old.max_sessions.to_string(),
+        new.max_sessions.to_string(),
+    );
+    if old.password != new.password {
+        parts.push("password changed".into());
+    }
+    if old.secret != new.secret {
+        parts.push("secret changed".into());
+    }
+    parts.join(", ")
+}
+
+/// The owners' wake-up handles, shared with the expander.
+pub type Wakers = Arc<Mutex<HashMap<i64, Arc<Notify>>>>;
+
+pub struct Supervisor {
+    shared: Arc<Shared>,
+    owners: HashMap<i64, (Nas, OwnerHandle)>,
+    wakers: Wakers,
+    /// Last "cannot serve" reason per NAS, so it is logged once, not every resync.
+    reported: HashMap<i64, String>,
+}
+
+impl Supervisor {
+    pub fn new(shared: Arc<Shared>, wakers: Wakers) -> Supervisor {
+        Supervisor {
+            shared,
+            owners: HashMap::new(),
+            wakers,
+            reported: HashMap::new(),
+        }
+    }
+
+    fn runtime_for(&self, nas: &Nas, schemes: &SchemeSet) -> NasRuntime {
+        if nas.script_name.is_some() {
+            return NasRuntime {
+                nas: nas.clone(),
+                scheme: None,
+                unavailable: None,
+            };
+        }
+        let name = nas.scheme.clone().unwrap_or_default();
+        match schemes.get(&name) {
+            Some(scheme) => NasRuntime {
+                nas: nas.clone(),
+                scheme: Some(scheme),
+                unavailable: None,
+            },
+            None => NasRuntime {
+                nas: nas.clone(),
+                scheme: None,
+                unavailable: Some(format!(
+                    "scheme {name} not found (or broken) under {}",
+                    self.shared.cfg.schemes_dir.display()
+                )),
+            },
+        }
+    }
+
+    fn oss_pathname(&self, nas: &Nas) -> String {
+        match &nas.scheme {
+            Some(s) => self.shared.cfg.schemes_dir.join(s).display().to_string(),
+            None => "<null>".into(),
+        }
+    }
+
+    /// One pass: reread NAS and schemes, apply the plan. A database error leaves the
+    /// running owners as they are.
+    pub async fn resync(&mut self) {
+        let journal = &self.shared.journal;
+        let desired = match self.shared.store.nas_list().await {
+            Ok(list) => list,
+            Err(e) => {
+                tracing::warn!("resync: {e}");
+                journal.daemon(&format!("resync failed: {e}"));
+                return;
+            }
+        };
+        let (schemes, errors) = SchemeSet::load_dir(&self.shared.cfg.schemes_dir);
+        for e in &errors {
+            tracing::warn!("{e}");
+        }
+        let running: HashMap<i64, Nas> = self
+            .owners
+            .iter()
+            .map(|(id, (nas, _))| (*id, nas.clone()))
+            .collect();
+        for action in plan(&desired, &running) {
+            match action {
+                Action::Start(id) => {
+                    let Some(nas) = desired.iter().find(|n| n.id == id) else {
+                        continue;
+                    };
+                    journal.daemon(&format!(
+                        "Start work with nas nasid={} nas_ip={} oss_pathname={} script_name={}",
+                        nas.id,
+                        nas.ip,
+                        self.oss_pathname(nas),
+                        nas.script_name.as_deref().unwrap_or("<null>")
+                    ));
+                    let runtime = self.runtime_for(nas, &schemes);
+                    let handle = spawn_owner(self.shared.clone(), runtime);
+                    if let Ok(mut w) = self.wakers.lock() {
+                        w.insert(id, handle.wake.clone());
+                    }
+                    self.owners.insert(id, (nas.clone(), handle));
+                }
+                Action::Update(id, change) => {
+                    if let Some((nas, _)) = self.owners.get(&id) {
+                        journal.daemon(&format!(
+                            "Update settings of nas nasid={} nas_ip={}: {change}",
+                            id, nas.ip
+                        ));
+                    }
+                }
+                Action::Stop(id) => {
+                    if let Some((nas, handle)) = self.owners.remove(&id) {
+                        journal.daemon(&format!(
+                            "Stop work with nas nasid={} nas_ip={} (removed or disabled; in-flight commands finish first)",
+                            nas.id, nas.ip
+                        ));
+                        if let Ok(mut w) = self.wakers.lock() {
+                            w.remove(&id);
+                        }
+                        handle.stop.cancel();
+                        self.reported.remove(&id);
+                    }
+                }
+            }
+        }
+        // Every owner gets the fresh settings and schemes (schemes may have been edited).
+        for nas in desired.iter().filter(|n| n.enabled) {
+            let runtime = self.runtime_for(nas, &schemes);
+            if let Some(why) = &runtime.unavailable {
+                if self.reported.get(&nas.id) != Some(why) {
+                    journal.daemon(&format!(
+                        "nas nasid={} nas_ip={}: {why}; its events wait until this is fixed",
+                        nas.id, nas.ip
+                    ));
+                    self.reported.insert(nas.id, why.clone());
+                }
+            } else {
+                self.reported.remove(&nas.id);
+            }
+            if let Some((old, handle)) = self.owners.get_mut(&nas.id) {
+                *old = nas.clone();
+                handle.config.send_replace(Arc::new(runtime));
+                handle.wake.notify_one();
+            }
+        }
+    }
+
+    /// Stops every owner and waits for them (each finishes in-flight work within the
+    /// shutdown grace, then releases what is left).
+    pub async fn shutdown(&mut self) {
+        for (_, (_, handle)) in self.owners.iter() {
+            handle.stop.cancel();
+        }
+        for (_, (_, handle)) in self.owners.drain() {
+            let _ = handle.join.await;
+        }
+    }
+
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let interval = self.shared.cfg.resync_interval;
+        loop {
+            self.resync().await;
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(interval) => {}
+            }
+        }
+        self.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nas(id: i64, workers: i32, enabled: bool) -> Nas {
+        Nas {
+            id,
+            name: format!("nas{id}"),
+            ip: format!("10.0.0.{id}"),
+            scheme: Some("demo-exec".into()),
+            script_name: None,
+            n_workers: workers,
+            protocol: None,
+            port: None,
+            login: None,
+            password: None,
+            secret: None,
+            max_sessions: 4,
+            enabled,
+        }
+    }
+
+    #[test]
+    fn plan_table() {
+        let running: HashMap<i64, Nas> = [
+            (1, nas(1, 4, true)),
+            (2, nas(2, 4, true)),
+            (3, nas(3, 4, true)),
+        ]
+        .into();
+        let desired = vec![
+            nas(1, 4, true),
+            nas(2, 8, true),
+            nas(3, 4, false),
+            nas(4, 2, true),
+        ];
+        assert_eq!(
+            plan(&desired, &running),
+            vec![
+                Action::Update(2, "workers 4 -> 8".into()),
+                Action::Start(4),
+                Action::Stop(3),
+            ]
+        );
+        assert_eq!(
+            plan(&[], &running),
+            vec![Action::Stop(1), Action::Stop(2), Action::Stop(3)]
+        );
+        assert_eq!(plan(&desired[..1], &[(1, nas(1, 4, true))].into()), vec![]);
+    }
+
+    #[test]
+    fn change_description_hides_secrets() {
+        let old = nas(1, 4, true);
+        let mut new = old.clone();
+        new.password = Some(crate::store::Secret::new("hunter2"));
+        let text = describe_change(&old, &new);
+        assert_eq!(text, "password changed");
+    }
+}
