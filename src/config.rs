@@ -9,7 +9,9 @@ use crate::duration::parse_duration;
 
 /// The query that reads one account's variables from the reference `accounts` table.
 /// `$1` is the user_id; every column returned becomes a variable of the same name.
-pub const DEFAULT_PARAMS_QUERY: &str = "SELECT * FROM accounts WHERE user_id = $1";
+pub const DEFAULT_PARAMS_QUERY: &str = "SELECT user_id, abonent_id, nas_id, login, ip, mac, vlan, \
+     auth_type, snat_ip, rate_in, rate_out, ceil_in, ceil_out, burst_in, burst_out, extra \
+     FROM accounts WHERE user_id = $1";
 
 #[derive(Debug, Clone)]
 pub struct Config {

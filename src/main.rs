@@ -606,6 +606,35 @@ async fn send_now(
     let started = Instant::now();
     let reply = nasd::dispatch::send_event(&runtime, &event, cfg.daemon.exec_timeout).await;
     let took = started.elapsed();
+    // A manual send is logged like the daemon's attempts, so the NAS and account logs
+    // stay the full story of what reached the device (event=0 marks it as manual).
+    if let Ok(journal) = nasd::journal::Journal::open(&cfg.daemon.log_dir) {
+        journal.attempt(
+            &nasd::journal::NasTarget {
+                id: nas.id,
+                name: nas.name.clone(),
+                ip: nas.ip.clone(),
+            },
+            &nasd::journal::AccountTarget {
+                abonent_id: event.abonent_id,
+                user_id,
+            },
+            &nasd::journal::Attempt {
+                event_id: 0,
+                cmd: cmd.to_string(),
+                try_count: 1,
+                commands: reply.commands.clone(),
+                answer: reply.answer.clone(),
+                outcome: match &reply.verdict {
+                    nasd::transport::Verdict::Done => "done (manual send)".to_string(),
+                    nasd::transport::Verdict::Retry(w) => format!("manual send, would retry: {w}"),
+                    nasd::transport::Verdict::Failed(w) => format!("manual send failed: {w}"),
+                },
+                duration: took,
+            },
+        );
+        journal.flush();
+    }
     for c in &reply.commands {
         println!("send: {c}");
     }

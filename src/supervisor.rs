@@ -86,6 +86,8 @@ pub struct Supervisor {
     wakers: Wakers,
     /// Last "cannot serve" reason per NAS, so it is logged once, not every resync.
     reported: HashMap<i64, String>,
+    /// Owners of removed NAS still finishing their in-flight commands.
+    stopping: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Supervisor {
@@ -95,6 +97,7 @@ impl Supervisor {
             owners: HashMap::new(),
             wakers,
             reported: HashMap::new(),
+            stopping: Vec::new(),
         }
     }
 
@@ -134,6 +137,7 @@ impl Supervisor {
     /// One pass: reread NAS and schemes, apply the plan. A database error leaves the
     /// running owners as they are.
     pub async fn resync(&mut self) {
+        self.stopping.retain(|join| !join.is_finished());
         let journal = &self.shared.journal;
         let desired = match self.shared.store.nas_list().await {
             Ok(list) => list,
@@ -190,6 +194,7 @@ impl Supervisor {
                             w.remove(&id);
                         }
                         handle.stop.cancel();
+                        self.stopping.push(handle.join);
                         self.reported.remove(&id);
                     }
                 }
@@ -225,6 +230,9 @@ impl Supervisor {
         }
         for (_, (_, handle)) in self.owners.drain() {
             let _ = handle.join.await;
+        }
+        for join in self.stopping.drain(..) {
+            let _ = join.await;
         }
     }
 

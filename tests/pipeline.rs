@@ -34,6 +34,7 @@ both_backends!(
     exit_codes_map_to_outcomes,
     bad_templates_and_unknown_cmds_fail_with_reason,
     pools_resize_and_nas_come_and_go_without_restart,
+    user_info_goes_first_but_never_past_the_event_in_flight,
 );
 
 fn start(
@@ -561,4 +562,47 @@ async fn pools_resize_and_nas_come_and_go_without_restart(backend: Backend) {
         "the event waits for its disabled NAS"
     );
     stop(token, handle).await;
+}
+
+async fn user_info_goes_first_but_never_past_the_event_in_flight(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let store = env.store().await;
+    let log = env.path().join("order.log");
+    let started = env.path().join("started");
+    let script = env.script(
+        "ordered.sh",
+        &format!(
+            "#!/bin/sh\nif [ \"$1\" = user_add ]; then touch {started}; sleep 0.7; fi\necho \"$1\" >> {log}\n",
+            started = started.display(),
+            log = log.display()
+        ),
+    );
+    store
+        .nas_upsert(&nas(1, Some(&script), None, 4))
+        .await
+        .unwrap();
+    add_accounts(&store, 1, &[1]).await;
+    let (token, handle) = start(&env);
+    store
+        .enqueue_compact(&[event("user_add", 1)])
+        .await
+        .unwrap();
+    wait_for(Duration::from_secs(10), "user_add in flight", || async {
+        started.exists()
+    })
+    .await;
+    store
+        .enqueue_compact(&[
+            event("user_drop", 1),
+            event("user_rate_set", 1),
+            event("user_info", 1),
+        ])
+        .await
+        .unwrap();
+    wait_history(&store, 4, Duration::from_secs(30)).await;
+    stop(token, handle).await;
+    assert_eq!(
+        env.read("order.log"),
+        "user_add\nuser_info\nuser_drop\nuser_rate_set\n"
+    );
 }
