@@ -224,9 +224,9 @@ impl PgStore {
         let nas_ids: Vec<i64> = nas.iter().map(|(id, _)| *id).collect();
         let mut params: HashMap<i64, Option<Vars>> = HashMap::new();
         for row in &compact {
-            if !params.contains_key(&row.event.user_id) {
-                let vars = params_for(&mut tx, params_query, row.event.user_id).await?;
-                params.insert(row.event.user_id, vars);
+            if let std::collections::hash_map::Entry::Vacant(slot) = params.entry(row.event.user_id)
+            {
+                slot.insert(params_for(&mut tx, params_query, row.event.user_id).await?);
             }
         }
         let (events, failures) = plan_expansion(&compact, &params, &nas_by_ip, &nas_ids);
