@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs and starts what the tests need, on a fresh Debian machine or this one:
-# a PostgreSQL server on 127.0.0.1:5432 that trusts local connections.
+# a PostgreSQL server on 127.0.0.1:5432 that trusts local connections, and the device
+# peers nobody on this project wrote: OpenSSH sshd, busybox telnetd, radclient, and a
+# Python venv (.venv-peers) with pyrad, librouteros and fake-switches.
 # Idempotent: does nothing that is already done. Needs root (or sudo) for installs.
 set -euo pipefail
 
@@ -42,3 +44,27 @@ pg_ready || { echo "test-setup: PostgreSQL is not answering on 127.0.0.1:5432" >
 psql -h 127.0.0.1 -U postgres -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname = 'test'" | grep -q 1 \
     || psql -h 127.0.0.1 -U postgres -d postgres -qc "CREATE DATABASE test"
 echo "test-setup: PostgreSQL ready on 127.0.0.1:5432"
+
+# Device peers. sshd is run by the tests themselves on loopback ports; the package's
+# install step creates the privilege-separation user it needs.
+need=()
+[ -x /usr/sbin/sshd ] || need+=(openssh-server)
+command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
+[ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -qx telnetd || need+=(busybox-static)
+command -v radclient >/dev/null 2>&1 || need+=(freeradius-utils)
+command -v python3 >/dev/null 2>&1 || need+=(python3 python3-venv)
+if [ ${#need[@]} -gt 0 ]; then
+    echo "test-setup: installing ${need[*]}"
+    apt_install "${need[@]}"
+fi
+mkdir -p /run/sshd
+
+venv=".venv-peers"
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import pyrad, librouteros, fake_switches, twisted' 2>/dev/null; then
+    echo "test-setup: building $venv (pyrad, librouteros, fake-switches)"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q pyrad==2.6.0 librouteros==4.2.2
+    "$venv/bin/pip" install -q --no-deps fake-switches==1.5.0
+    "$venv/bin/pip" install -q 'twisted[conch]' netaddr lxml tftpy
+fi
+echo "test-setup: device peers ready (sshd, busybox telnetd, radclient, $venv)"

@@ -192,6 +192,9 @@ async fn measure_on(
                 secret: None,
                 max_sessions: 4,
                 enabled: true,
+                host_key_policy: "strict".into(),
+                host_key: None,
+                legacy_crypto: false,
             })
             .await?;
     }

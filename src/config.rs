@@ -40,6 +40,21 @@ pub struct DaemonConfig {
     pub expand_batch: i64,
     pub shutdown_grace: Duration,
     pub exec_timeout: Duration,
+    pub transport: TransportConfig,
+}
+
+/// `[transport]`: settings shared by every NAS of a protocol.
+#[derive(Debug, Clone)]
+pub struct TransportConfig {
+    /// The known_hosts file nasd owns (OpenSSH format) for host key checks.
+    pub known_hosts: PathBuf,
+    /// Private key for SSH key authentication; NAS without it use their password.
+    pub ssh_key: Option<PathBuf>,
+    /// Extra FreeRADIUS-format dictionaries (vendor attributes) beside the built-in one.
+    pub radius_dictionaries: Vec<PathBuf>,
+    /// RADIUS: wait per try, and tries (the first send plus retransmits).
+    pub radius_timeout: Duration,
+    pub radius_tries: u32,
 }
 
 impl Default for Config {
@@ -63,6 +78,13 @@ impl Default for Config {
                 expand_batch: 1000,
                 shutdown_grace: Duration::from_secs(10),
                 exec_timeout: Duration::from_secs(10),
+                transport: TransportConfig {
+                    known_hosts: "var/known_hosts".into(),
+                    ssh_key: None,
+                    radius_dictionaries: Vec::new(),
+                    radius_timeout: Duration::from_secs(1),
+                    radius_tries: 3,
+                },
             },
         }
     }
@@ -75,6 +97,18 @@ struct RawConfig {
     database: RawDatabase,
     #[serde(default)]
     daemon: RawDaemon,
+    #[serde(default)]
+    transport: RawTransport,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTransport {
+    known_hosts: Option<PathBuf>,
+    ssh_key: Option<PathBuf>,
+    radius_dictionaries: Option<Vec<PathBuf>>,
+    radius_timeout: Option<String>,
+    radius_tries: Option<u32>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -201,6 +235,23 @@ impl Config {
                     raw.daemon.exec_timeout.as_ref(),
                     d.daemon.exec_timeout,
                 )?,
+                transport: TransportConfig {
+                    known_hosts: raw
+                        .transport
+                        .known_hosts
+                        .unwrap_or(d.daemon.transport.known_hosts),
+                    ssh_key: raw.transport.ssh_key,
+                    radius_dictionaries: raw.transport.radius_dictionaries.unwrap_or_default(),
+                    radius_timeout: duration_key(
+                        "transport.radius_timeout",
+                        raw.transport.radius_timeout.as_ref(),
+                        d.daemon.transport.radius_timeout,
+                    )?,
+                    radius_tries: raw
+                        .transport
+                        .radius_tries
+                        .unwrap_or(d.daemon.transport.radius_tries),
+                },
             },
         };
         cfg.validate()?;
@@ -261,6 +312,17 @@ impl Config {
         }
         if d.exec_timeout.is_zero() {
             return key("daemon.exec_timeout", "must be above 0");
+        }
+        if d.transport.radius_timeout.is_zero() {
+            return key("transport.radius_timeout", "must be above 0");
+        }
+        if d.transport.radius_tries == 0 {
+            return key("transport.radius_tries", "must be at least 1");
+        }
+        if let Some(k) = &d.transport.ssh_key
+            && !k.exists()
+        {
+            return key("transport.ssh_key", &format!("{} does not exist", k.display()));
         }
         Ok(())
     }

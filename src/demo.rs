@@ -93,6 +93,9 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         secret: None,
         max_sessions: 4,
         enabled: true,
+        host_key_policy: "strict".into(),
+        host_key: None,
+        legacy_crypto: false,
     };
     store.nas_upsert(&nas).await?;
     let headers: Vec<String> = [

@@ -158,6 +158,9 @@ pub async fn send_event(runtime: &NasRuntime, event: &StackEvent, exec_timeout: 
             )
             .await
         }
+        TransportKind::Ssh | TransportKind::Telnet | TransportKind::Radius | TransportKind::Api => {
+            failed_before_send(format!("transport {} is being wired", scheme.transport))
+        }
         TransportKind::Null => {
             let mut all = vars;
             all.extend(secrets);
@@ -746,6 +749,9 @@ mod tests {
             secret: Some(Secret::new("coa")),
             max_sessions: 2,
             enabled: true,
+            host_key_policy: "strict".into(),
+            host_key: None,
+            legacy_crypto: false,
         }
     }
 

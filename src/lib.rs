@@ -2,6 +2,7 @@
 //!
 //! See ARCHITECTURE.md for the map of the modules.
 
+pub mod answer;
 pub mod bench;
 pub mod config;
 pub mod daemon;

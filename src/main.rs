@@ -122,6 +122,15 @@ struct NasFields {
     /// Connections to the device at once (1..100).
     #[arg(long)]
     max_sessions: Option<i32>,
+    /// SSH host key policy: strict (key must be in nasd's known_hosts) or accept-new.
+    #[arg(long)]
+    host_key_policy: Option<String>,
+    /// SSH: pin the host key fingerprint (SHA256:..., as `ssh-keygen -lf` prints it).
+    #[arg(long)]
+    host_key: Option<String>,
+    /// SSH: also offer legacy key exchange and ciphers (old devices).
+    #[arg(long)]
+    legacy_crypto: Option<bool>,
     #[arg(long, conflicts_with = "disable")]
     enable: bool,
     #[arg(long)]
@@ -163,6 +172,15 @@ impl NasFields {
         }
         if let Some(v) = self.max_sessions {
             nas.max_sessions = v;
+        }
+        if let Some(v) = self.host_key_policy {
+            nas.host_key_policy = v;
+        }
+        if let Some(v) = self.host_key {
+            nas.host_key = Some(v);
+        }
+        if let Some(v) = self.legacy_crypto {
+            nas.legacy_crypto = v;
         }
         if self.enable {
             nas.enabled = true;
@@ -455,6 +473,9 @@ async fn nas_command(cmd: NasCommand, cfg: &Config) -> anyhow::Result<()> {
                 secret: None,
                 max_sessions: 4,
                 enabled: true,
+                host_key_policy: "strict".into(),
+                host_key: None,
+                legacy_crypto: false,
             };
             fields.apply(&mut nas);
             store.nas_upsert(&nas).await?;

@@ -36,6 +36,32 @@ pub enum TransportKind {
     Exec,
     /// Render the templates and send them nowhere (benchmarks, tests).
     Null,
+    /// SSH: an exec channel per command, or a PTY shell driven by the prompt.
+    Ssh,
+    /// Telnet: login and password prompts, then commands driven by the prompt.
+    Telnet,
+    /// RADIUS CoA / Disconnect-Request (RFC 5176): each template is one request.
+    Radius,
+    /// MikroTik RouterOS API (TCP 8728): each template is one API sentence.
+    Api,
+}
+
+impl TransportKind {
+    /// Whether commands come from `[commands]` templates (everything but exec).
+    pub fn uses_templates(self) -> bool {
+        self != TransportKind::Exec
+    }
+
+    /// The port used when the NAS row does not set one.
+    pub fn default_port(self) -> Option<u16> {
+        match self {
+            TransportKind::Ssh => Some(22),
+            TransportKind::Telnet => Some(23),
+            TransportKind::Radius => Some(3799),
+            TransportKind::Api => Some(8728),
+            TransportKind::Exec | TransportKind::Null => None,
+        }
+    }
 }
 
 impl fmt::Display for TransportKind {
@@ -43,6 +69,10 @@ impl fmt::Display for TransportKind {
         f.write_str(match self {
             TransportKind::Exec => "exec",
             TransportKind::Null => "null",
+            TransportKind::Ssh => "ssh",
+            TransportKind::Telnet => "telnet",
+            TransportKind::Radius => "radius",
+            TransportKind::Api => "api",
         })
     }
 }
@@ -57,8 +87,11 @@ pub enum Dialect {
     Routeros,
     /// Cisco IOS CLI: no quoting exists, so unsafe values are refused.
     Cisco,
-    /// No quoting (e.g. RADIUS attribute values); only control characters are refused.
+    /// No quoting; only control characters are refused.
     Plain,
+    /// RADIUS request text (radclient style): plain words as they are, anything else
+    /// double-quoted with `\\` and `\"` escapes; control characters refused.
+    Radius,
 }
 
 impl fmt::Display for Dialect {
@@ -68,6 +101,7 @@ impl fmt::Display for Dialect {
             Dialect::Routeros => "routeros",
             Dialect::Cisco => "cisco",
             Dialect::Plain => "plain",
+            Dialect::Radius => "radius",
         })
     }
 }
@@ -148,6 +182,58 @@ struct SchemeFile {
     script: Option<PathBuf>,
     cmds: Option<Vec<String>>,
     commands: Option<BTreeMap<String, Vec<String>>>,
+    /// ssh: `exec` (a channel per command) or `shell` (PTY, prompt-driven).
+    mode: Option<String>,
+    /// ssh shell mode and telnet: the device prompt, an anchored regex.
+    prompt: Option<String>,
+    /// ssh shell mode and telnet: send `enable` after login (password: the NAS secret).
+    #[serde(default)]
+    enable: bool,
+    /// ssh shell mode and telnet: commands sent once per session (paging off).
+    #[serde(default)]
+    setup: Vec<String>,
+    #[serde(default)]
+    answers: AnswersFile,
+}
+
+/// `[answers]`: how device output is judged, per command.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AnswersFile {
+    /// Output matching one of these fails the event (e.g. `^failure:`).
+    #[serde(default)]
+    failure: Vec<String>,
+    /// Output matching one of these means try again later (e.g. a busy device).
+    #[serde(default)]
+    retry: Vec<String>,
+    /// Per cmd: output that looks like a failure but means the wanted state is already
+    /// there (e.g. `already have such entry` on an add).
+    #[serde(default)]
+    benign: BTreeMap<String, Vec<String>>,
+}
+
+/// How a device's answers are judged (compiled `[answers]`).
+#[derive(Debug, Clone, Default)]
+pub struct AnswerPatterns {
+    pub failure: Vec<regex::Regex>,
+    pub retry: Vec<regex::Regex>,
+    pub benign: BTreeMap<String, Vec<regex::Regex>>,
+}
+
+/// Settings of the interactive CLI transports (ssh, telnet).
+#[derive(Debug, Clone, Default)]
+pub struct CliSettings {
+    /// ssh: true for PTY shell mode, false for an exec channel per command.
+    pub shell: bool,
+    pub prompt: Option<regex::Regex>,
+    pub enable: bool,
+    pub setup: Vec<String>,
+}
+
+fn compile_patterns(what: &str, list: &[String]) -> Result<Vec<regex::Regex>, String> {
+    list.iter()
+        .map(|p| regex::Regex::new(p).map_err(|e| format!("{what}: bad regex `{p}`: {e}")))
+        .collect()
 }
 
 fn default_dialect() -> Dialect {
@@ -171,6 +257,10 @@ pub struct Scheme {
     allowed: Option<BTreeSet<String>>,
     /// Template schemes: the sources per cmd, in sending order.
     commands: BTreeMap<String, Vec<String>>,
+    /// How device answers are judged.
+    pub answers: AnswerPatterns,
+    /// ssh / telnet session settings.
+    pub cli: CliSettings,
     /// Holds every template compiled, named `cmd[index]`.
     env: Environment<'static>,
 }
@@ -246,7 +336,7 @@ impl Scheme {
                     allowed = Some(cmds.into_iter().collect());
                 }
             }
-            TransportKind::Null => {
+            _ => {
                 let transport = file.transport;
                 if file.script.is_some() {
                     return Err(invalid(format!(
@@ -268,8 +358,45 @@ impl Scheme {
             }
         }
 
+        let answers = AnswerPatterns {
+            failure: compile_patterns("answers.failure", &file.answers.failure).map_err(invalid)?,
+            retry: compile_patterns("answers.retry", &file.answers.retry).map_err(invalid)?,
+            benign: file
+                .answers
+                .benign
+                .iter()
+                .map(|(cmd, list)| {
+                    compile_patterns(&format!("answers.benign.{cmd}"), list).map(|p| (cmd.clone(), p))
+                })
+                .collect::<Result<_, _>>()
+                .map_err(invalid)?,
+        };
+        let shell = match file.mode.as_deref() {
+            None | Some("exec") => false,
+            Some("shell") => true,
+            Some(other) => {
+                return Err(invalid(format!("mode must be exec or shell, got {other}")));
+            }
+        };
+        if shell && file.transport != TransportKind::Ssh {
+            return Err(invalid("mode = \"shell\" is for transport ssh".to_string()));
+        }
+        let prompt = match &file.prompt {
+            None => None,
+            Some(p) => Some(
+                regex::Regex::new(p).map_err(|e| invalid(format!("prompt: bad regex `{p}`: {e}")))?,
+            ),
+        };
+        let cli = CliSettings {
+            shell,
+            prompt,
+            enable: file.enable,
+            setup: file.setup,
+        };
         let env = build_env(file.dialect, &name, &commands)?;
         Ok(Scheme {
+            answers,
+            cli,
             name,
             dir: dir.to_path_buf(),
             description: file.description,
@@ -288,7 +415,7 @@ impl Scheme {
     pub fn defines(&self, cmd: &str) -> bool {
         match self.transport {
             TransportKind::Exec => self.allowed.as_ref().is_none_or(|a| a.contains(cmd)),
-            TransportKind::Null => self.commands.contains_key(cmd),
+            _ => self.commands.contains_key(cmd),
         }
     }
 
@@ -301,7 +428,7 @@ impl Scheme {
                 .as_ref()
                 .map(|a| a.iter().cloned().collect())
                 .unwrap_or_default(),
-            TransportKind::Null => self.commands.keys().cloned().collect(),
+            _ => self.commands.keys().cloned().collect(),
         }
     }
 
@@ -500,6 +627,7 @@ pub fn escape(dialect: Dialect, value: &str) -> Result<String, String> {
         Dialect::Routeros => escape_routeros(value),
         Dialect::Cisco => escape_cisco(value),
         Dialect::Plain => escape_plain(value),
+        Dialect::Radius => escape_radius(value),
     }
 }
 
@@ -585,6 +713,25 @@ fn escape_cisco(value: &str) -> Result<String, String> {
         ));
     }
     Ok(value.to_string())
+}
+
+fn escape_radius(value: &str) -> Result<String, String> {
+    if let Some(c) = value.chars().find(|c| c.is_control()) {
+        return Err(format!("contains {}", describe(c)));
+    }
+    if all_in(value, "_./:@%+-") {
+        return Ok(value.to_string());
+    }
+    let mut out = String::with_capacity(value.len() + 2);
+    out.push('"');
+    for c in value.chars() {
+        if c == '"' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+    Ok(out)
 }
 
 fn escape_plain(value: &str) -> Result<String, String> {
@@ -1061,6 +1208,15 @@ mod tests {
                     in_word = true;
                     word.push(c);
                 }
+                // Command separators written in a template's literal text are words of
+                // their own, so a value that adds one changes the word count.
+                c @ (';' | '&' | '|') => {
+                    if in_word {
+                        words.push(std::mem::take(&mut word));
+                        in_word = false;
+                    }
+                    words.push(c.to_string());
+                }
                 c => return Err(format!("unquoted special character {c:?}")),
             }
         }
@@ -1243,7 +1399,19 @@ user_del = ["/c {{ ip }}"]
             ),
             (
                 "transport = \"ssh\"\n",
-                "scheme x: scheme.toml: unknown variant `ssh`",
+                "scheme x: transport ssh needs [commands]",
+            ),
+            (
+                "transport = \"pigeon\"\n",
+                "scheme x: scheme.toml: unknown variant `pigeon`",
+            ),
+            (
+                "transport = \"telnet\"\nmode = \"shell\"\n[commands]\nuser_add = [\"x\"]\n",
+                "scheme x: mode = \"shell\" is for transport ssh",
+            ),
+            (
+                "transport = \"ssh\"\n[answers]\nfailure = [\"(\"]\n[commands]\nuser_add = [\"x\"]\n",
+                "scheme x: answers.failure: bad regex `(`",
             ),
             (
                 "dialect = \"shell\"\n",
@@ -1625,4 +1793,109 @@ user_del = ["/c {{ ip }}"]
                 .is_some_and(|p| p.ends_with("bin/session"))
         );
     }
+
+    /// Splits a RouterOS CLI line into words the way the CLI does: whitespace outside
+    /// double quotes separates words; `;` outside quotes would start a second command,
+    /// so it is returned as a word of its own.
+    fn routeros_words(line: &str) -> Vec<String> {
+        let mut words = Vec::new();
+        let mut cur = String::new();
+        let mut quoted = false;
+        let mut chars = line.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' if quoted => {
+                    cur.push(c);
+                    if let Some(n) = chars.next() {
+                        cur.push(n);
+                    }
+                }
+                '"' => {
+                    quoted = !quoted;
+                    cur.push(c);
+                }
+                ';' if !quoted => {
+                    if !cur.is_empty() {
+                        words.push(std::mem::take(&mut cur));
+                    }
+                    words.push(";".into());
+                }
+                c if c.is_whitespace() && !quoted => {
+                    if !cur.is_empty() {
+                        words.push(std::mem::take(&mut cur));
+                    }
+                }
+                c => cur.push(c),
+            }
+        }
+        if !cur.is_empty() {
+            words.push(cur);
+        }
+        words
+    }
+
+    #[test]
+    fn shipped_schemes_resist_injection() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemes");
+        let (set, errors) = SchemeSet::load_dir(&dir);
+        assert!(errors.is_empty(), "{errors:?}");
+        let base = vars(json!({
+            "ip": "10.88.0.15", "login": "ivan", "rate_in": 10240, "rate_out": 5120,
+            "vlan": 101, "user_id": 42, "abonent_id": 7, "acct_session_id": "81200003",
+            "shaper_dev": "ifb0", "mac": "00:11:22:33:44:55", "nas_ip": "10.0.0.1",
+        }));
+        let nasty = nasty_strings(0x5eed, 60);
+        let mut checked = 0usize;
+        for name in set.names() {
+            let Some(scheme) = set.get(&name) else { continue };
+            if !scheme.transport.uses_templates() {
+                continue;
+            }
+            for cmd in scheme.cmds() {
+                let Ok(reference) = scheme.render(&cmd, &base) else {
+                    panic!("{name} {cmd} does not render with the base variables");
+                };
+                for key in base.keys() {
+                    for value in &nasty {
+                        let mut v = base.clone();
+                        v.insert(key.clone(), value.clone().into());
+                        let rendered = match scheme.render(&cmd, &v) {
+                            Ok(r) => r,
+                            // Refused before anything is sent: safe by construction.
+                            Err(RenderError::Unsafe { .. }) => continue,
+                            Err(e) => panic!("{name} {cmd}: {e}"),
+                        };
+                        assert_eq!(rendered.len(), reference.len());
+                        for (line, want) in rendered.iter().zip(&reference) {
+                            let (got_n, want_n) = match scheme.dialect {
+                                Dialect::Shell => (
+                                    shell_words(line).map(|w| w.len()).unwrap_or(usize::MAX),
+                                    shell_words(want).map(|w| w.len()).unwrap_or(0),
+                                ),
+                                Dialect::Routeros => {
+                                    (routeros_words(line).len(), routeros_words(want).len())
+                                }
+                                _ => (
+                                    line.split_whitespace().count(),
+                                    want.split_whitespace().count(),
+                                ),
+                            };
+                            assert_eq!(
+                                got_n, want_n,
+                                "{name} {cmd}: {key}={value:?} changed the words of `{line}`"
+                            );
+                            // Inside single quotes a newline is part of the one shell word
+                            // (the tokenizer above proves it); elsewhere it would end the line.
+                            if scheme.dialect != Dialect::Shell {
+                                assert!(!line.contains('\n'), "{name} {cmd}: newline in `{line}`");
+                            }
+                            checked += 1;
+                        }
+                    }
+                }
+            }
+        }
+        assert!(checked > 10_000, "only {checked} renders checked");
+    }
+
 }

@@ -268,6 +268,9 @@ mod tests {
             secret: None,
             max_sessions: 4,
             enabled,
+            host_key_policy: "strict".into(),
+            host_key: None,
+            legacy_crypto: false,
         }
     }
 

@@ -80,9 +80,38 @@ pub struct Nas {
     pub secret: Option<Secret>,
     pub max_sessions: i32,
     pub enabled: bool,
+    /// SSH: `strict` (key must be in nasd's known_hosts) or `accept-new` (learn once,
+    /// refuse a change). A pinned `host_key` overrides both.
+    pub host_key_policy: String,
+    /// SSH: pinned host key fingerprint, `SHA256:...` as `ssh-keygen -lf` prints it.
+    pub host_key: Option<String>,
+    /// SSH: also offer legacy key exchange and ciphers (old Cisco IOS, old RouterOS).
+    pub legacy_crypto: bool,
 }
 
 impl Nas {
+    /// A NAS with defaults for everything but identity and how it is reached.
+    pub fn new(id: i64, name: &str, ip: &str) -> Nas {
+        Nas {
+            id,
+            name: name.to_string(),
+            ip: ip.to_string(),
+            scheme: None,
+            script_name: None,
+            n_workers: 4,
+            protocol: None,
+            port: None,
+            login: None,
+            password: None,
+            secret: None,
+            max_sessions: 4,
+            enabled: true,
+            host_key_policy: "strict".to_string(),
+            host_key: None,
+            legacy_crypto: false,
+        }
+    }
+
     /// Checks what the database constraints also check, with messages an operator can act on.
     pub fn validate(&self) -> Result<(), String> {
         if self.name.trim().is_empty() {

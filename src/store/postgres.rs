@@ -58,7 +58,7 @@ impl PgStore {
     pub async fn nas_list(&self) -> Result<Vec<Nas>, StoreError> {
         let rows = sqlx::query(
             "SELECT id, name, ip, scheme, script_name, n_workers, protocol, port, login, password, \
-             secret, max_sessions, enabled FROM nas ORDER BY id",
+             secret, max_sessions, enabled, host_key_policy, host_key, legacy_crypto FROM nas ORDER BY id",
         )
         .fetch_all(&self.pool)
         .await
@@ -72,13 +72,14 @@ impl PgStore {
     pub async fn nas_upsert(&self, nas: &Nas) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO nas (id, name, ip, scheme, script_name, n_workers, protocol, port, login, \
-             password, secret, max_sessions, enabled, updated_at) \
-             VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13, clock_timestamp()) \
+             password, secret, max_sessions, enabled, host_key_policy, host_key, legacy_crypto, updated_at) \
+             VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16, clock_timestamp()) \
              ON CONFLICT (id) DO UPDATE SET name=EXCLUDED.name, ip=EXCLUDED.ip, \
              scheme=EXCLUDED.scheme, script_name=EXCLUDED.script_name, n_workers=EXCLUDED.n_workers, \
              protocol=EXCLUDED.protocol, port=EXCLUDED.port, login=EXCLUDED.login, \
              password=EXCLUDED.password, secret=EXCLUDED.secret, max_sessions=EXCLUDED.max_sessions, \
-             enabled=EXCLUDED.enabled, updated_at=clock_timestamp()",
+             enabled=EXCLUDED.enabled, host_key_policy=EXCLUDED.host_key_policy, \
+             host_key=EXCLUDED.host_key, legacy_crypto=EXCLUDED.legacy_crypto, updated_at=clock_timestamp()",
         )
         .bind(nas.id)
         .bind(&nas.name)
@@ -93,6 +94,9 @@ impl PgStore {
         .bind(nas.secret.as_ref().map(Secret::expose))
         .bind(nas.max_sessions)
         .bind(nas.enabled)
+        .bind(&nas.host_key_policy)
+        .bind(&nas.host_key)
+        .bind(nas.legacy_crypto)
         .execute(&self.pool)
         .await
         .ctx("save nas")?;
@@ -591,6 +595,9 @@ fn nas_from_row(r: &PgRow) -> Result<Nas, sqlx::Error> {
         secret: r.try_get::<Option<String>, _>("secret")?.map(Secret::new),
         max_sessions: r.try_get("max_sessions")?,
         enabled: r.try_get("enabled")?,
+        host_key_policy: r.try_get("host_key_policy")?,
+        host_key: r.try_get("host_key")?,
+        legacy_crypto: r.try_get("legacy_crypto")?,
     })
 }
 

@@ -81,7 +81,7 @@ impl SqliteStore {
     pub async fn nas_list(&self) -> Result<Vec<Nas>, StoreError> {
         let rows = sqlx::query(
             "SELECT id, name, ip, scheme, script_name, n_workers, protocol, port, login, password, \
-             secret, max_sessions, enabled FROM nas ORDER BY id",
+             secret, max_sessions, enabled, host_key_policy, host_key, legacy_crypto FROM nas ORDER BY id",
         )
         .fetch_all(&self.pool)
         .await
@@ -102,6 +102,9 @@ impl SqliteStore {
                     secret: r.try_get::<Option<String>, _>("secret")?.map(Secret::new),
                     max_sessions: r.try_get("max_sessions")?,
                     enabled: r.try_get("enabled")?,
+                    host_key_policy: r.try_get("host_key_policy")?,
+                    host_key: r.try_get("host_key")?,
+                    legacy_crypto: r.try_get("legacy_crypto")?,
                 })
             })
             .collect::<Result<_, _>>()
@@ -111,13 +114,15 @@ impl SqliteStore {
     pub async fn nas_upsert(&self, nas: &Nas) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO nas (id, name, ip, scheme, script_name, n_workers, protocol, port, login, \
-             password, secret, max_sessions, enabled, updated_at) \
-             VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14) \
+             password, secret, max_sessions, enabled, updated_at, host_key_policy, host_key, legacy_crypto) \
+             VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17) \
              ON CONFLICT (id) DO UPDATE SET name=excluded.name, ip=excluded.ip, \
              scheme=excluded.scheme, script_name=excluded.script_name, n_workers=excluded.n_workers, \
              protocol=excluded.protocol, port=excluded.port, login=excluded.login, \
              password=excluded.password, secret=excluded.secret, max_sessions=excluded.max_sessions, \
-             enabled=excluded.enabled, updated_at=excluded.updated_at",
+             enabled=excluded.enabled, updated_at=excluded.updated_at, \
+             host_key_policy=excluded.host_key_policy, host_key=excluded.host_key, \
+             legacy_crypto=excluded.legacy_crypto",
         )
         .bind(nas.id)
         .bind(&nas.name)
@@ -133,6 +138,9 @@ impl SqliteStore {
         .bind(nas.max_sessions)
         .bind(nas.enabled)
         .bind(ms(Utc::now()))
+        .bind(&nas.host_key_policy)
+        .bind(&nas.host_key)
+        .bind(nas.legacy_crypto)
         .execute(&self.pool)
         .await
         .ctx("save nas")?;

@@ -160,6 +160,9 @@ pub fn nas(id: i64, script: Option<&Path>, scheme: Option<&str>, workers: i32) -
         secret: None,
         max_sessions: 4,
         enabled: true,
+        host_key_policy: "strict".into(),
+        host_key: None,
+        legacy_crypto: false,
     }
 }
 

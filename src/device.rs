@@ -1,0 +1,191 @@
+//! A NAS's connection to its device: the transport pool (SSH, telnet, RouterOS API) or
+//! RADIUS client built from the `nas` row and its scheme, kept across resyncs while
+//! those settings do not change, so sessions stay open between events.
+
+use std::sync::Arc;
+
+use crate::config::TransportConfig;
+use crate::scheme::{Scheme, TransportKind};
+use crate::store::Nas;
+use crate::transport::radius::{Dictionary, RadiusClient, RadiusOptions};
+use crate::transport::routeros_api::{ApiOptions, ApiPool};
+use crate::transport::ssh::{HostKeyPolicy, SshMode, SshOptions, SshPool};
+use crate::transport::telnet::{TelnetOptions, TelnetPool};
+use crate::transport::{Reply, Target, Verdict};
+
+#[derive(Clone)]
+pub enum Device {
+    Ssh(Arc<SshPool>),
+    Telnet(Arc<TelnetPool>),
+    Radius(Arc<RadiusClient>),
+    Api(Arc<ApiPool>),
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Device::Ssh(_) => "Device::Ssh",
+            Device::Telnet(_) => "Device::Telnet",
+            Device::Radius(_) => "Device::Radius",
+            Device::Api(_) => "Device::Api",
+        })
+    }
+}
+
+/// What decides whether an existing pool can be kept: the NAS row (secrets included)
+/// and the scheme's session settings. Any change builds a new pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceKey {
+    nas: Nas,
+    scheme: String,
+}
+
+pub fn device_key(nas: &Nas, scheme: &Scheme) -> DeviceKey {
+    DeviceKey {
+        nas: nas.clone(),
+        scheme: format!(
+            "{}|{}|{:?}|{}|{:?}|{}",
+            scheme.name,
+            scheme.transport,
+            scheme.cli.prompt.as_ref().map(|r| r.as_str()),
+            scheme.cli.shell,
+            scheme.cli.setup,
+            scheme.cli.enable,
+        ),
+    }
+}
+
+pub fn target(nas: &Nas, kind: TransportKind) -> Target {
+    let port = nas
+        .port
+        .and_then(|p| u16::try_from(p).ok())
+        .or(kind.default_port())
+        .unwrap_or(22);
+    Target {
+        nas_id: nas.id,
+        nas_name: nas.name.clone(),
+        host: nas.ip.clone(),
+        port,
+        login: nas.login.clone(),
+        password: nas.password.clone(),
+        secret: nas.secret.clone(),
+        max_sessions: nas.max_sessions.max(1) as usize,
+    }
+}
+
+/// Builds the device for a NAS whose scheme talks to a device (None for exec and null).
+pub fn build(nas: &Nas, scheme: &Scheme, cfg: &TransportConfig) -> Result<Option<Device>, String> {
+    let target = target(nas, scheme.transport);
+    Ok(Some(match scheme.transport {
+        TransportKind::Exec | TransportKind::Null => return Ok(None),
+        TransportKind::Ssh => {
+            let mode = if scheme.cli.shell {
+                SshMode::Shell
+            } else {
+                SshMode::Exec
+            };
+            let mut opts = SshOptions::new(mode, cfg.known_hosts.clone());
+            opts.host_key_policy = match (&nas.host_key, nas.host_key_policy.as_str()) {
+                (Some(fp), _) => HostKeyPolicy::Pinned(fp.clone()),
+                (None, "accept-new") => HostKeyPolicy::AcceptNew,
+                _ => HostKeyPolicy::Strict,
+            };
+            opts.legacy_crypto = nas.legacy_crypto;
+            opts.private_key = cfg.ssh_key.clone();
+            if let Some(p) = &scheme.cli.prompt {
+                opts.prompt = p.clone();
+            }
+            opts.enable = scheme.cli.enable;
+            opts.setup = scheme.cli.setup.clone();
+            Device::Ssh(Arc::new(SshPool::new(target, opts)))
+        }
+        TransportKind::Telnet => {
+            let mut opts = TelnetOptions::default();
+            if let Some(p) = &scheme.cli.prompt {
+                opts.prompt = p.clone();
+            }
+            opts.enable = scheme.cli.enable;
+            opts.setup = scheme.cli.setup.clone();
+            Device::Telnet(Arc::new(TelnetPool::new(target, opts)))
+        }
+        TransportKind::Api => Device::Api(Arc::new(ApiPool::new(target, ApiOptions::default()))),
+        TransportKind::Radius => {
+            let mut dictionary = Dictionary::builtin();
+            for path in &cfg.radius_dictionaries {
+                dictionary
+                    .load_extra(path)
+                    .map_err(|e| format!("radius dictionary {}: {e}", path.display()))?;
+            }
+            Device::Radius(Arc::new(RadiusClient::new(
+                target,
+                RadiusOptions {
+                    timeout: cfg.radius_timeout,
+                    tries: cfg.radius_tries,
+                    dictionary: Arc::new(dictionary),
+                },
+            )))
+        }
+    }))
+}
+
+impl Device {
+    /// Sends the rendered commands of one event and judges the answers.
+    pub async fn send(&self, scheme: &Scheme, cmd: &str, commands: Vec<String>) -> Reply {
+        match self {
+            Device::Ssh(pool) => {
+                let result = pool.run(&commands, scheme.timeout).await;
+                crate::answer::reply(cmd, &commands, &result, &scheme.answers)
+            }
+            Device::Telnet(pool) => {
+                let result = pool.run(&commands, scheme.timeout).await;
+                crate::answer::reply(cmd, &commands, &result, &scheme.answers)
+            }
+            Device::Api(pool) => {
+                let result = pool.run(&commands, scheme.timeout).await;
+                crate::answer::reply(cmd, &commands, &result, &scheme.answers)
+            }
+            Device::Radius(client) => {
+                // One request per template; the event is done when every request is.
+                let mut all = Reply {
+                    commands: Vec::new(),
+                    answer: String::new(),
+                    verdict: Verdict::Done,
+                };
+                for request in &commands {
+                    let reply = client.send(request).await;
+                    all.commands.extend(reply.commands);
+                    if !reply.answer.is_empty() {
+                        if !all.answer.is_empty() {
+                            all.answer.push('\n');
+                        }
+                        all.answer.push_str(&reply.answer);
+                    }
+                    if reply.verdict != Verdict::Done {
+                        all.verdict = reply.verdict;
+                        break;
+                    }
+                }
+                all
+            }
+        }
+    }
+
+    /// Connections open to the device now (RADIUS: 0, it is connectionless).
+    pub fn open_sessions(&self) -> usize {
+        match self {
+            Device::Ssh(p) => p.open_sessions(),
+            Device::Telnet(p) => p.open_sessions(),
+            Device::Api(p) => p.open_sessions(),
+            Device::Radius(_) => 0,
+        }
+    }
+
+    pub async fn close(&self) {
+        match self {
+            Device::Ssh(p) => p.close().await,
+            Device::Telnet(p) => p.close().await,
+            Device::Api(p) => p.close().await,
+            Device::Radius(_) => {}
+        }
+    }
+}

@@ -1,0 +1,1171 @@
+//! The MikroTik RouterOS API transport (plain TCP, port 8728).
+//!
+//! Three layers, the first two pure and table-tested:
+//! - the wire codec: a sentence is a list of length-prefixed words ended by an empty
+//!   word ([`encode_sentence`], [`SentenceDecoder`]);
+//! - the command text schemes render and logs show, one command per line in the API's
+//!   own word syntax (`/ip/firewall/address-list/add =list=allowed =address=10.0.0.1`),
+//!   split into words by [`parse_command`]. Values the scheme renderer quoted
+//!   (`=comment="x; /system reset"`) arrive as one word, so no value can become a
+//!   second word or command;
+//! - [`ApiPool`]: logged-in connections to one NAS, shared by its workers, never more
+//!   than `max_sessions` at once, reused between events.
+//!
+//! Replies are rendered as text in the shape the RouterOS CLI prints, so the answer
+//! patterns written for SSH work unchanged: `!re` becomes a line of `key=value` pairs,
+//! `!trap` a line `failure: <message>`, `!done =ret=X` a line `ret=X`.
+//!
+//! Not supported yet: the TLS API on port 8729 (no TLS crate in the build). The
+//! plaintext login (RouterOS 6.43+) therefore sends the password in clear; keep the API
+//! service restricted to the billing host's address on the router.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use md5::{Digest, Md5};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+use tokio::time::{Instant, sleep_until, timeout_at};
+
+use super::{CliResult, Exchange, SessionError, Target};
+
+/// Longest word accepted from a device. Real replies are a few KiB at most; the cap
+/// keeps a broken or hostile peer from making us buffer without bound.
+pub const MAX_WORD_LEN: usize = 16 * 1024 * 1024;
+
+/// Longest word accepted in command text: far beyond any real value, and it keeps
+/// `encode_length`'s saturation below unreachable from a command line.
+const MAX_COMMAND_WORD_LEN: usize = 1024 * 1024;
+
+/// First delay after a failed connect or login, doubled per failure up to the cap.
+const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// How long `close` waits per connection for the polite `/quit` to be written.
+const QUIT_TIMEOUT: Duration = Duration::from_millis(500);
+
+// ---------------------------------------------------------------------------------
+// Codec
+// ---------------------------------------------------------------------------------
+
+/// The length prefix of a word: 1 to 4 bytes with the high bits telling the size, or
+/// `0xF0` and 4 bytes for lengths from `0x10000000` on.
+pub fn encode_length(n: usize) -> Vec<u8> {
+    if n < 0x80 {
+        vec![n as u8]
+    } else if n < 0x4000 {
+        let v = (n as u32) | 0x8000;
+        v.to_be_bytes()[2..].to_vec()
+    } else if n < 0x20_0000 {
+        let v = (n as u32) | 0xC0_0000;
+        v.to_be_bytes()[1..].to_vec()
+    } else if n < 0x1000_0000 {
+        ((n as u32) | 0xE000_0000).to_be_bytes().to_vec()
+    } else {
+        // The format cannot express more than u32::MAX; such a word can never be built
+        // from command text (MAX_COMMAND_WORD_LEN), so saturating is never reached.
+        let v = u32::try_from(n).unwrap_or(u32::MAX);
+        let mut out = vec![0xF0];
+        out.extend_from_slice(&v.to_be_bytes());
+        out
+    }
+}
+
+/// Reads a length prefix from the start of `bytes`: `Ok(Some((length, prefix_len)))`,
+/// `Ok(None)` when more bytes are needed, or an error for a control byte (`0xF8`..)
+/// or a reserved one, which the API never uses inside a sentence.
+pub fn decode_length(bytes: &[u8]) -> Result<Option<(usize, usize)>, String> {
+    let Some(&first) = bytes.first() else {
+        return Ok(None);
+    };
+    let (size, mask): (usize, u32) = match first {
+        0x00..=0x7F => (1, 0xFF),
+        0x80..=0xBF => (2, 0x3FFF),
+        0xC0..=0xDF => (3, 0x1F_FFFF),
+        0xE0..=0xEF => (4, 0x0FFF_FFFF),
+        0xF0 => (5, u32::MAX),
+        other => return Err(format!("invalid length prefix byte 0x{other:02x}")),
+    };
+    if bytes.len() < size {
+        return Ok(None);
+    }
+    // For 0xF0 the value is the 4 bytes after the marker; otherwise the marker bits are
+    // part of the first byte and masked off.
+    let value_bytes = if size == 5 {
+        &bytes[1..5]
+    } else {
+        &bytes[..size]
+    };
+    let value = value_bytes
+        .iter()
+        .fold(0u32, |acc, b| (acc << 8) | u32::from(*b))
+        & mask;
+    Ok(Some((value as usize, size)))
+}
+
+/// One word: length prefix and UTF-8 bytes.
+pub fn encode_word(word: &str) -> Vec<u8> {
+    let mut out = encode_length(word.len());
+    out.extend_from_slice(word.as_bytes());
+    out
+}
+
+/// A whole sentence, ended by the empty word.
+pub fn encode_sentence(words: &[String]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(words.iter().map(|w| w.len() + 2).sum::<usize>() + 1);
+    for word in words {
+        out.extend_from_slice(&encode_word(word));
+    }
+    out.push(0);
+    out
+}
+
+/// Reassembles sentences from bytes as they arrive, split anywhere.
+#[derive(Debug, Default)]
+pub struct SentenceDecoder {
+    buf: Vec<u8>,
+    /// Bytes of `buf` already consumed; compacted lazily so many small words in one
+    /// read do not cost a copy each.
+    pos: usize,
+    /// Words of the sentence being assembled.
+    words: Vec<String>,
+}
+
+impl SentenceDecoder {
+    pub fn new() -> SentenceDecoder {
+        SentenceDecoder::default()
+    }
+
+    pub fn push(&mut self, bytes: &[u8]) {
+        if self.pos > 0 && self.pos * 2 >= self.buf.len() {
+            self.buf.drain(..self.pos);
+            self.pos = 0;
+        }
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next complete sentence, `None` until one is complete. An error means the
+    /// stream is out of step; the decoder must then be discarded with its connection.
+    pub fn next_sentence(&mut self) -> Result<Option<Vec<String>>, String> {
+        loop {
+            let rest = &self.buf[self.pos..];
+            let Some((len, prefix)) = decode_length(rest)? else {
+                return Ok(None);
+            };
+            if len > MAX_WORD_LEN {
+                return Err(format!("word of {len} bytes is longer than {MAX_WORD_LEN}"));
+            }
+            if len == 0 {
+                self.pos += prefix;
+                return Ok(Some(std::mem::take(&mut self.words)));
+            }
+            if rest.len() < prefix + len {
+                return Ok(None);
+            }
+            // Devices may carry comments in a legacy 8-bit charset: show them lossily
+            // rather than fail the whole session over one byte.
+            let word = String::from_utf8_lossy(&rest[prefix..prefix + len]).into_owned();
+            self.pos += prefix + len;
+            self.words.push(word);
+        }
+    }
+
+    /// Bytes received but not yet part of a returned sentence.
+    pub fn pending(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Command text
+// ---------------------------------------------------------------------------------
+
+/// Splits one command line into API words on unquoted whitespace. A double-quoted part
+/// (as the RouterOS scheme dialect renders values) is unquoted with the escapes `\"`,
+/// `\\`, `\$`, `\?`, `\n`, `\r`, `\t`, and stays inside its word whatever it contains.
+///
+/// Refused, so that nothing ambiguous reaches a device: unterminated quotes, unknown
+/// escapes, a backslash or control character outside quotes, empty words (an empty
+/// word ends a sentence early), a first word that is not a `/command`, later words
+/// that are not `=attribute`, `?query` or `.api` words, and `.tag` (nasd sets it).
+pub fn parse_command(text: &str) -> Result<Vec<String>, String> {
+    let mut words = Vec::new();
+    let mut chars = text.chars().peekable();
+    loop {
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if chars.peek().is_none() {
+            break;
+        }
+        let mut word = String::new();
+        while let Some(c) = chars.next_if(|c| !c.is_whitespace()) {
+            match c {
+                '"' => loop {
+                    match chars.next() {
+                        None => return Err("unterminated double quote".to_string()),
+                        Some('"') => break,
+                        Some('\\') => word.push(match chars.next() {
+                            Some(e @ ('"' | '\\' | '$' | '?')) => e,
+                            Some('n') => '\n',
+                            Some('r') => '\r',
+                            Some('t') => '\t',
+                            Some(other) => {
+                                return Err(format!("unknown escape `\\{other}` in quotes"));
+                            }
+                            None => return Err("unterminated double quote".to_string()),
+                        }),
+                        Some(inner) => word.push(inner),
+                    }
+                },
+                '\\' => {
+                    return Err("backslash outside double quotes (quote the value)".to_string());
+                }
+                c if c.is_control() => {
+                    return Err(format!(
+                        "control character U+{:04X} outside double quotes",
+                        u32::from(c)
+                    ));
+                }
+                c => word.push(c),
+            }
+        }
+        if word.len() > MAX_COMMAND_WORD_LEN {
+            return Err(format!(
+                "word of {} bytes is longer than {MAX_COMMAND_WORD_LEN}",
+                word.len()
+            ));
+        }
+        words.push(word);
+    }
+    let Some(first) = words.first() else {
+        return Err("empty command".to_string());
+    };
+    let command_ok = first.len() > 1
+        && first.starts_with('/')
+        && first
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '-' | '_' | '.'));
+    if !command_ok {
+        return Err(format!(
+            "`{first}` is not a command word such as /ip/firewall/address-list/add"
+        ));
+    }
+    for word in &words[1..] {
+        if word.is_empty() {
+            return Err("empty word (it would end the sentence early)".to_string());
+        }
+        if word.starts_with(".tag=") {
+            return Err("`.tag` is set by nasd, not by the command".to_string());
+        }
+        if !matches!(word.as_bytes()[0], b'=' | b'?' | b'.') {
+            return Err(format!(
+                "`{word}` is neither an =attribute, a ?query nor an .api word"
+            ));
+        }
+    }
+    Ok(words)
+}
+
+/// The pre-6.43 login answer: `00` + hex(MD5(0x00 + password + challenge bytes)).
+pub fn md5_login_response(password: &str, challenge_hex: &str) -> Result<String, String> {
+    let challenge = hex_decode(challenge_hex)?;
+    let mut hasher = Md5::new();
+    hasher.update([0u8]);
+    hasher.update(password.as_bytes());
+    hasher.update(&challenge);
+    let digest = hasher.finalize();
+    let mut out = String::with_capacity(34);
+    out.push_str("00");
+    for b in digest {
+        out.push_str(&format!("{b:02x}"));
+    }
+    Ok(out)
+}
+
+fn hex_decode(text: &str) -> Result<Vec<u8>, String> {
+    if text.is_empty() || text.len() % 2 != 0 {
+        return Err(format!(
+            "login challenge is not an even-length hex string ({} chars)",
+            text.len()
+        ));
+    }
+    let digit = |c: u8| -> Result<u8, String> {
+        (c as char)
+            .to_digit(16)
+            .map(|d| d as u8)
+            .ok_or_else(|| "login challenge contains a non-hex character".to_string())
+    };
+    text.as_bytes()
+        .chunks(2)
+        .map(|pair| Ok((digit(pair[0])? << 4) | digit(pair[1])?))
+        .collect()
+}
+
+/// The value of attribute `=key=value` in a reply sentence.
+fn attribute<'a>(sentence: &'a [String], key: &str) -> Option<&'a str> {
+    sentence[1..].iter().find_map(|w| {
+        w.strip_prefix('=')
+            .and_then(|rest| rest.strip_prefix(key))
+            .and_then(|rest| rest.strip_prefix('='))
+    })
+}
+
+/// `!fatal` carries its reason as a bare word (some versions as `=message=`).
+fn fatal_message(sentence: &[String]) -> String {
+    attribute(sentence, "message")
+        .map(str::to_string)
+        .or_else(|| {
+            sentence[1..]
+                .iter()
+                .find(|w| !w.starts_with('.'))
+                .cloned()
+        })
+        .unwrap_or_else(|| "!fatal without a reason".to_string())
+}
+
+/// The line a `!trap` adds to the output. RouterOS already starts some messages with
+/// `failure: ` (`failure: already have such entry`), as the CLI prints them; those are
+/// not prefixed twice.
+fn trap_line(sentence: &[String]) -> String {
+    let message = attribute(sentence, "message").unwrap_or("unknown error");
+    if message.starts_with("failure:") {
+        message.to_string()
+    } else {
+        format!("failure: {message}")
+    }
+}
+
+/// `!re` as the CLI's `print as-value` would show it: `key=value` pairs.
+fn re_line(sentence: &[String]) -> String {
+    sentence[1..]
+        .iter()
+        .filter_map(|w| w.strip_prefix('='))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+// ---------------------------------------------------------------------------------
+// Client
+// ---------------------------------------------------------------------------------
+
+#[derive(Clone, Debug)]
+pub struct ApiOptions {
+    /// Deadline for the TCP connect alone (login runs under the command timeout).
+    pub connect_timeout: Duration,
+    /// Use the pre-6.43 MD5 challenge login instead of sending the password.
+    pub legacy_login: bool,
+}
+
+impl Default for ApiOptions {
+    fn default() -> ApiOptions {
+        ApiOptions {
+            connect_timeout: Duration::from_secs(5),
+            legacy_login: false,
+        }
+    }
+}
+
+/// Counts open connections; dropping a connection in any way releases its count.
+struct OpenGuard(Arc<AtomicUsize>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// One logged-in API connection.
+struct Connection {
+    stream: TcpStream,
+    decoder: SentenceDecoder,
+    /// Total bytes read, to tell "died before answering" from "died mid-answer".
+    received: u64,
+    _open: OpenGuard,
+}
+
+/// Why reading or writing on a connection failed, before the label and context are
+/// added.
+enum IoFailure {
+    Timeout,
+    Closed(String),
+    Protocol(String),
+}
+
+impl Connection {
+    async fn send(&mut self, words: &[String], deadline: Instant) -> Result<(), IoFailure> {
+        let bytes = encode_sentence(words);
+        match timeout_at(deadline, self.stream.write_all(&bytes)).await {
+            Err(_) => Err(IoFailure::Timeout),
+            Ok(Err(e)) => Err(IoFailure::Closed(format!("write failed: {e}"))),
+            Ok(Ok(())) => Ok(()),
+        }
+    }
+
+    /// The next non-empty sentence, read under `deadline`.
+    async fn read_sentence(&mut self, deadline: Instant) -> Result<Vec<String>, IoFailure> {
+        let mut buf = [0u8; 8192];
+        loop {
+            match self.decoder.next_sentence() {
+                Err(e) => return Err(IoFailure::Protocol(e)),
+                // An empty sentence carries nothing; RouterOS does not send them, but
+                // skipping is harmless and avoids indexing an empty reply.
+                Ok(Some(sentence)) if sentence.is_empty() => continue,
+                Ok(Some(sentence)) => return Ok(sentence),
+                Ok(None) => {}
+            }
+            match timeout_at(deadline, self.stream.read(&mut buf)).await {
+                Err(_) => return Err(IoFailure::Timeout),
+                Ok(Err(e)) => return Err(IoFailure::Closed(format!("read failed: {e}"))),
+                Ok(Ok(0)) => {
+                    return Err(IoFailure::Closed("connection closed by the device".into()));
+                }
+                Ok(Ok(n)) => {
+                    self.received += n as u64;
+                    self.decoder.push(&buf[..n]);
+                }
+            }
+        }
+    }
+
+    /// Whether an idle connection still looks usable: not closed by the device and
+    /// with nothing unsolicited (such as `!fatal`) waiting. Checked without blocking.
+    fn looks_alive(&mut self) -> bool {
+        let mut buf = [0u8; 1024];
+        loop {
+            match self.stream.try_read(&mut buf) {
+                Ok(0) => return false,
+                Ok(n) => self.decoder.push(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(_) => return false,
+            }
+        }
+        self.decoder.pending() == 0
+    }
+}
+
+/// A command that failed on the wire, and whether the device had sent anything at all
+/// for it (if not, a reused connection may simply have gone stale while idle).
+struct CommandFailure {
+    error: SessionError,
+    nothing_received: bool,
+}
+
+#[derive(Default)]
+struct Backoff {
+    failures: u32,
+    retry_at: Option<Instant>,
+    last: Option<SessionError>,
+}
+
+/// Logged-in connections to one NAS, shared by its workers (`Arc<ApiPool>`).
+///
+/// Connections are opened lazily, reused, and dropped after any error. At most
+/// `target.max_sessions` are open at once: a run holds one permit of a semaphore of
+/// that size for as long as it holds a connection, and idle connections are only
+/// opened by a permit holder, so `open = in use + idle <= permits`.
+pub struct ApiPool {
+    target: Target,
+    options: ApiOptions,
+    label: String,
+    limit: usize,
+    permits: Semaphore,
+    idle: Mutex<VecDeque<Connection>>,
+    open: Arc<AtomicUsize>,
+    backoff: Mutex<Backoff>,
+    next_tag: AtomicU64,
+    closed: AtomicBool,
+}
+
+/// Locks a mutex whose data stays consistent even if a holder panicked (every
+/// critical section here is a single push, pop or assignment).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl ApiPool {
+    pub fn new(target: Target, options: ApiOptions) -> ApiPool {
+        let limit = target.max_sessions.max(1);
+        ApiPool {
+            label: target.label(),
+            target,
+            options,
+            limit,
+            permits: Semaphore::new(limit),
+            idle: Mutex::new(VecDeque::new()),
+            open: Arc::new(AtomicUsize::new(0)),
+            backoff: Mutex::new(Backoff::default()),
+            next_tag: AtomicU64::new(1),
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    /// Connections open now, idle or in use.
+    pub fn open_sessions(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
+    }
+
+    /// Runs the commands in order on one connection. Each command is sent with its own
+    /// `.tag` and has `timeout` to be answered completely; getting a connection
+    /// (waiting for a free session, connect back-off, connect, login) also has
+    /// `timeout`. A `!trap` is an answer, not an error: the next command still runs
+    /// and the answer patterns decide. The first session error stops the run.
+    pub async fn run(&self, commands: &[String], timeout: Duration) -> CliResult {
+        let mut result = CliResult::default();
+        // Parse everything first so a bad line late in the list cannot leave the
+        // device half-configured.
+        let mut parsed = Vec::with_capacity(commands.len());
+        for text in commands {
+            match parse_command(text) {
+                Ok(words) => parsed.push(words),
+                Err(e) => {
+                    result.error = Some(SessionError::Protocol(
+                        self.label.clone(),
+                        format!("command `{text}`: {e}; nothing was sent"),
+                    ));
+                    return result;
+                }
+            }
+        }
+        if parsed.is_empty() {
+            return result;
+        }
+
+        let setup_deadline = Instant::now() + timeout;
+        let _permit = match timeout_at(setup_deadline, self.permits.acquire()).await {
+            Ok(Ok(permit)) => permit,
+            Ok(Err(_)) => {
+                result.error = Some(self.closed_error());
+                return result;
+            }
+            Err(_) => {
+                result.error = Some(SessionError::Timeout(
+                    self.label.clone(),
+                    format!(
+                        "all {} API sessions stayed busy for {}",
+                        self.limit,
+                        secs(timeout)
+                    ),
+                ));
+                return result;
+            }
+        };
+        if self.closed.load(Ordering::SeqCst) {
+            result.error = Some(self.closed_error());
+            return result;
+        }
+        let (mut conn, mut reused) = match self.checkout(setup_deadline).await {
+            Ok(found) => found,
+            Err(e) => {
+                result.error = Some(e);
+                return result;
+            }
+        };
+
+        let mut index = 0;
+        while let (Some(text), Some(words)) = (commands.get(index), parsed.get(index)) {
+            match self.execute(&mut conn, text, words, timeout).await {
+                Ok(output) => {
+                    result.exchanges.push(Exchange {
+                        command: text.clone(),
+                        output,
+                    });
+                    index += 1;
+                    reused = false;
+                }
+                Err(failure)
+                    if reused
+                        && failure.nothing_received
+                        && matches!(failure.error, SessionError::Closed(..)) =>
+                {
+                    // The device (or a NAT box) dropped the idle connection and said
+                    // nothing about this command: it never ran it. One fresh try.
+                    tracing::debug!(nas = %self.label, "reused API connection was stale: {}", failure.error);
+                    reused = false;
+                    drop(conn);
+                    conn = match self.open_connection(Instant::now() + timeout).await {
+                        Ok(fresh) => fresh,
+                        Err(e) => {
+                            result.error = Some(e);
+                            return result;
+                        }
+                    };
+                }
+                Err(failure) => {
+                    // The connection is out of step or gone: drop it, never reuse.
+                    result.error = Some(failure.error);
+                    return result;
+                }
+            }
+        }
+        if !self.closed.load(Ordering::SeqCst) {
+            lock(&self.idle).push_back(conn);
+        }
+        result
+    }
+
+    /// Drops the idle connections (after a polite `/quit`) and refuses later runs;
+    /// connections in use are dropped when their run ends.
+    pub async fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.permits.close();
+        let idle: Vec<Connection> = lock(&self.idle).drain(..).collect();
+        for mut conn in idle {
+            let deadline = Instant::now() + QUIT_TIMEOUT;
+            let _ = conn.send(&["/quit".to_string()], deadline).await;
+            let _ = timeout_at(deadline, conn.stream.shutdown()).await;
+        }
+    }
+
+    fn closed_error(&self) -> SessionError {
+        SessionError::Closed(self.label.clone(), "the API pool was closed".into())
+    }
+
+    /// An idle connection that still looks alive, or a new one.
+    async fn checkout(&self, deadline: Instant) -> Result<(Connection, bool), SessionError> {
+        loop {
+            let candidate = lock(&self.idle).pop_front();
+            match candidate {
+                Some(mut conn) => {
+                    if conn.looks_alive() {
+                        return Ok((conn, true));
+                    }
+                    tracing::debug!(nas = %self.label, "dropping an idle API connection the device closed");
+                }
+                None => return Ok((self.open_connection(deadline).await?, false)),
+            }
+        }
+    }
+
+    /// Connects and logs in, honouring the back-off left by earlier failures: waits
+    /// for it if it ends before `deadline`, else fails at once with the last error.
+    async fn open_connection(&self, deadline: Instant) -> Result<Connection, SessionError> {
+        let pending = {
+            let b = lock(&self.backoff);
+            match (b.retry_at, &b.last) {
+                (Some(at), Some(last)) if at > Instant::now() => Some((at, last.clone())),
+                _ => None,
+            }
+        };
+        if let Some((at, last)) = pending {
+            if at > deadline {
+                let wait = at.saturating_duration_since(Instant::now());
+                return Err(with_note(
+                    last,
+                    &format!("not retrying for another {} ms", wait.as_millis()),
+                ));
+            }
+            sleep_until(at).await;
+        }
+        match self.connect_and_login(deadline).await {
+            Ok(conn) => {
+                *lock(&self.backoff) = Backoff::default();
+                Ok(conn)
+            }
+            Err(e) => {
+                let mut b = lock(&self.backoff);
+                b.failures = b.failures.saturating_add(1);
+                let delay = BACKOFF_FIRST
+                    .saturating_mul(1u32 << (b.failures - 1).min(16))
+                    .min(BACKOFF_MAX);
+                b.retry_at = Some(Instant::now() + delay);
+                b.last = Some(e.clone());
+                Err(e)
+            }
+        }
+    }
+
+    async fn connect_and_login(&self, deadline: Instant) -> Result<Connection, SessionError> {
+        let label = &self.label;
+        let Some(user) = self.target.login.as_deref() else {
+            return Err(SessionError::Protocol(
+                label.clone(),
+                "no login is set for this NAS".into(),
+            ));
+        };
+        let connect_deadline = deadline.min(Instant::now() + self.options.connect_timeout);
+        let address = (self.target.host.as_str(), self.target.port);
+        let stream = match timeout_at(connect_deadline, TcpStream::connect(address)).await {
+            Err(_) => {
+                return Err(SessionError::Connect(
+                    label.clone(),
+                    format!(
+                        "no answer within {}",
+                        secs(connect_deadline.saturating_duration_since(Instant::now()))
+                    ),
+                ));
+            }
+            Ok(Err(e)) => return Err(SessionError::Connect(label.clone(), e.to_string())),
+            Ok(Ok(stream)) => stream,
+        };
+        // Commands are single small writes answered at once; Nagle would only delay.
+        let _ = stream.set_nodelay(true);
+        self.open.fetch_add(1, Ordering::SeqCst);
+        let mut conn = Connection {
+            stream,
+            decoder: SentenceDecoder::new(),
+            received: 0,
+            _open: OpenGuard(self.open.clone()),
+        };
+        self.login(&mut conn, user, deadline).await?;
+        tracing::debug!(nas = %label, user, "RouterOS API session opened");
+        Ok(conn)
+    }
+
+    async fn login(
+        &self,
+        conn: &mut Connection,
+        user: &str,
+        deadline: Instant,
+    ) -> Result<(), SessionError> {
+        let password = self
+            .target
+            .password
+            .as_ref()
+            .map(|p| p.expose())
+            .unwrap_or("");
+        let challenge = if self.options.legacy_login {
+            let reply = self
+                .login_step(conn, vec!["/login".into()], user, deadline)
+                .await?;
+            match attribute(&reply, "ret") {
+                Some(ret) => ret.to_string(),
+                None => {
+                    return Err(SessionError::Protocol(
+                        self.label.clone(),
+                        "legacy login: no challenge (=ret=) in the answer to /login".into(),
+                    ));
+                }
+            }
+        } else {
+            let words = vec![
+                "/login".to_string(),
+                format!("=name={user}"),
+                format!("=password={password}"),
+            ];
+            let reply = self.login_step(conn, words, user, deadline).await?;
+            match attribute(&reply, "ret") {
+                // Before 6.43 RouterOS ignores the password and answers with a
+                // challenge; answering it makes such a device work without the option.
+                Some(ret) => ret.to_string(),
+                None => return Ok(()),
+            }
+        };
+        let response = md5_login_response(password, &challenge)
+            .map_err(|e| SessionError::Protocol(self.label.clone(), e))?;
+        let words = vec![
+            "/login".to_string(),
+            format!("=name={user}"),
+            format!("=response={response}"),
+        ];
+        self.login_step(conn, words, user, deadline).await?;
+        Ok(())
+    }
+
+    /// Sends one login sentence and returns its `!done`. Nothing here is logged or put
+    /// in an error except the user name: the words carry the password or its hash.
+    async fn login_step(
+        &self,
+        conn: &mut Connection,
+        words: Vec<String>,
+        user: &str,
+        deadline: Instant,
+    ) -> Result<Vec<String>, SessionError> {
+        let label = &self.label;
+        let io = |f: IoFailure| match f {
+            IoFailure::Timeout => SessionError::Timeout(label.clone(), "login not answered".into()),
+            IoFailure::Closed(m) => SessionError::Closed(label.clone(), format!("during login: {m}")),
+            IoFailure::Protocol(m) => SessionError::Protocol(label.clone(), format!("during login: {m}")),
+        };
+        conn.send(&words, deadline).await.map_err(io)?;
+        loop {
+            let reply = conn.read_sentence(deadline).await.map_err(io)?;
+            match reply[0].as_str() {
+                "!done" => return Ok(reply),
+                "!trap" => {
+                    tracing::debug!(
+                        nas = %label,
+                        user,
+                        "login refused: {}",
+                        attribute(&reply, "message").unwrap_or("")
+                    );
+                    return Err(SessionError::Auth(label.clone(), user.to_string()));
+                }
+                "!fatal" => {
+                    return Err(SessionError::Closed(label.clone(), fatal_message(&reply)));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Sends one command with a fresh tag and collects its answer until `!done`.
+    async fn execute(
+        &self,
+        conn: &mut Connection,
+        text: &str,
+        words: &[String],
+        timeout: Duration,
+    ) -> Result<String, CommandFailure> {
+        let deadline = Instant::now() + timeout;
+        let tag = self.next_tag.fetch_add(1, Ordering::Relaxed).to_string();
+        let received_before = conn.received + conn.decoder.pending() as u64;
+        let label = &self.label;
+        let fail = |conn: &Connection, f: IoFailure| CommandFailure {
+            nothing_received: conn.received + conn.decoder.pending() as u64 == received_before,
+            error: match f {
+                IoFailure::Timeout => SessionError::Timeout(
+                    label.clone(),
+                    format!("no complete answer to `{text}` within {}", secs(timeout)),
+                ),
+                IoFailure::Closed(m) => SessionError::Closed(label.clone(), format!("{m} (running `{text}`)")),
+                IoFailure::Protocol(m) => SessionError::Protocol(label.clone(), format!("{m} (running `{text}`)")),
+            },
+        };
+        tracing::debug!(nas = %label, tag = %tag, command = text, "RouterOS API command");
+        let mut sentence = words.to_vec();
+        sentence.push(format!(".tag={tag}"));
+        if let Err(f) = conn.send(&sentence, deadline).await {
+            return Err(fail(conn, f));
+        }
+        let mut lines: Vec<String> = Vec::new();
+        loop {
+            let reply = match conn.read_sentence(deadline).await {
+                Ok(reply) => reply,
+                Err(f) => return Err(fail(conn, f)),
+            };
+            if reply[0] == "!fatal" {
+                return Err(CommandFailure {
+                    nothing_received: false,
+                    error: SessionError::Closed(label.clone(), fatal_message(&reply)),
+                });
+            }
+            let reply_tag = reply[1..].iter().find_map(|w| w.strip_prefix(".tag="));
+            if reply_tag != Some(tag.as_str()) {
+                // Only one command is in flight per connection, so this is noise
+                // (e.g. an untagged notice); it must not end our command.
+                tracing::debug!(nas = %label, "ignoring API reply {} with tag {:?}", reply[0], reply_tag);
+                continue;
+            }
+            match reply[0].as_str() {
+                "!re" => lines.push(re_line(&reply)),
+                "!trap" => lines.push(trap_line(&reply)),
+                "!done" => {
+                    if let Some(ret) = attribute(&reply, "ret") {
+                        lines.push(format!("ret={ret}"));
+                    }
+                    return Ok(lines.join("\n"));
+                }
+                // `!empty` (7.18+: print found nothing) and unknown reply words add
+                // nothing; `!done` still follows.
+                _ => {}
+            }
+        }
+    }
+}
+
+/// `1.5s` style, for messages.
+fn secs(d: Duration) -> String {
+    format!("{:.1}s", d.as_secs_f64())
+}
+
+/// The last setup error, repeated while backing off, with a note saying so.
+fn with_note(error: SessionError, note: &str) -> SessionError {
+    match error {
+        SessionError::Connect(l, m) => SessionError::Connect(l, format!("{m} ({note})")),
+        SessionError::Timeout(l, m) => SessionError::Timeout(l, format!("{m} ({note})")),
+        SessionError::Closed(l, m) => SessionError::Closed(l, format!("{m} ({note})")),
+        SessionError::Protocol(l, m) => SessionError::Protocol(l, format!("{m} ({note})")),
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LENGTH_VECTORS: &[(usize, &[u8])] = &[
+        (0, &[0x00]),
+        (1, &[0x01]),
+        (0x7F, &[0x7F]),
+        (0x80, &[0x80, 0x80]),
+        (0x3FFF, &[0xBF, 0xFF]),
+        (0x4000, &[0xC0, 0x40, 0x00]),
+        (0x1F_FFFF, &[0xDF, 0xFF, 0xFF]),
+        (0x20_0000, &[0xE0, 0x20, 0x00, 0x00]),
+        (0x0FFF_FFFF, &[0xEF, 0xFF, 0xFF, 0xFF]),
+        (0x1000_0000, &[0xF0, 0x10, 0x00, 0x00, 0x00]),
+        (0xFFFF_FFFF, &[0xF0, 0xFF, 0xFF, 0xFF, 0xFF]),
+    ];
+
+    #[test]
+    fn length_golden_vectors_encode_and_decode() {
+        for (n, bytes) in LENGTH_VECTORS {
+            assert_eq!(encode_length(*n), bytes.to_vec(), "encode {n:#x}");
+            assert_eq!(
+                decode_length(bytes),
+                Ok(Some((*n, bytes.len()))),
+                "decode {n:#x}"
+            );
+            // Every proper prefix asks for more bytes instead of guessing.
+            for cut in 0..bytes.len() {
+                assert_eq!(decode_length(&bytes[..cut]), Ok(None), "{n:#x} cut {cut}");
+            }
+            // Trailing bytes are not part of the length.
+            let mut longer = bytes.to_vec();
+            longer.push(0x41);
+            assert_eq!(decode_length(&longer), Ok(Some((*n, bytes.len()))));
+        }
+    }
+
+    #[test]
+    fn control_bytes_are_refused() {
+        for b in [0xF1u8, 0xF8, 0xFF] {
+            assert!(decode_length(&[b, 0, 0, 0, 0]).is_err(), "{b:#x}");
+        }
+    }
+
+    #[test]
+    fn words_and_sentences_match_librouteros() {
+        // librouteros: encode_sentence('/ip/x', '=a=b', '.tag=1', encoding='utf-8')
+        let words: Vec<String> = ["/ip/x", "=a=b", ".tag=1"].map(String::from).to_vec();
+        let hex: String = encode_sentence(&words)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(hex, "052f69702f78043d613d62062e7461673d3100");
+        let long = "x".repeat(0x80);
+        assert_eq!(&encode_word(&long)[..2], &[0x80, 0x80]);
+        assert_eq!(encode_word("").as_slice(), &[0x00]);
+    }
+
+    #[test]
+    fn decoder_handles_each_length_class() {
+        for n in [0usize, 1, 0x7F, 0x80, 0x3FFF, 0x4000, 0x1F_FFFF, 0x20_0000] {
+            let word = "a".repeat(n);
+            let words = if n == 0 {
+                vec!["!re".to_string()]
+            } else {
+                vec!["!re".to_string(), word.clone()]
+            };
+            let mut d = SentenceDecoder::new();
+            d.push(&encode_sentence(&words));
+            assert_eq!(d.next_sentence(), Ok(Some(words)), "length {n:#x}");
+            assert_eq!(d.next_sentence(), Ok(None));
+            assert_eq!(d.pending(), 0);
+        }
+    }
+
+    #[test]
+    fn decoder_refuses_oversized_words() {
+        let mut d = SentenceDecoder::new();
+        d.push(&[0xF0, 0x7F, 0xFF, 0xFF, 0xFF]);
+        assert!(d.next_sentence().is_err());
+    }
+
+    #[test]
+    fn decoder_byte_by_byte_and_back_to_back() {
+        let a: Vec<String> = ["!re", "=address=10.0.0.1", ".tag=7"].map(String::from).to_vec();
+        let b: Vec<String> = ["!done", ".tag=7"].map(String::from).to_vec();
+        let mut bytes = encode_sentence(&a);
+        bytes.extend(encode_sentence(&b));
+        let mut d = SentenceDecoder::new();
+        let mut got = Vec::new();
+        for byte in &bytes {
+            d.push(&[*byte]);
+            while let Some(s) = d.next_sentence().expect("valid stream") {
+                got.push(s);
+            }
+        }
+        assert_eq!(got, vec![a, b]);
+    }
+
+    struct XorShift(u64);
+
+    impl XorShift {
+        fn next(&mut self) -> u64 {
+            let mut x = self.0;
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            self.0 = x;
+            x
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    #[test]
+    fn random_sentences_survive_random_splits() {
+        let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
+        let alphabet: Vec<char> = "ab=?.!/ -_0\u{e9}\u{416}\u{1F600}\n\0".chars().collect();
+        for round in 0..300 {
+            let mut sentences = Vec::new();
+            for _ in 0..1 + rng.below(4) {
+                let mut words = Vec::new();
+                for _ in 0..1 + rng.below(6) {
+                    // Mostly short words, sometimes across the 1/2/3-byte boundaries.
+                    let len = match rng.below(10) {
+                        0 => 0x7F + rng.below(3) as usize,
+                        1 => 0x3FFF + rng.below(3) as usize,
+                        2 if round % 20 == 0 => 0x1F_FFFF + rng.below(3) as usize,
+                        _ => 1 + rng.below(20) as usize,
+                    };
+                    let word: String = (0..len)
+                        .map(|_| alphabet[rng.below(alphabet.len() as u64) as usize])
+                        .collect();
+                    words.push(word);
+                }
+                sentences.push(words);
+            }
+            let mut bytes = Vec::new();
+            for s in &sentences {
+                bytes.extend(encode_sentence(s));
+            }
+            let mut d = SentenceDecoder::new();
+            let mut got = Vec::new();
+            let mut at = 0;
+            while at < bytes.len() {
+                let step = 1 + rng.below(if rng.below(2) == 0 { 7 } else { 5000 }) as usize;
+                let end = (at + step).min(bytes.len());
+                d.push(&bytes[at..end]);
+                at = end;
+                while let Some(s) = d.next_sentence().expect("valid stream") {
+                    got.push(s);
+                }
+            }
+            assert_eq!(got, sentences, "round {round}");
+            assert_eq!(d.pending(), 0);
+        }
+    }
+
+    fn words(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn parse_command_table() {
+        let ok: &[(&str, &[&str])] = &[
+            (
+                "/ip/firewall/address-list/add =list=allowed =address=10.88.0.2 =comment=crb_10.88.0.2",
+                &[
+                    "/ip/firewall/address-list/add",
+                    "=list=allowed",
+                    "=address=10.88.0.2",
+                    "=comment=crb_10.88.0.2",
+                ],
+            ),
+            (
+                "/ip/firewall/address-list/print ?address=10.88.0.2",
+                &["/ip/firewall/address-list/print", "?address=10.88.0.2"],
+            ),
+            ("  /system/identity/print  ", &["/system/identity/print"]),
+            (
+                "/a/add\t=x=1   =y=2",
+                &["/a/add", "=x=1", "=y=2"],
+            ),
+            (
+                r#"/a/add =comment="x; /system reset""#,
+                &["/a/add", "=comment=x; /system reset"],
+            ),
+            (r#"/a/add =comment="""#, &["/a/add", "=comment="]),
+            (
+                r#"/a/add =comment="q\"uote \\ \$HOME \? a\nb\rc\td""#,
+                &["/a/add", "=comment=q\"uote \\ $HOME ? a\nb\rc\td"],
+            ),
+            (
+                r#"/a/add "=comment=whole word quoted""#,
+                &["/a/add", "=comment=whole word quoted"],
+            ),
+            (
+                r#"/a/add =comment="a"b"c d""#,
+                &["/a/add", "=comment=abc d"],
+            ),
+            (
+                "/a/remove =.id=*1A =.proplist=address,list",
+                &["/a/remove", "=.id=*1A", "=.proplist=address,list"],
+            ),
+            (
+                "/a/add =comment=\"\u{416}\u{1F600}\"",
+                &["/a/add", "=comment=\u{416}\u{1F600}"],
+            ),
+        ];
+        for (text, expected) in ok {
+            assert_eq!(parse_command(text), Ok(words(expected)), "{text}");
+        }
+    }
+
+    #[test]
+    fn parse_command_refuses_injection_and_malformed_text() {
+        let bad: &[&str] = &[
+            "",
+            "   ",
+            // A second command smuggled by an unquoted value.
+            "/a/add =comment=x /system/reset",
+            "/a/add =comment=x; /system/reset",
+            "/a/add =comment=\"x\" /system/reset",
+            // A newline is whitespace, not a way to start a second sentence.
+            "/a/add =comment=x\n/system/reset",
+            // An escaped quote does not close the string.
+            r#"/a/add =comment="x\""#,
+            r#"/a/add =comment="x"#,
+            r#"/a/add =comment="x\"#,
+            // An empty word would end the sentence and start another one.
+            r#"/a/add "" /system/reset"#,
+            r#"/a/add """#,
+            // Our tag is ours.
+            "/a/print .tag=5",
+            // Unknown escape and bare backslash.
+            r#"/a/add =comment="\x41""#,
+            r"/a/add =comment=a\ b",
+            // Control characters outside quotes.
+            "/a/add =comment=a\u{7}b",
+            // Not a command word.
+            "ip/firewall/address-list/add",
+            "/",
+            "\"/system reset\"",
+            "=list=x",
+        ];
+        for text in bad {
+            assert!(parse_command(text).is_err(), "accepted {text:?}");
+        }
+        // Whatever quoting is used, an injected command stays inside the value.
+        let w = parse_command(r#"/a/add =comment="\"; /system reset; \"""#).expect("quoted");
+        assert_eq!(w, words(&["/a/add", "=comment=\"; /system reset; \""]));
+        let w = parse_command("/a/add =comment=\"a\n/system/reset\"").expect("quoted");
+        assert_eq!(w, words(&["/a/add", "=comment=a\n/system/reset"]));
+    }
+
+    #[test]
+    fn md5_login_response_matches_librouteros() {
+        // librouteros.login.encode_password(token, password)
+        assert_eq!(
+            md5_login_response("secret", "ebddd18303a54111e2dea05a92ab46b4").as_deref(),
+            Ok("007319531c22b6b85e160d6ac355c1df2e")
+        );
+        assert_eq!(
+            md5_login_response("", "00112233445566778899AABBCCDDEEFF").as_deref(),
+            Ok("004fc766996a2175c8d712275fb6a3cb31")
+        );
+        for bad in ["", "abc", "zz", "0g"] {
+            let err = md5_login_response("hunter2", bad).expect_err(bad);
+            assert!(!err.contains("hunter2"), "{err}");
+        }
+    }
+
+    #[test]
+    fn replies_render_like_the_cli() {
+        let re = words(&["!re", "=.id=*1", "=list=allowed", "=address=10.0.0.1", ".tag=3"]);
+        assert_eq!(re_line(&re), ".id=*1 list=allowed address=10.0.0.1");
+        let trap = words(&["!trap", "=message=no such item", ".tag=3"]);
+        assert_eq!(trap_line(&trap), "failure: no such item");
+        let trap = words(&["!trap", "=category=1", "=message=failure: already have such entry"]);
+        assert_eq!(trap_line(&trap), "failure: already have such entry");
+        let fatal = words(&["!fatal", "session terminated on request"]);
+        assert_eq!(fatal_message(&fatal), "session terminated on request");
+        assert_eq!(attribute(&words(&["!done", "=ret=*5"]), "ret"), Some("*5"));
+        assert_eq!(attribute(&words(&["!done", "=return=x"]), "ret"), None);
+    }
+}
