@@ -61,7 +61,12 @@ pub fn classify(cmd: &str, result: &CliResult, patterns: &AnswerPatterns) -> Ver
 /// The whole reply of a CLI-like transport: the commands that reached the device (a
 /// command that was in flight when the session broke is listed too, since the device
 /// may have applied it), the answers, the verdict.
-pub fn reply(cmd: &str, commands: &[String], result: &CliResult, patterns: &AnswerPatterns) -> Reply {
+pub fn reply(
+    cmd: &str,
+    commands: &[String],
+    result: &CliResult,
+    patterns: &AnswerPatterns,
+) -> Reply {
     let sent = if result.error.is_some() {
         commands
             .iter()
@@ -116,7 +121,11 @@ mod tests {
         let closed = SessionError::Closed("nas 1 (10.0.0.1:22)".into(), "eof".into());
         let cases: Vec<(&str, CliResult, Verdict)> = vec![
             ("user_add", result(&["", ""], None), Verdict::Done),
-            ("user_add", result(&["failure: already have such entry"], None), Verdict::Done),
+            (
+                "user_add",
+                result(&["failure: already have such entry"], None),
+                Verdict::Done,
+            ),
             (
                 "user_drop",
                 result(&["", "failure: already have such entry"], None),
@@ -157,7 +166,10 @@ mod tests {
         let commands = vec!["a".to_string(), "b".to_string(), "c".to_string()];
         let broken = result(
             &["ok"],
-            Some(SessionError::Timeout("nas 1".into(), "waiting for the prompt".into())),
+            Some(SessionError::Timeout(
+                "nas 1".into(),
+                "waiting for the prompt".into(),
+            )),
         );
         let r = reply("user_add", &commands, &broken, &p);
         assert_eq!(r.commands, vec!["a", "b"]);

@@ -322,7 +322,10 @@ impl Config {
         if let Some(k) = &d.transport.ssh_key
             && !k.exists()
         {
-            return key("transport.ssh_key", &format!("{} does not exist", k.display()));
+            return key(
+                "transport.ssh_key",
+                &format!("{} does not exist", k.display()),
+            );
         }
         Ok(())
     }

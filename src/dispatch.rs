@@ -36,6 +36,8 @@ pub struct NasRuntime {
     pub scheme: Option<Arc<Scheme>>,
     /// Why the NAS cannot be served now (e.g. its scheme is missing); its events wait.
     pub unavailable: Option<String>,
+    /// The connection pool or client for schemes that talk to a device.
+    pub device: Option<crate::device::Device>,
 }
 
 /// Daemon-wide parts every owner uses.
@@ -159,7 +161,23 @@ pub async fn send_event(runtime: &NasRuntime, event: &StackEvent, exec_timeout: 
             .await
         }
         TransportKind::Ssh | TransportKind::Telnet | TransportKind::Radius | TransportKind::Api => {
-            failed_before_send(format!("transport {} is being wired", scheme.transport))
+            let mut all = vars;
+            all.extend(secrets);
+            let commands = match scheme.render(&event.cmd, &all) {
+                Ok(commands) => commands,
+                Err(e) => return failed_before_send(e.to_string()),
+            };
+            match &runtime.device {
+                Some(device) => device.send(scheme, &event.cmd, commands).await,
+                None => Reply {
+                    commands: vec![],
+                    answer: String::new(),
+                    verdict: Verdict::Retry(format!(
+                        "nas {}: no {} connection configured",
+                        runtime.nas.id, scheme.transport
+                    )),
+                },
+            }
         }
         TransportKind::Null => {
             let mut all = vars;

@@ -588,10 +588,17 @@ async fn send_now(
         lease_until: None,
         last_error: None,
     };
+    let device = match &scheme {
+        Some(s) => {
+            nasd::device::build(&nas, s, &cfg.daemon.transport).map_err(anyhow::Error::msg)?
+        }
+        None => None,
+    };
     let runtime = nasd::dispatch::NasRuntime {
         nas: nas.clone(),
         scheme: scheme.clone(),
         unavailable: None,
+        device: device.clone(),
     };
     if dry_run {
         let (vars, secrets) = nasd::dispatch::attempt_vars(&event, &nas);

@@ -366,7 +366,8 @@ impl Scheme {
                 .benign
                 .iter()
                 .map(|(cmd, list)| {
-                    compile_patterns(&format!("answers.benign.{cmd}"), list).map(|p| (cmd.clone(), p))
+                    compile_patterns(&format!("answers.benign.{cmd}"), list)
+                        .map(|p| (cmd.clone(), p))
                 })
                 .collect::<Result<_, _>>()
                 .map_err(invalid)?,
@@ -384,7 +385,8 @@ impl Scheme {
         let prompt = match &file.prompt {
             None => None,
             Some(p) => Some(
-                regex::Regex::new(p).map_err(|e| invalid(format!("prompt: bad regex `{p}`: {e}")))?,
+                regex::Regex::new(p)
+                    .map_err(|e| invalid(format!("prompt: bad regex `{p}`: {e}")))?,
             ),
         };
         let cli = CliSettings {
@@ -1834,6 +1836,23 @@ user_del = ["/c {{ ip }}"]
         words
     }
 
+    /// Counts the `Name = value` pairs of a RADIUS request line: commas and `=` outside
+    /// double quotes; a value that adds either would add or break a pair.
+    fn radius_pairs(line: &str) -> usize {
+        let (mut commas, mut equals, mut quoted, mut escaped) = (0, 0, false, false);
+        for c in line.chars() {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' if quoted => escaped = true,
+                '"' => quoted = !quoted,
+                ',' if !quoted => commas += 1,
+                '=' if !quoted => equals += 1,
+                _ => {}
+            }
+        }
+        (commas + 1) * 1000 + equals
+    }
+
     #[test]
     fn shipped_schemes_resist_injection() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemes");
@@ -1843,11 +1862,14 @@ user_del = ["/c {{ ip }}"]
             "ip": "10.88.0.15", "login": "ivan", "rate_in": 10240, "rate_out": 5120,
             "vlan": 101, "user_id": 42, "abonent_id": 7, "acct_session_id": "81200003",
             "shaper_dev": "ifb0", "mac": "00:11:22:33:44:55", "nas_ip": "10.0.0.1",
+            "usluga_id": 5,
         }));
         let nasty = nasty_strings(0x5eed, 60);
         let mut checked = 0usize;
         for name in set.names() {
-            let Some(scheme) = set.get(&name) else { continue };
+            let Some(scheme) = set.get(&name) else {
+                continue;
+            };
             if !scheme.transport.uses_templates() {
                 continue;
             }
@@ -1875,6 +1897,7 @@ user_del = ["/c {{ ip }}"]
                                 Dialect::Routeros => {
                                     (routeros_words(line).len(), routeros_words(want).len())
                                 }
+                                Dialect::Radius => (radius_pairs(line), radius_pairs(want)),
                                 _ => (
                                     line.split_whitespace().count(),
                                     want.split_whitespace().count(),
@@ -1897,5 +1920,4 @@ user_del = ["/c {{ ip }}"]
         }
         assert!(checked > 10_000, "only {checked} renders checked");
     }
-
 }

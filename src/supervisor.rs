@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::device::{Device, DeviceKey, device_key};
 use crate::dispatch::{NasRuntime, OwnerHandle, Shared, spawn_owner};
 use crate::scheme::SchemeSet;
 use crate::store::Nas;
@@ -88,6 +89,8 @@ pub struct Supervisor {
     reported: HashMap<i64, String>,
     /// Owners of removed NAS still finishing their in-flight commands.
     stopping: Vec<tokio::task::JoinHandle<()>>,
+    /// Device pools per NAS, kept while their settings do not change.
+    devices: HashMap<i64, (DeviceKey, Device)>,
 }
 
 impl Supervisor {
@@ -98,33 +101,52 @@ impl Supervisor {
             wakers,
             reported: HashMap::new(),
             stopping: Vec::new(),
+            devices: HashMap::new(),
         }
     }
 
-    fn runtime_for(&self, nas: &Nas, schemes: &SchemeSet) -> NasRuntime {
+    fn runtime_for(&mut self, nas: &Nas, schemes: &SchemeSet) -> NasRuntime {
+        let mut runtime = NasRuntime {
+            nas: nas.clone(),
+            scheme: None,
+            unavailable: None,
+            device: None,
+        };
         if nas.script_name.is_some() {
-            return NasRuntime {
-                nas: nas.clone(),
-                scheme: None,
-                unavailable: None,
-            };
+            return runtime;
         }
         let name = nas.scheme.clone().unwrap_or_default();
-        match schemes.get(&name) {
-            Some(scheme) => NasRuntime {
-                nas: nas.clone(),
-                scheme: Some(scheme),
-                unavailable: None,
-            },
-            None => NasRuntime {
-                nas: nas.clone(),
-                scheme: None,
-                unavailable: Some(format!(
-                    "scheme {name} not found (or broken) under {}",
-                    self.shared.cfg.schemes_dir.display()
-                )),
+        let Some(scheme) = schemes.get(&name) else {
+            runtime.unavailable = Some(format!(
+                "scheme {name} not found (or broken) under {}",
+                self.shared.cfg.schemes_dir.display()
+            ));
+            return runtime;
+        };
+        let key = device_key(nas, &scheme);
+        match self.devices.get(&nas.id) {
+            Some((k, device)) if *k == key => runtime.device = Some(device.clone()),
+            _ => match crate::device::build(nas, &scheme, &self.shared.cfg.transport) {
+                Ok(Some(device)) => {
+                    if let Some((_, old)) = self.devices.insert(nas.id, (key, device.clone())) {
+                        tokio::spawn(async move { old.close().await });
+                    }
+                    runtime.device = Some(device);
+                }
+                Ok(None) => {}
+                Err(why) => runtime.unavailable = Some(why),
             },
         }
+        runtime.scheme = Some(scheme);
+        runtime
+    }
+
+    /// Open device sessions per NAS, for status pages and tests.
+    pub fn open_sessions(&self) -> Vec<(i64, usize)> {
+        self.devices
+            .iter()
+            .map(|(id, (_, d))| (*id, d.open_sessions()))
+            .collect()
     }
 
     fn oss_pathname(&self, nas: &Nas) -> String {
@@ -138,7 +160,8 @@ impl Supervisor {
     /// running owners as they are.
     pub async fn resync(&mut self) {
         self.stopping.retain(|join| !join.is_finished());
-        let journal = &self.shared.journal;
+        let shared = self.shared.clone();
+        let journal = &shared.journal;
         let desired = match self.shared.store.nas_list().await {
             Ok(list) => list,
             Err(e) => {
@@ -195,6 +218,14 @@ impl Supervisor {
                         }
                         handle.stop.cancel();
                         self.stopping.push(handle.join);
+                        if let Some((_, device)) = self.devices.remove(&id) {
+                            // Closed once the owner has let its in-flight commands finish.
+                            let grace = self.shared.cfg.shutdown_grace;
+                            tokio::spawn(async move {
+                                tokio::time::sleep(grace).await;
+                                device.close().await;
+                            });
+                        }
                         self.reported.remove(&id);
                     }
                 }
@@ -233,6 +264,9 @@ impl Supervisor {
         }
         for join in self.stopping.drain(..) {
             let _ = join.await;
+        }
+        for (_, (_, device)) in self.devices.drain() {
+            device.close().await;
         }
     }
 

@@ -285,7 +285,7 @@ pub fn md5_login_response(password: &str, challenge_hex: &str) -> Result<String,
 }
 
 fn hex_decode(text: &str) -> Result<Vec<u8>, String> {
-    if text.is_empty() || text.len() % 2 != 0 {
+    if text.is_empty() || !text.len().is_multiple_of(2) {
         return Err(format!(
             "login challenge is not an even-length hex string ({} chars)",
             text.len()
@@ -316,12 +316,7 @@ fn attribute<'a>(sentence: &'a [String], key: &str) -> Option<&'a str> {
 fn fatal_message(sentence: &[String]) -> String {
     attribute(sentence, "message")
         .map(str::to_string)
-        .or_else(|| {
-            sentence[1..]
-                .iter()
-                .find(|w| !w.starts_with('.'))
-                .cloned()
-        })
+        .or_else(|| sentence[1..].iter().find(|w| !w.starts_with('.')).cloned())
         .unwrap_or_else(|| "!fatal without a reason".to_string())
 }
 
@@ -599,8 +594,11 @@ impl ApiPool {
                 }
             }
         }
+        // The flag is read under the idle lock, which `close` also takes after setting
+        // it, so a connection cannot be parked in a pool that was just closed.
+        let mut idle = lock(&self.idle);
         if !self.closed.load(Ordering::SeqCst) {
-            lock(&self.idle).push_back(conn);
+            idle.push_back(conn);
         }
         result
     }
@@ -608,9 +606,12 @@ impl ApiPool {
     /// Drops the idle connections (after a polite `/quit`) and refuses later runs;
     /// connections in use are dropped when their run ends.
     pub async fn close(&self) {
-        self.closed.store(true, Ordering::SeqCst);
+        let idle: Vec<Connection> = {
+            let mut idle = lock(&self.idle);
+            self.closed.store(true, Ordering::SeqCst);
+            idle.drain(..).collect()
+        };
         self.permits.close();
-        let idle: Vec<Connection> = lock(&self.idle).drain(..).collect();
         for mut conn in idle {
             let deadline = Instant::now() + QUIT_TIMEOUT;
             let _ = conn.send(&["/quit".to_string()], deadline).await;
@@ -734,7 +735,9 @@ impl ApiPool {
                 None => {
                     return Err(SessionError::Protocol(
                         self.label.clone(),
-                        "legacy login: no challenge (=ret=) in the answer to /login".into(),
+                        "legacy login: no challenge (=ret=) in the answer to /login; \
+                         RouterOS 6.43 and later need legacy login off"
+                            .into(),
                     ));
                 }
             }
@@ -775,8 +778,12 @@ impl ApiPool {
         let label = &self.label;
         let io = |f: IoFailure| match f {
             IoFailure::Timeout => SessionError::Timeout(label.clone(), "login not answered".into()),
-            IoFailure::Closed(m) => SessionError::Closed(label.clone(), format!("during login: {m}")),
-            IoFailure::Protocol(m) => SessionError::Protocol(label.clone(), format!("during login: {m}")),
+            IoFailure::Closed(m) => {
+                SessionError::Closed(label.clone(), format!("during login: {m}"))
+            }
+            IoFailure::Protocol(m) => {
+                SessionError::Protocol(label.clone(), format!("during login: {m}"))
+            }
         };
         conn.send(&words, deadline).await.map_err(io)?;
         loop {
@@ -819,8 +826,12 @@ impl ApiPool {
                     label.clone(),
                     format!("no complete answer to `{text}` within {}", secs(timeout)),
                 ),
-                IoFailure::Closed(m) => SessionError::Closed(label.clone(), format!("{m} (running `{text}`)")),
-                IoFailure::Protocol(m) => SessionError::Protocol(label.clone(), format!("{m} (running `{text}`)")),
+                IoFailure::Closed(m) => {
+                    SessionError::Closed(label.clone(), format!("{m} (running `{text}`)"))
+                }
+                IoFailure::Protocol(m) => {
+                    SessionError::Protocol(label.clone(), format!("{m} (running `{text}`)"))
+                }
             },
         };
         tracing::debug!(nas = %label, tag = %tag, command = text, "RouterOS API command");
@@ -966,7 +977,9 @@ mod tests {
 
     #[test]
     fn decoder_byte_by_byte_and_back_to_back() {
-        let a: Vec<String> = ["!re", "=address=10.0.0.1", ".tag=7"].map(String::from).to_vec();
+        let a: Vec<String> = ["!re", "=address=10.0.0.1", ".tag=7"]
+            .map(String::from)
+            .to_vec();
         let b: Vec<String> = ["!done", ".tag=7"].map(String::from).to_vec();
         let mut bytes = encode_sentence(&a);
         bytes.extend(encode_sentence(&b));
@@ -1013,9 +1026,14 @@ mod tests {
                         2 if round % 20 == 0 => 0x1F_FFFF + rng.below(3) as usize,
                         _ => 1 + rng.below(20) as usize,
                     };
-                    let word: String = (0..len)
-                        .map(|_| alphabet[rng.below(alphabet.len() as u64) as usize])
-                        .collect();
+                    let mut pick = || alphabet[rng.below(alphabet.len() as u64) as usize];
+                    // Long words repeat one character: their job is the length prefix,
+                    // and drawing millions of characters would only slow the test.
+                    let word: String = if len > 100 {
+                        pick().to_string().repeat(len)
+                    } else {
+                        (0..len).map(|_| pick()).collect()
+                    };
                     words.push(word);
                 }
                 sentences.push(words);
@@ -1028,7 +1046,8 @@ mod tests {
             let mut got = Vec::new();
             let mut at = 0;
             while at < bytes.len() {
-                let step = 1 + rng.below(if rng.below(2) == 0 { 7 } else { 5000 }) as usize;
+                let max_step = if rng.below(2) == 0 { 7 } else { 5000 };
+                let step = 1 + rng.below(max_step) as usize;
                 let end = (at + step).min(bytes.len());
                 d.push(&bytes[at..end]);
                 at = end;
@@ -1062,10 +1081,7 @@ mod tests {
                 &["/ip/firewall/address-list/print", "?address=10.88.0.2"],
             ),
             ("  /system/identity/print  ", &["/system/identity/print"]),
-            (
-                "/a/add\t=x=1   =y=2",
-                &["/a/add", "=x=1", "=y=2"],
-            ),
+            ("/a/add\t=x=1   =y=2", &["/a/add", "=x=1", "=y=2"]),
             (
                 r#"/a/add =comment="x; /system reset""#,
                 &["/a/add", "=comment=x; /system reset"],
@@ -1157,11 +1173,21 @@ mod tests {
 
     #[test]
     fn replies_render_like_the_cli() {
-        let re = words(&["!re", "=.id=*1", "=list=allowed", "=address=10.0.0.1", ".tag=3"]);
+        let re = words(&[
+            "!re",
+            "=.id=*1",
+            "=list=allowed",
+            "=address=10.0.0.1",
+            ".tag=3",
+        ]);
         assert_eq!(re_line(&re), ".id=*1 list=allowed address=10.0.0.1");
         let trap = words(&["!trap", "=message=no such item", ".tag=3"]);
         assert_eq!(trap_line(&trap), "failure: no such item");
-        let trap = words(&["!trap", "=category=1", "=message=failure: already have such entry"]);
+        let trap = words(&[
+            "!trap",
+            "=category=1",
+            "=message=failure: already have such entry",
+        ]);
         assert_eq!(trap_line(&trap), "failure: already have such entry");
         let fatal = words(&["!fatal", "session terminated on request"]);
         assert_eq!(fatal_message(&fatal), "session terminated on request");

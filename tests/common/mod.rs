@@ -2,6 +2,8 @@
 //! server and on SQLite files, scripts that record what they receive, polling.
 #![allow(dead_code)]
 
+pub mod sshd;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
