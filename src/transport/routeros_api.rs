@@ -269,6 +269,48 @@ pub fn parse_command(text: &str) -> Result<Vec<String>, String> {
 }
 
 /// The pre-6.43 login answer: `00` + hex(MD5(0x00 + password + challenge bytes)).
+/// The API has no `[find ...]`: a `remove`, `set`, `enable` or `disable` written with
+/// `?` query words (`/ip/firewall/address-list/remove ?comment=crb_10.0.0.1`) becomes a
+/// `print` of the matching `.id`s and then the action on those ids. Returns the print
+/// sentence and the action without its queries, or None for an ordinary command.
+pub fn split_find(words: &[String]) -> Option<(Vec<String>, Vec<String>)> {
+    let command = words.first()?;
+    let (menu, verb) = command.rsplit_once('/')?;
+    if !matches!(verb, "remove" | "set" | "enable" | "disable") {
+        return None;
+    }
+    let queries: Vec<String> = words[1..]
+        .iter()
+        .filter(|w| w.starts_with('?'))
+        .cloned()
+        .collect();
+    if queries.is_empty()
+        || words
+            .iter()
+            .any(|w| w.starts_with("=.id=") || w.starts_with("=numbers="))
+    {
+        return None;
+    }
+    let mut print = vec![format!("{menu}/print"), "=.proplist=.id".to_string()];
+    print.extend(queries);
+    let action = words
+        .iter()
+        .filter(|w| !w.starts_with('?'))
+        .cloned()
+        .collect();
+    Some((print, action))
+}
+
+/// The `.id` values in the text lines `execute` makes of `!re` replies.
+fn ids_of(listed: &str) -> Vec<String> {
+    listed
+        .lines()
+        .flat_map(str::split_whitespace)
+        .filter_map(|w| w.strip_prefix(".id="))
+        .map(str::to_string)
+        .collect()
+}
+
 pub fn md5_login_response(password: &str, challenge_hex: &str) -> Result<String, String> {
     let challenge = hex_decode(challenge_hex)?;
     let mut hasher = Md5::new();
@@ -560,7 +602,10 @@ impl ApiPool {
 
         let mut index = 0;
         while let (Some(text), Some(words)) = (commands.get(index), parsed.get(index)) {
-            match self.execute(&mut conn, text, words, timeout).await {
+            match self
+                .execute_with_find(&mut conn, text, words, timeout)
+                .await
+            {
                 Ok(output) => {
                     result.exchanges.push(Exchange {
                         command: text.clone(),
@@ -808,6 +853,28 @@ impl ApiPool {
     }
 
     /// Sends one command with a fresh tag and collects its answer until `!done`.
+    /// Runs one command; a `remove`/`set`/`enable`/`disable` with `?` query words is
+    /// done in two steps (see `split_find`).
+    async fn execute_with_find(
+        &self,
+        conn: &mut Connection,
+        text: &str,
+        words: &[String],
+        timeout: Duration,
+    ) -> Result<String, CommandFailure> {
+        let Some((print, mut action)) = split_find(words) else {
+            return self.execute(conn, text, words, timeout).await;
+        };
+        let listed = self.execute(conn, text, &print, timeout).await?;
+        let ids = ids_of(&listed);
+        if ids.is_empty() {
+            // Like `[find ...]` on the CLI: nothing matched, nothing to do.
+            return Ok(String::new());
+        }
+        action.push(format!("=.id={}", ids.join(",")));
+        self.execute(conn, text, &action, timeout).await
+    }
+
     async fn execute(
         &self,
         conn: &mut Connection,
@@ -1193,5 +1260,39 @@ mod tests {
         assert_eq!(fatal_message(&fatal), "session terminated on request");
         assert_eq!(attribute(&words(&["!done", "=ret=*5"]), "ret"), Some("*5"));
         assert_eq!(attribute(&words(&["!done", "=return=x"]), "ret"), None);
+    }
+
+    #[test]
+    fn find_queries_become_print_then_action() {
+        let w = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let (print, action) = split_find(&w(&[
+            "/ip/firewall/address-list/remove",
+            "?comment=crb_10.0.0.1",
+        ]))
+        .unwrap();
+        assert_eq!(
+            print,
+            w(&[
+                "/ip/firewall/address-list/print",
+                "=.proplist=.id",
+                "?comment=crb_10.0.0.1"
+            ])
+        );
+        assert_eq!(action, w(&["/ip/firewall/address-list/remove"]));
+        let (print, action) = split_find(&w(&[
+            "/queue/simple/set",
+            "=max-limit=1k/1k",
+            "?name=crb_x",
+        ]))
+        .unwrap();
+        assert_eq!(
+            print,
+            w(&["/queue/simple/print", "=.proplist=.id", "?name=crb_x"])
+        );
+        assert_eq!(action, w(&["/queue/simple/set", "=max-limit=1k/1k"]));
+        assert!(split_find(&w(&["/ip/firewall/address-list/add", "=list=a"])).is_none());
+        assert!(split_find(&w(&["/ip/firewall/address-list/remove", "=.id=*1"])).is_none());
+        assert!(split_find(&w(&["/ip/firewall/address-list/print", "?list=a"])).is_none());
+        assert_eq!(ids_of(".id=*1\n.id=*A list=x"), w(&["*1", "*A"]));
     }
 }

@@ -2,6 +2,7 @@
 //! server and on SQLite files, scripts that record what they receive, polling.
 #![allow(dead_code)]
 
+pub mod pyrad;
 pub mod sshd;
 
 use std::path::{Path, PathBuf};
