@@ -637,6 +637,12 @@ pub struct TelnetPool {
     closed: AtomicBool,
 }
 
+// Shared by the workers of one NAS through an Arc: must stay Send + Sync.
+const _: fn() = || {
+    fn shared<T: Send + Sync>() {}
+    shared::<TelnetPool>();
+};
+
 impl TelnetPool {
     /// Connects lazily: nothing happens until the first `run`.
     pub fn new(target: Target, options: TelnetOptions) -> TelnetPool {
