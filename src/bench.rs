@@ -19,9 +19,18 @@ pub struct BenchOptions {
     /// server and dropped afterwards; the named database is not touched.
     #[arg(long, default_value = "sqlite")]
     pub database: String,
-    /// `null` (in-process, sends nowhere) or `exec` (runs a no-op local script per event).
+    /// `null` (in-process, sends nowhere), `exec` (a no-op local script per event),
+    /// `ssh-sim` / `telnet-sim` (mikrotik-ssh / mikrotik-telnet to the in-process
+    /// simulator), `coa-pyrad` (mikrotik-coa to the pyrad NAS of the test peers).
     #[arg(long, default_value = "null")]
     pub transport: String,
+    /// Simulated device latency per command (ssh-sim, telnet-sim).
+    #[arg(long, default_value = "0ms")]
+    pub latency: String,
+    /// Also time N commands sent the way the original daemon does (a new `ssh` process
+    /// and connection per command) to the same simulator, serially and 8 at a time.
+    #[arg(long, default_value_t = 0)]
+    pub baseline: usize,
     #[arg(long, default_value_t = 20000)]
     pub events: i64,
     #[arg(long, default_value_t = 2000)]
@@ -40,10 +49,197 @@ pub struct BenchOptions {
 
 pub struct BenchResult {
     pub events: i64,
+    /// Device commands sent in all (several per event for some schemes).
+    pub commands: i64,
     pub elapsed: Duration,
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub failed: i64,
+    /// Process-per-command figures (serial, 8 in parallel), when asked for.
+    pub baseline: Option<(f64, f64)>,
+}
+
+/// The device a benchmark talks to, kept alive for the run.
+enum Peer {
+    None,
+    Sim(crate::sim::Sim),
+    // Held only so the process is killed when the benchmark ends.
+    Pyrad(#[allow(dead_code)] KillOnDrop),
+}
+
+/// A peer process that must not outlive the benchmark.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// How the benchmark's NAS reach their device.
+struct Setup {
+    scheme: String,
+    schemes_dir: std::path::PathBuf,
+    cmds: Vec<&'static str>,
+    host: String,
+    port: Option<i32>,
+    login: Option<String>,
+    password: Option<String>,
+    secret: Option<String>,
+    peer: Peer,
+}
+
+async fn setup(opts: &BenchOptions, tmp: &Path) -> anyhow::Result<Setup> {
+    let repo_schemes = crate::demo::default_schemes_dir();
+    let local = |scheme: &str, cmds: Vec<&'static str>| Setup {
+        scheme: scheme.into(),
+        schemes_dir: tmp.join("schemes"),
+        cmds,
+        host: String::new(),
+        port: None,
+        login: None,
+        password: None,
+        secret: None,
+        peer: Peer::None,
+    };
+    Ok(match opts.transport.as_str() {
+        "null" => local("bench-null", vec!["user_add", "user_rate_set", "user_drop"]),
+        "exec" => local("bench-exec", vec!["user_add", "user_rate_set", "user_drop"]),
+        "ssh-sim" | "telnet-sim" => {
+            let sim_opts = crate::sim::SimOptions {
+                latency: opts.latency.clone(),
+                max_sessions: 1000,
+                host_key: Some(tmp.join("sim_host_key")),
+                ..Default::default()
+            };
+            let sim = crate::sim::start(&sim_opts, CancellationToken::new()).await?;
+            let ssh = opts.transport == "ssh-sim";
+            let addr = if ssh { sim.ssh_addr } else { sim.telnet_addr };
+            Setup {
+                scheme: if ssh {
+                    "mikrotik-ssh"
+                } else {
+                    "mikrotik-telnet"
+                }
+                .into(),
+                schemes_dir: repo_schemes,
+                // One command per event, so events/s is commands/s.
+                cmds: vec!["user_drop"],
+                host: addr.ip().to_string(),
+                port: Some(i32::from(addr.port())),
+                login: Some(sim_opts.user.clone()),
+                password: Some(sim_opts.password.clone()),
+                secret: None,
+                peer: Peer::Sim(sim),
+            }
+        }
+        "coa-pyrad" => {
+            let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+            let mut child = std::process::Command::new(root.join(".venv-peers/bin/python"))
+                .arg(root.join("tests/peers/radius/coa_nas.py"))
+                .arg("bench-secret")
+                .arg(root.join("tests/peers/radius/dictionary"))
+                .arg(tmp.join("pyrad.jsonl"))
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .context(
+                    "starting the pyrad NAS (bash scripts/test-setup.sh installs .venv-peers)",
+                )?;
+            let mut line = String::new();
+            if let Some(out) = child.stdout.take() {
+                use std::io::BufRead;
+                std::io::BufReader::new(out).read_line(&mut line)?;
+            }
+            let port: i32 = line
+                .trim()
+                .strip_prefix("READY ")
+                .and_then(|p| p.parse().ok())
+                .with_context(|| format!("pyrad NAS said {line:?}"))?;
+            Setup {
+                scheme: "mikrotik-coa".into(),
+                schemes_dir: repo_schemes,
+                cmds: vec!["user_rate_set"],
+                host: "127.0.0.1".into(),
+                port: Some(port),
+                login: None,
+                password: None,
+                secret: Some("bench-secret".into()),
+                peer: Peer::Pyrad(KillOnDrop(child)),
+            }
+        }
+        other => anyhow::bail!(
+            "--transport {other}: expected null, exec, ssh-sim, telnet-sim or coa-pyrad"
+        ),
+    })
+}
+
+/// The original daemon's way: one `ssh` process (and connection, key exchange, login)
+/// per command. Returns commands/s serially and with 8 processes at a time.
+async fn process_per_command(
+    addr: std::net::SocketAddr,
+    tmp: &Path,
+    n: usize,
+) -> anyhow::Result<(f64, f64)> {
+    let askpass = tmp.join("askpass.sh");
+    std::fs::write(&askpass, "#!/bin/sh\necho admin\n")?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&askpass, std::fs::Permissions::from_mode(0o755))?;
+    let one = |i: usize| {
+        let askpass = askpass.clone();
+        async move {
+            let status = tokio::process::Command::new("ssh")
+                .args([
+                    "-o",
+                    "StrictHostKeyChecking=no",
+                    "-o",
+                    "UserKnownHostsFile=/dev/null",
+                    "-o",
+                    "LogLevel=ERROR",
+                    "-o",
+                    "PreferredAuthentications=password",
+                    "-o",
+                    "PubkeyAuthentication=no",
+                    "-p",
+                    &addr.port().to_string(),
+                    &format!("admin@{}", addr.ip()),
+                    &format!(
+                        "/ip firewall address-list add list=baseline address=10.1.{}.{}",
+                        i / 250,
+                        i % 250
+                    ),
+                ])
+                .env("SSH_ASKPASS", &askpass)
+                .env("SSH_ASKPASS_REQUIRE", "force")
+                .env("DISPLAY", ":0")
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .status()
+                .await?;
+            anyhow::ensure!(status.success(), "ssh exited with {status}");
+            anyhow::Ok(())
+        }
+    };
+    let started = Instant::now();
+    for i in 0..n {
+        one(i).await?;
+    }
+    let serial = n as f64 / started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..n {
+        if set.len() >= 8
+            && let Some(done) = set.join_next().await
+        {
+            done??;
+        }
+        set.spawn(one(n + i));
+    }
+    while let Some(done) = set.join_next().await {
+        done??;
+    }
+    let parallel = n as f64 / started.elapsed().as_secs_f64();
+    Ok((serial, parallel))
 }
 
 pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
@@ -67,14 +263,20 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
         }
     );
     println!(
-        "bench: {} events in {:.2}s = {:.0} events/s; enqueue-to-done p50 {:.1} ms, p99 {:.1} ms; failed {}",
+        "bench: {} events in {:.2}s = {:.0} events/s, {:.0} device commands/s; enqueue-to-done p50 {:.1} ms, p99 {:.1} ms; failed {}",
         result.events,
         result.elapsed.as_secs_f64(),
         result.events as f64 / result.elapsed.as_secs_f64(),
+        result.commands as f64 / result.elapsed.as_secs_f64(),
         result.p50_ms,
         result.p99_ms,
         result.failed
     );
+    if let Some((serial, parallel)) = result.baseline {
+        println!(
+            "bench: process per command (new `ssh` client and connection each, as the original daemon): {serial:.1} commands/s serial, {parallel:.1} commands/s 8 in parallel"
+        );
+    }
     Ok(())
 }
 
@@ -109,11 +311,7 @@ pub async fn measure(opts: &BenchOptions) -> anyhow::Result<BenchResult> {
     let tmp = std::env::temp_dir().join(format!("nasd-bench-{}", std::process::id()));
     std::fs::create_dir_all(&tmp)?;
     write_schemes(&tmp.join("schemes"))?;
-    let scheme = match opts.transport.as_str() {
-        "null" => "bench-null",
-        "exec" => "bench-exec",
-        other => anyhow::bail!("--transport {other}: expected null or exec"),
-    };
+    let setup = setup(opts, &tmp).await?;
     let mut pg_admin: Option<(String, String)> = None;
     let url = if opts.database == "sqlite" {
         format!("sqlite://{}", tmp.join("bench.db").display())
@@ -134,7 +332,16 @@ pub async fn measure(opts: &BenchOptions) -> anyhow::Result<BenchResult> {
     } else {
         anyhow::bail!("--database must be `sqlite` or a postgres:// URL");
     };
-    let result = measure_on(opts, &url, &tmp, scheme).await;
+    let mut result = measure_on(opts, &url, &tmp, &setup).await;
+    if let (Ok(r), Peer::Sim(sim)) = (&mut result, &setup.peer)
+        && opts.baseline > 0
+        && opts.transport == "ssh-sim"
+    {
+        r.baseline = Some(process_per_command(sim.ssh_addr, &tmp, opts.baseline).await?);
+    }
+    if let Peer::Sim(sim) = setup.peer {
+        sim.stop().await;
+    }
     if let Some((admin_url, name)) = pg_admin
         && let Ok(mut admin) = sqlx::PgConnection::connect(&admin_url).await
     {
@@ -163,13 +370,21 @@ async fn measure_on(
     opts: &BenchOptions,
     url: &str,
     tmp: &Path,
-    scheme: &str,
+    setup: &Setup,
 ) -> anyhow::Result<BenchResult> {
+    let device = !setup.host.is_empty();
+    if device && opts.nas != 1 {
+        anyhow::bail!(
+            "--transport {} talks to one device: use --nas 1",
+            opts.transport
+        );
+    }
     let mut cfg = Config::default();
     cfg.database.url = url.to_string();
     cfg.database.max_connections = 16;
     cfg.daemon.log_dir = tmp.join("log");
-    cfg.daemon.schemes_dir = tmp.join("schemes");
+    cfg.daemon.schemes_dir = setup.schemes_dir.clone();
+    cfg.daemon.transport.known_hosts = tmp.join("known_hosts");
     cfg.daemon.resync_interval = Duration::from_secs(5);
     cfg.daemon.poll_interval = Duration::from_millis(100);
     cfg.daemon.window = 20000;
@@ -179,22 +394,23 @@ async fn measure_on(
     for n in 1..=opts.nas.max(1) {
         store
             .nas_upsert(&Nas {
-                id: n,
-                name: format!("bench{n}"),
-                ip: format!("10.254.0.{n}"),
-                scheme: Some(scheme.into()),
-                script_name: None,
+                scheme: Some(setup.scheme.clone()),
                 n_workers: opts.workers,
-                protocol: None,
-                port: None,
-                login: None,
-                password: None,
-                secret: None,
-                max_sessions: 4,
-                enabled: true,
-                host_key_policy: "strict".into(),
-                host_key: None,
-                legacy_crypto: false,
+                port: setup.port,
+                login: setup.login.clone(),
+                password: setup.password.clone().map(crate::store::Secret::new),
+                secret: setup.secret.clone().map(crate::store::Secret::new),
+                max_sessions: opts.workers.clamp(1, 100),
+                host_key_policy: "accept-new".into(),
+                ..Nas::new(
+                    n,
+                    &format!("bench{n}"),
+                    &if device {
+                        setup.host.clone()
+                    } else {
+                        format!("10.254.0.{n}")
+                    },
+                )
             })
             .await?;
     }
@@ -203,6 +419,7 @@ async fn measure_on(
         "abonent_id",
         "nas_id",
         "ip",
+        "login",
         "rate_in",
         "rate_out",
     ]
@@ -216,6 +433,7 @@ async fn measure_on(
             i.to_string(),
             (1 + i % opts.nas.max(1)).to_string(),
             format!("10.{}.{}.{}", 64 + i / 65536, (i / 256) % 256, i % 256),
+            format!("user{i}"),
             "10240".into(),
             "10240".into(),
         ];
@@ -224,11 +442,12 @@ async fn measure_on(
     for chunk in accounts.chunks(2000) {
         store.accounts_upsert(chunk).await?;
     }
-    const CMDS: [&str; 3] = ["user_add", "user_rate_set", "user_drop"];
+    let cmds = &setup.cmds;
     let events: Vec<CompactEvent> = (0..opts.events)
         .map(|i| CompactEvent {
-            cmd: CMDS[(i / opts.accounts.max(1)) as usize % CMDS.len()].into(),
+            cmd: cmds[(i / opts.accounts.max(1)) as usize % cmds.len()].into(),
             user_id: 1 + i % opts.accounts.max(1),
+            acct_session_id: Some(format!("{:08X}", i)),
             ..Default::default()
         })
         .collect();
@@ -273,6 +492,12 @@ async fn measure_on(
     if let Some(p) = producer {
         p.await??;
     }
+    let commands: i64 = store
+        .history(None, i64::MAX)
+        .await?
+        .iter()
+        .map(|h| h.commands.len() as i64)
+        .sum();
     let mut lat = store.latencies_ms().await?;
     lat.sort_by(|a, b| a.total_cmp(b));
     let pct = |p: f64| {
@@ -286,6 +511,8 @@ async fn measure_on(
         p50_ms: pct(0.5),
         p99_ms: pct(0.99),
         failed,
+        commands,
+        baseline: None,
     })
 }
 

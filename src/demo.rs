@@ -1,6 +1,8 @@
-//! `nasd demo`: a fresh embedded SQLite database in its own directory, one demo NAS whose
-//! scheme runs a shipped local script, a few hundred accounts and a burst of events;
-//! shows progress and a summary, and exits when the stack is drained.
+//! `nasd demo`: a fresh embedded SQLite database in its own directory, the NAS simulator
+//! started in-process (a RouterOS-like router on loopback SSH and telnet ports), two NAS
+//! that reach it over SSH and over telnet, one NAS on a shipped local script, a few
+//! hundred accounts and a burst of events; shows progress and a summary, and exits when
+//! the stack is drained.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -24,9 +26,12 @@ pub struct DemoOptions {
     /// Events per account (a NAS reboot brings up to 5).
     #[arg(long, default_value_t = 5)]
     pub events_per_account: i64,
-    /// Worker tasks for the demo NAS.
+    /// Worker tasks per demo NAS.
     #[arg(long, default_value_t = 16)]
     pub workers: i32,
+    /// Simulated router latency per command.
+    #[arg(long, default_value = "5ms")]
+    pub latency: String,
     /// Schemes directory (default: ./schemes, else the one shipped in the source tree).
     #[arg(long)]
     pub schemes_dir: Option<PathBuf>,
@@ -78,26 +83,44 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     cfg.daemon.retry_base = Duration::from_millis(200);
     cfg.validate()?;
 
+    cfg.daemon.transport.known_hosts = dir.join("known_hosts");
     let store = crate::daemon::open_store(&cfg).await?;
-    let nas = Nas {
-        id: 1,
-        name: "Demo_NAS".into(),
-        ip: "10.255.0.1".into(),
-        scheme: Some("demo-exec".into()),
-        script_name: None,
+    // Two simulated routers, as two NAS would be: one reached over SSH on 127.0.0.1,
+    // one over telnet on 127.0.0.2 (Linux routes all of 127.0.0.0/8 to loopback).
+    let sim_opts = |listen: &str, identity: &str, key: &str| crate::sim::SimOptions {
+        listen: listen.into(),
+        latency: opts.latency.clone(),
+        identity: identity.into(),
+        host_key: Some(dir.join(key)),
+        ..Default::default()
+    };
+    let ssh_opts = sim_opts("127.0.0.1", "router-ssh", "sim1_host_key");
+    let telnet_opts = sim_opts("127.0.0.2", "router-telnet", "sim2_host_key");
+    let sim_ssh = crate::sim::start(&ssh_opts, CancellationToken::new()).await?;
+    let sim_telnet = crate::sim::start(&telnet_opts, CancellationToken::new()).await?;
+    let sim_nas = |id: i64, name: &str, scheme: &str, addr: std::net::SocketAddr, sessions: i32| Nas {
+        scheme: Some(scheme.into()),
         n_workers: opts.workers,
-        protocol: None,
-        port: None,
+        port: Some(i32::from(addr.port())),
+        login: Some(ssh_opts.user.clone()),
+        password: Some(crate::store::Secret::new(ssh_opts.password.clone())),
+        max_sessions: sessions,
+        // The simulator makes a new host key per demo directory: learn it once.
+        host_key_policy: "accept-new".into(),
+        ..Nas::new(id, name, &addr.ip().to_string())
+    };
+    let ssh_nas = sim_nas(1, "Sim_SSH", "mikrotik-ssh", sim_ssh.ssh_addr, opts.workers.clamp(1, 100));
+    let telnet_nas = sim_nas(2, "Sim_Telnet", "mikrotik-telnet", sim_telnet.telnet_addr, 4);
+    let exec_nas = Nas {
+        scheme: Some("demo-exec".into()),
+        n_workers: opts.workers,
         login: Some("admin".into()),
         password: Some(crate::store::Secret::new("demo-password")),
-        secret: None,
-        max_sessions: 4,
-        enabled: true,
-        host_key_policy: "strict".into(),
-        host_key: None,
-        legacy_crypto: false,
+        ..Nas::new(3, "Legacy_Script", "10.255.0.3")
     };
-    store.nas_upsert(&nas).await?;
+    for nas in [&ssh_nas, &telnet_nas, &exec_nas] {
+        store.nas_upsert(nas).await?;
+    }
     let headers: Vec<String> = [
         "user_id",
         "abonent_id",
@@ -115,7 +138,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         let values = vec![
             i.to_string(),
             (1000 + i).to_string(),
-            "1".to_string(),
+            (1 + i % 3).to_string(),
             format!("user{i}"),
             format!("10.88.{}.{}", i / 250, i % 250 + 1),
             "10240".to_string(),
@@ -148,9 +171,18 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     });
     let total = events.len() as i64;
     println!(
-        "nasd demo: {} accounts on NAS {} ({}, scheme demo-exec, {} workers), {} events",
-        opts.accounts, nas.name, nas.ip, nas.n_workers, total
+        "nasd demo: {} accounts on 3 NAS, {} events ({} workers each):",
+        opts.accounts, total, opts.workers
     );
+    println!(
+        "  NAS 1 Sim_SSH      mikrotik-ssh    -> simulated RouterOS, ssh {} (latency {})",
+        sim_ssh.ssh_addr, opts.latency
+    );
+    println!(
+        "  NAS 2 Sim_Telnet   mikrotik-telnet -> simulated RouterOS, telnet {} (4 sessions)",
+        sim_telnet.telnet_addr
+    );
+    println!("  NAS 3 Legacy_Script demo-exec    -> schemes/demo-exec/bin/session, a local script");
     println!("  database {}", cfg.database.url);
     let started = Instant::now();
     for chunk in events.chunks(1000) {
@@ -212,31 +244,31 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
             );
         }
     }
+    for (name, sim) in [("router-ssh", &sim_ssh), ("router-telnet", &sim_telnet)] {
+        let counters = sim.device.counters();
+        let state = sim.device.state();
+        println!(
+            "  simulated {name} executed {} commands over {} sessions (at most {} at once); it now holds {} address-list entries and {} queues",
+            counters.commands_executed,
+            counters.sessions_opened,
+            counters.max_concurrent_sessions,
+            state.address_list.len(),
+            state.queues.len()
+        );
+    }
     let device_log = dir.join("device.log");
     if let Ok(text) = std::fs::read_to_string(&device_log) {
         println!(
-            "  the demo device received {} commands: {}",
+            "  the local script received {} commands: {}",
             text.lines().count(),
             device_log.display()
         );
     }
-    println!(
-        "  daemon log: {}",
-        cfg.daemon.log_dir.join("nas_event_daemon.log").display()
-    );
-    println!(
-        "  NAS log:    {}",
-        cfg.daemon
-            .log_dir
-            .join("nas_event_daemon/Demo_NAS_10.255.0.1.log")
-            .display()
-    );
-    println!(
-        "  account 1:  {}",
-        cfg.daemon
-            .log_dir
-            .join("abonents/1001/event_1.log")
-            .display()
-    );
+    let logs = &cfg.daemon.log_dir;
+    println!("  daemon log:  {}", logs.join("nas_event_daemon.log").display());
+    println!("  NAS logs:    {}", logs.join("nas_event_daemon").display());
+    println!("  account 3:   {}", logs.join("abonents/1003/event_3.log").display());
+    // The simulators' tasks end with the process.
+    drop((sim_ssh, sim_telnet));
     Ok(())
 }

@@ -15,6 +15,7 @@ pub mod journal;
 pub mod retry;
 pub mod scheme;
 pub mod sim;
+pub mod sim;
 pub mod store;
 pub mod supervisor;
 pub mod transport;
