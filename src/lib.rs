@@ -15,7 +15,6 @@ pub mod journal;
 pub mod retry;
 pub mod scheme;
 pub mod sim;
-pub mod sim;
 pub mod store;
 pub mod supervisor;
 pub mod transport;
