@@ -68,3 +68,7 @@ if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import pyrad, librout
     "$venv/bin/pip" install -q 'twisted[conch]' netaddr lxml tftpy
 fi
 echo "test-setup: device peers ready (sshd, busybox telnetd, radclient, $venv)"
+if [ ! -x "$venv/bin/schemathesis" ]; then
+    echo "test-setup: installing schemathesis into $venv (fuzzing of the HTTP API)"
+    "$venv/bin/pip" install -q schemathesis
+fi

@@ -17,6 +17,64 @@ pub const DEFAULT_PARAMS_QUERY: &str = "SELECT user_id, abonent_id, nas_id, logi
 pub struct Config {
     pub database: DatabaseConfig,
     pub daemon: DaemonConfig,
+    /// `[api]`: the HTTP server. `None` (no `[api]` section) runs no HTTP server.
+    pub api: Option<ApiConfig>,
+}
+
+/// `[api]`: the REST API, `/status` and `/metrics`.
+#[derive(Clone)]
+pub struct ApiConfig {
+    /// Address to listen on (`127.0.0.1:8082` by default; port 0 picks a free one).
+    pub listen: std::net::SocketAddr,
+    /// Bearer tokens accepted by the API. Empty: no authentication (loopback only).
+    pub tokens: Vec<crate::store::Secret>,
+    /// `/status` answers without a token.
+    pub open_status: bool,
+    /// `/metrics` answers without a token.
+    pub open_metrics: bool,
+    /// `/rest_api/v2/...` (the billing-compatible endpoint) answers without a token,
+    /// so that billing scripts work unchanged.
+    pub open_rest_compat: bool,
+    /// `/status` reports a NAS whose attempts have failed for this long.
+    pub nas_down_after: Duration,
+    /// `/status` reports an event waiting longer than this.
+    pub oldest_event_alert: Duration,
+    /// Largest request body accepted, in bytes.
+    pub max_body: usize,
+    /// Largest number of events in one batch request.
+    pub max_batch: usize,
+}
+
+impl std::fmt::Debug for ApiConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiConfig")
+            .field("listen", &self.listen)
+            .field("tokens", &format_args!("{} token(s)", self.tokens.len()))
+            .field("open_status", &self.open_status)
+            .field("open_metrics", &self.open_metrics)
+            .field("open_rest_compat", &self.open_rest_compat)
+            .field("nas_down_after", &self.nas_down_after)
+            .field("oldest_event_alert", &self.oldest_event_alert)
+            .field("max_body", &self.max_body)
+            .field("max_batch", &self.max_batch)
+            .finish()
+    }
+}
+
+impl Default for ApiConfig {
+    fn default() -> ApiConfig {
+        ApiConfig {
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], 8082)),
+            tokens: Vec::new(),
+            open_status: true,
+            open_metrics: true,
+            open_rest_compat: false,
+            nas_down_after: Duration::from_secs(300),
+            oldest_event_alert: Duration::from_secs(600),
+            max_body: 1 << 20,
+            max_batch: 10_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -86,6 +144,7 @@ impl Default for Config {
                     radius_tries: 3,
                 },
             },
+            api: None,
         }
     }
 }
@@ -99,6 +158,56 @@ struct RawConfig {
     daemon: RawDaemon,
     #[serde(default)]
     transport: RawTransport,
+    api: Option<RawApi>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawApi {
+    listen: Option<String>,
+    tokens: Option<Vec<String>>,
+    open_status: Option<bool>,
+    open_metrics: Option<bool>,
+    open_rest_compat: Option<bool>,
+    nas_down_after: Option<String>,
+    oldest_event_alert: Option<String>,
+    max_body: Option<usize>,
+    max_batch: Option<usize>,
+}
+
+fn api_section(raw: RawApi) -> Result<ApiConfig, ConfigError> {
+    let d = ApiConfig::default();
+    let listen = match raw.listen {
+        None => d.listen,
+        Some(text) => text.trim().parse().map_err(|_| ConfigError::Key {
+            key: "api.listen",
+            message: format!("`{text}` is not an address such as 127.0.0.1:8082"),
+        })?,
+    };
+    Ok(ApiConfig {
+        listen,
+        tokens: raw
+            .tokens
+            .unwrap_or_default()
+            .into_iter()
+            .map(crate::store::Secret::new)
+            .collect(),
+        open_status: raw.open_status.unwrap_or(d.open_status),
+        open_metrics: raw.open_metrics.unwrap_or(d.open_metrics),
+        open_rest_compat: raw.open_rest_compat.unwrap_or(d.open_rest_compat),
+        nas_down_after: duration_key(
+            "api.nas_down_after",
+            raw.nas_down_after.as_ref(),
+            d.nas_down_after,
+        )?,
+        oldest_event_alert: duration_key(
+            "api.oldest_event_alert",
+            raw.oldest_event_alert.as_ref(),
+            d.oldest_event_alert,
+        )?,
+        max_body: raw.max_body.unwrap_or(d.max_body),
+        max_batch: raw.max_batch.unwrap_or(d.max_batch),
+    })
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -253,6 +362,7 @@ impl Config {
                         .unwrap_or(d.daemon.transport.radius_tries),
                 },
             },
+            api: raw.api.map(api_section).transpose()?,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -319,6 +429,32 @@ impl Config {
         if d.transport.radius_tries == 0 {
             return key("transport.radius_tries", "must be at least 1");
         }
+        if let Some(api) = &self.api {
+            if api.tokens.iter().any(|t| t.expose().trim().len() < 16) {
+                return key(
+                    "api.tokens",
+                    "every token must be at least 16 characters (e.g. `openssl rand -hex 32`)",
+                );
+            }
+            if api.tokens.is_empty() && !api.listen.ip().is_loopback() {
+                return key(
+                    "api.tokens",
+                    "listening on a non-loopback address needs at least one token",
+                );
+            }
+            if api.max_body < 1024 {
+                return key("api.max_body", "must be at least 1024 bytes");
+            }
+            if api.max_batch == 0 {
+                return key("api.max_batch", "must be at least 1");
+            }
+            if api.nas_down_after.is_zero() || api.oldest_event_alert.is_zero() {
+                return key(
+                    "api.nas_down_after",
+                    "nas_down_after and oldest_event_alert must be above 0",
+                );
+            }
+        }
         if let Some(k) = &d.transport.ssh_key
             && !k.exists()
         {
@@ -356,6 +492,26 @@ mod tests {
     }
 
     #[test]
+    fn api_section_enables_the_server() {
+        assert!(Config::from_toml("").unwrap().api.is_none());
+        let api = Config::from_toml("[api]\n").unwrap().api.unwrap();
+        assert_eq!(api.listen.to_string(), "127.0.0.1:8082");
+        assert!(api.open_status && api.open_metrics && !api.open_rest_compat);
+        assert_eq!(api.nas_down_after, Duration::from_secs(300));
+        let api = Config::from_toml(
+            "[api]\nlisten = \"0.0.0.0:9000\"\ntokens = [\"0123456789abcdef0123\"]\nopen_metrics = false\noldest_event_alert = \"2m\"\n",
+        )
+        .unwrap()
+        .api
+        .unwrap();
+        assert_eq!(api.listen.port(), 9000);
+        assert_eq!(api.tokens.len(), 1);
+        assert!(!api.open_metrics);
+        assert_eq!(api.oldest_event_alert, Duration::from_secs(120));
+        assert!(!format!("{api:?}").contains("0123456789abcdef"));
+    }
+
+    #[test]
     fn errors_name_the_key() {
         let cases = [
             (
@@ -370,6 +526,12 @@ mod tests {
             ),
             ("[daemon]\nresync_intreval = \"5s\"", "resync_intreval"),
             ("[deamon]\n", "deamon"),
+            ("[api]\nlisten = \"localhost\"", "api.listen"),
+            ("[api]\ntokens = [\"short\"]", "api.tokens"),
+            ("[api]\nlisten = \"0.0.0.0:8082\"", "api.tokens"),
+            ("[api]\nnas_down_after = \"soon\"", "api.nas_down_after"),
+            ("[api]\nmax_body = 10", "api.max_body"),
+            ("[api]\ntoken = []", "token"),
         ];
         for (text, needle) in cases {
             let err = Config::from_toml(text).unwrap_err().to_string();

@@ -1,7 +1,8 @@
-//! `nasd run`: connects, migrates, opens the logs, and runs the expander and the
-//! supervisor until the shutdown token fires.
+//! `nasd run`: connects, migrates, opens the logs, and runs the expander, the
+//! supervisor and (with `[api]`) the HTTP server until the shutdown token fires.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
@@ -33,33 +34,89 @@ fn backend_of(url: &str) -> &'static str {
 /// Runs the daemon until `shutdown` is cancelled; then stops claiming, lets in-flight
 /// commands finish within the grace period and releases the rest.
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    start(cfg, shutdown).await?.wait().await
+}
+
+/// A daemon started by `start`.
+pub struct Running {
+    /// Where the HTTP server listens (with `[api]` in the config).
+    pub api_addr: Option<SocketAddr>,
+    pub stats: Arc<crate::stats::Stats>,
+    join: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Waits until the daemon has stopped (after `shutdown` fired).
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.join
+            .await
+            .map_err(|e| anyhow::anyhow!("daemon task: {e}"))
+    }
+}
+
+/// Connects, migrates, opens the logs and binds the HTTP server (errors here are
+/// returned), then runs everything in the background until `shutdown` fires.
+pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Running> {
     let store = open_store(&cfg).await?;
     let journal = Journal::open(&cfg.daemon.log_dir)
         .with_context(|| format!("opening log_dir {}", cfg.daemon.log_dir.display()))?;
+    let listener = match &cfg.api {
+        Some(api) => Some(crate::api::bind(api.listen).await?),
+        None => None,
+    };
+    let api_addr = listener.as_ref().and_then(|l| l.local_addr().ok());
     journal.daemon(&format!(
-        "nasd {} started: database {}, schemes {}, resync every {}",
+        "nasd {} started: database {}, schemes {}, resync every {}, api {}",
         env!("CARGO_PKG_VERSION"),
         store.backend_name(),
         cfg.daemon.schemes_dir.display(),
-        crate::duration::format_duration(cfg.daemon.resync_interval)
+        crate::duration::format_duration(cfg.daemon.resync_interval),
+        api_addr.map_or("off".to_string(), |a| format!("on http://{a}"))
     ));
+    let stats = crate::stats::Stats::new();
     let shared = Arc::new(Shared {
-        store,
+        store: store.clone(),
         journal: journal.clone(),
         cfg: cfg.daemon.clone(),
+        stats: stats.clone(),
     });
-    let wakers: Wakers = Arc::new(Mutex::new(HashMap::new()));
-    let expander = tokio::spawn(crate::expand::run(
-        shared.clone(),
-        cfg.database.params_query.clone(),
-        wakers.clone(),
-        shutdown.clone(),
-    ));
-    let supervisor = Supervisor::new(shared.clone(), wakers);
-    supervisor.run(shutdown.clone()).await;
-    let _ = expander.await;
-    journal.daemon("nasd stopped");
-    let flushing = journal.clone();
-    let _ = tokio::task::spawn_blocking(move || flushing.flush()).await;
-    Ok(())
+    let api = match (listener, &cfg.api) {
+        (Some(listener), Some(api_cfg)) => {
+            let state = Arc::new(crate::api::ApiState {
+                store,
+                stats: stats.clone(),
+                cfg: api_cfg.clone(),
+            });
+            Some(tokio::spawn(crate::api::serve(
+                listener,
+                state,
+                shutdown.clone(),
+            )))
+        }
+        _ => None,
+    };
+    let params_query = cfg.database.params_query.clone();
+    let join = tokio::spawn(async move {
+        let wakers: Wakers = Arc::new(Mutex::new(HashMap::new()));
+        let expander = tokio::spawn(crate::expand::run(
+            shared.clone(),
+            params_query,
+            wakers.clone(),
+            shutdown.clone(),
+        ));
+        let supervisor = Supervisor::new(shared.clone(), wakers);
+        supervisor.run(shutdown.clone()).await;
+        let _ = expander.await;
+        if let Some(api) = api {
+            let _ = api.await;
+        }
+        journal.daemon("nasd stopped");
+        let flushing = journal.clone();
+        let _ = tokio::task::spawn_blocking(move || flushing.flush()).await;
+    });
+    Ok(Running {
+        api_addr,
+        stats,
+        join,
+    })
 }

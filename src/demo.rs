@@ -98,19 +98,32 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     let telnet_opts = sim_opts("127.0.0.2", "router-telnet", "sim2_host_key");
     let sim_ssh = crate::sim::start(&ssh_opts, CancellationToken::new()).await?;
     let sim_telnet = crate::sim::start(&telnet_opts, CancellationToken::new()).await?;
-    let sim_nas = |id: i64, name: &str, scheme: &str, addr: std::net::SocketAddr, sessions: i32| Nas {
-        scheme: Some(scheme.into()),
-        n_workers: opts.workers,
-        port: Some(i32::from(addr.port())),
-        login: Some(ssh_opts.user.clone()),
-        password: Some(crate::store::Secret::new(ssh_opts.password.clone())),
-        max_sessions: sessions,
-        // The simulator makes a new host key per demo directory: learn it once.
-        host_key_policy: "accept-new".into(),
-        ..Nas::new(id, name, &addr.ip().to_string())
-    };
-    let ssh_nas = sim_nas(1, "Sim_SSH", "mikrotik-ssh", sim_ssh.ssh_addr, opts.workers.clamp(1, 100));
-    let telnet_nas = sim_nas(2, "Sim_Telnet", "mikrotik-telnet", sim_telnet.telnet_addr, 4);
+    let sim_nas =
+        |id: i64, name: &str, scheme: &str, addr: std::net::SocketAddr, sessions: i32| Nas {
+            scheme: Some(scheme.into()),
+            n_workers: opts.workers,
+            port: Some(i32::from(addr.port())),
+            login: Some(ssh_opts.user.clone()),
+            password: Some(crate::store::Secret::new(ssh_opts.password.clone())),
+            max_sessions: sessions,
+            // The simulator makes a new host key per demo directory: learn it once.
+            host_key_policy: "accept-new".into(),
+            ..Nas::new(id, name, &addr.ip().to_string())
+        };
+    let ssh_nas = sim_nas(
+        1,
+        "Sim_SSH",
+        "mikrotik-ssh",
+        sim_ssh.ssh_addr,
+        opts.workers.clamp(1, 100),
+    );
+    let telnet_nas = sim_nas(
+        2,
+        "Sim_Telnet",
+        "mikrotik-telnet",
+        sim_telnet.telnet_addr,
+        4,
+    );
     let exec_nas = Nas {
         scheme: Some("demo-exec".into()),
         n_workers: opts.workers,
@@ -265,9 +278,15 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         );
     }
     let logs = &cfg.daemon.log_dir;
-    println!("  daemon log:  {}", logs.join("nas_event_daemon.log").display());
+    println!(
+        "  daemon log:  {}",
+        logs.join("nas_event_daemon.log").display()
+    );
     println!("  NAS logs:    {}", logs.join("nas_event_daemon").display());
-    println!("  account 3:   {}", logs.join("abonents/1003/event_3.log").display());
+    println!(
+        "  account 3:   {}",
+        logs.join("abonents/1003/event_3.log").display()
+    );
     // The simulators' tasks end with the process.
     drop((sim_ssh, sim_telnet));
     Ok(())

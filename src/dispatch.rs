@@ -22,6 +22,7 @@ use crate::config::DaemonConfig;
 use crate::journal::{AccountTarget, Attempt, Journal, NasTarget};
 use crate::retry::{Next, next_step};
 use crate::scheme::{Scheme, TransportKind, Vars};
+use crate::stats::{AttemptKind, NasStats};
 use crate::store::{Finish, Nas, Outcome, Reschedule, StackEvent, Store};
 use crate::transport::{Reply, Verdict, exec, null};
 
@@ -45,6 +46,8 @@ pub struct Shared {
     pub store: Store,
     pub journal: Journal,
     pub cfg: DaemonConfig,
+    /// Figures per NAS for `/status`, `/metrics` and the API.
+    pub stats: Arc<crate::stats::Stats>,
 }
 
 /// The supervisor's handle on a running owner.
@@ -251,6 +254,10 @@ struct Owner {
     results_rx: mpsc::UnboundedReceiver<AttemptResult>,
     workers: JoinSet<()>,
     db_retry_at: Option<Instant>,
+    stats: Arc<NasStats>,
+    stats_generation: u64,
+    /// Highest event id counted as enqueued (not reset by a reload).
+    counted_max_id: i64,
 }
 
 impl Owner {
@@ -262,6 +269,9 @@ impl Owner {
     ) -> Owner {
         let runtime = config_rx.borrow().clone();
         let (results_tx, results_rx) = mpsc::unbounded_channel();
+        let stats = shared.stats.nas(runtime.nas.id);
+        let stats_generation = stats.start();
+        record_runtime(&stats, &runtime);
         Owner {
             shared,
             config_rx,
@@ -282,6 +292,9 @@ impl Owner {
             results_rx,
             workers: JoinSet::new(),
             db_retry_at: None,
+            stats,
+            stats_generation,
+            counted_max_id: 0,
         }
     }
 
@@ -358,6 +371,7 @@ impl Owner {
                 changed = self.config_rx.changed() => {
                     if changed.is_ok() {
                         self.runtime = self.config_rx.borrow_and_update().clone();
+                        record_runtime(&self.stats, &self.runtime);
                     }
                 }
                 _ = self.wake.notified() => { self.want_refill = true; }
@@ -365,6 +379,7 @@ impl Owner {
             }
         }
         self.workers.abort_all();
+        self.stats.stopped(self.stats_generation);
     }
 
     /// Shutdown grace ran out: the attempts still running are released (back to ready,
@@ -462,6 +477,17 @@ impl Owner {
         {
             Ok(rows) => {
                 self.want_refill = rows.len() as i64 == limit;
+                let counted = self.counted_max_id;
+                self.stats.enqueued(
+                    rows.iter()
+                        .filter(|r| r.id > counted)
+                        .map(|r| r.cmd.as_str()),
+                );
+                if let Some(last) = rows.last() {
+                    self.counted_max_id = self.counted_max_id.max(last.id);
+                }
+                self.stats
+                    .set_load(self.in_flight.len(), self.loaded + rows.len());
                 for row in rows {
                     self.max_id = self.max_id.max(row.id);
                     self.insert(row);
@@ -597,6 +623,7 @@ impl Owner {
                 });
             });
         }
+        self.stats.set_load(self.in_flight.len(), self.loaded);
     }
 
     async fn complete(&mut self, results: Vec<AttemptResult>) {
@@ -606,6 +633,7 @@ impl Owner {
         let mut reschedules = Vec::new();
         // Per result: the outcome text for the logs and, for a retry, the delay.
         let mut plans: Vec<(String, Option<Duration>)> = Vec::with_capacity(results.len());
+        let mut kinds: Vec<AttemptKind> = Vec::with_capacity(results.len());
         for r in &results {
             let duration_ms = r.duration.as_millis() as i64;
             let (outcome, error, delay) = match &r.reply.verdict {
@@ -632,6 +660,14 @@ impl Owner {
                     }
                 }
             };
+            kinds.push(match (&r.reply.verdict, delay) {
+                (Verdict::Done, _) => AttemptKind::Done,
+                (Verdict::Failed(_), _) => AttemptKind::Failed {
+                    reached: !r.reply.commands.is_empty(),
+                },
+                (Verdict::Retry(_), Some(_)) => AttemptKind::Retry,
+                (Verdict::Retry(_), None) => AttemptKind::GaveUp,
+            });
             match delay {
                 Some(d) => {
                     reschedules.push(Reschedule {
@@ -682,6 +718,14 @@ impl Owner {
             }
         };
         self.db_retry_at = None;
+        self.stats
+            .attempts(results.iter().zip(&kinds).map(|(r, kind)| {
+                let error = match &r.reply.verdict {
+                    Verdict::Done => None,
+                    Verdict::Failed(why) | Verdict::Retry(why) => Some(why.as_str()),
+                };
+                (r.event.cmd.as_str(), *kind, r.duration, error)
+            }));
         let nas_target = NasTarget {
             id: self.runtime.nas.id,
             name: self.runtime.nas.name.clone(),
@@ -744,7 +788,18 @@ impl Owner {
             }
             self.schedule(r.user_id);
         }
+        self.stats.set_load(self.in_flight.len(), self.loaded);
     }
+}
+
+/// Copies what the statistics show of a NAS's settings.
+fn record_runtime(stats: &NasStats, runtime: &NasRuntime) {
+    stats.set_runtime(
+        runtime.nas.n_workers,
+        runtime.nas.enabled,
+        runtime.unavailable.clone(),
+        runtime.device.clone(),
+    );
 }
 
 #[cfg(test)]

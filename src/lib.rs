@@ -3,6 +3,7 @@
 //! See ARCHITECTURE.md for the map of the modules.
 
 pub mod answer;
+pub mod api;
 pub mod bench;
 pub mod config;
 pub mod daemon;
@@ -15,6 +16,7 @@ pub mod journal;
 pub mod retry;
 pub mod scheme;
 pub mod sim;
+pub mod stats;
 pub mod store;
 pub mod supervisor;
 pub mod transport;

@@ -36,7 +36,8 @@ enum Command {
     /// Manage the reference accounts table.
     #[command(subcommand)]
     Accounts(AccountsCommand),
-    /// Append one event to the compact stack and print its id.
+    /// Append one event to the compact stack and print its id, or many from a file
+    /// (--from-file: CSV with a header row, or JSON lines).
     Enqueue(EnqueueArgs),
     /// Inspect the event stacks.
     #[command(subcommand)]
@@ -66,6 +67,11 @@ enum Command {
     Demo(nasd::demo::DemoOptions),
     /// Measure events/s and enqueue-to-done latency through the whole pipeline.
     Bench(nasd::bench::BenchOptions),
+    /// Run the NAS simulator: a RouterOS-like router on loopback SSH and telnet ports.
+    Sim(nasd::sim::SimOptions),
+    /// Measure enqueue throughput over HTTP (single events and batches) against the
+    /// daemon started in-process on a fresh database.
+    BenchApi(nasd::api::bench::BenchApiOptions),
 }
 
 #[derive(Subcommand)]
@@ -200,10 +206,10 @@ enum AccountsCommand {
 
 #[derive(Args)]
 struct EnqueueArgs {
-    #[arg(long)]
-    cmd: String,
-    #[arg(long)]
-    user_id: i64,
+    #[arg(long, required_unless_present = "from_file")]
+    cmd: Option<String>,
+    #[arg(long, required_unless_present = "from_file")]
+    user_id: Option<i64>,
     #[arg(long)]
     abonent_id: Option<i64>,
     #[arg(long)]
@@ -212,6 +218,14 @@ struct EnqueueArgs {
     usluga_id: Option<i64>,
     #[arg(long)]
     acct_session_id: Option<String>,
+    /// Enqueue every line of FILE: CSV with a header row (cmd, user_id, abonent_id,
+    /// nas_ip, usluga_id, acct_session_id) or JSON lines (one object per line). A bad
+    /// line is reported with its number and skipped; exit code 1 when any was skipped.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["cmd", "user_id", "abonent_id", "nas_ip", "usluga_id", "acct_session_id"])]
+    from_file: Option<PathBuf>,
+    /// Events per transaction with --from-file.
+    #[arg(long, default_value_t = 1000, requires = "from_file")]
+    batch: usize,
 }
 
 #[derive(Subcommand)]
@@ -293,15 +307,21 @@ async fn dispatch(command: Command, cfg: Config) -> anyhow::Result<ExitCode> {
             println!("imported {n} accounts from {}", file.display());
         }
         Command::Enqueue(args) => {
-            validate_cmd(&args.cmd)?;
-            if args.user_id <= 0 {
-                bail!("--user-id must be a positive number, got {}", args.user_id);
+            if let Some(file) = &args.from_file {
+                return enqueue_file(&cfg, file, args.batch).await;
+            }
+            let (Some(cmd), Some(user_id)) = (args.cmd, args.user_id) else {
+                bail!("enqueue needs --cmd and --user-id (or --from-file FILE)");
+            };
+            validate_cmd(&cmd)?;
+            if user_id <= 0 {
+                bail!("--user-id must be a positive number, got {user_id}");
             }
             let store = nasd::daemon::open_store(&cfg).await?;
             let ids = store
                 .enqueue_compact(&[CompactEvent {
-                    cmd: args.cmd,
-                    user_id: args.user_id,
+                    cmd,
+                    user_id,
                     abonent_id: args.abonent_id,
                     nas_ip: args.nas_ip,
                     usluga_id: args.usluga_id,
@@ -372,6 +392,8 @@ async fn dispatch(command: Command, cfg: Config) -> anyhow::Result<ExitCode> {
         } => return send_now(&cfg, nas, &cmd, user_id, dry_run).await,
         Command::Demo(opts) => nasd::demo::run(opts).await?,
         Command::Bench(opts) => nasd::bench::run(opts).await?,
+        Command::Sim(opts) => nasd::sim::run(opts).await?,
+        Command::BenchApi(opts) => nasd::api::bench::run(opts).await?,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -676,4 +698,192 @@ async fn send_now(
     };
     println!("outcome: {text} ({} ms)", took.as_millis());
     Ok(code)
+}
+
+/// One line of an enqueue file, parsed: its line number and the event or why not.
+type FileLine = (u64, Result<CompactEvent, String>);
+
+/// Reads an enqueue file: JSON lines when the first non-blank line starts with `{`,
+/// else CSV with a header row. Each event is checked as the HTTP API checks it.
+fn read_enqueue_file(file: &PathBuf) -> anyhow::Result<Vec<FileLine>> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let json_lines = text
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .is_some_and(|l| l.trim_start().starts_with('{'));
+    let mut out = Vec::new();
+    if json_lines {
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let parsed = serde_json::from_str::<nasd::api::EventInput>(line)
+                .map_err(|e| e.to_string())
+                .and_then(nasd::api::EventInput::validate);
+            out.push((i as u64 + 1, parsed));
+        }
+        return Ok(out);
+    }
+    let mut reader = csv::ReaderBuilder::new()
+        .trim(csv::Trim::All)
+        .flexible(true)
+        .from_reader(text.as_bytes());
+    let headers: Vec<String> = reader
+        .headers()
+        .with_context(|| format!("{}: reading the header row", file.display()))?
+        .iter()
+        .map(str::to_string)
+        .collect();
+    const COLUMNS: [&str; 6] = [
+        "cmd",
+        "user_id",
+        "abonent_id",
+        "nas_ip",
+        "usluga_id",
+        "acct_session_id",
+    ];
+    if let Some(h) = headers.iter().find(|h| !COLUMNS.contains(&h.as_str())) {
+        bail!(
+            "{}: line 1: unknown column `{h}` (columns: {})",
+            file.display(),
+            COLUMNS.join(", ")
+        );
+    }
+    for required in ["cmd", "user_id"] {
+        if !headers.iter().any(|h| h == required) {
+            bail!(
+                "{}: line 1: the header row has no {required} column",
+                file.display()
+            );
+        }
+    }
+    for record in reader.records() {
+        let record = match record {
+            Ok(r) => r,
+            Err(e) => {
+                let line = e.position().map_or(0, |p| p.line());
+                out.push((line, Err(format!("unreadable CSV: {e}"))));
+                continue;
+            }
+        };
+        let line = record.position().map_or(0, |p| p.line());
+        if record.len() != headers.len() {
+            out.push((
+                line,
+                Err(format!(
+                    "{} fields, the header has {}",
+                    record.len(),
+                    headers.len()
+                )),
+            ));
+            continue;
+        }
+        let mut obj = serde_json::Map::new();
+        let mut bad = None;
+        for (h, v) in headers.iter().zip(record.iter()) {
+            if v.is_empty() {
+                continue;
+            }
+            if ["user_id", "abonent_id", "usluga_id"].contains(&h.as_str()) {
+                match v.parse::<i64>() {
+                    Ok(n) => {
+                        obj.insert(h.clone(), n.into());
+                    }
+                    Err(_) => {
+                        bad = Some(format!("column {h}: `{v}` is not an integer"));
+                        break;
+                    }
+                }
+            } else {
+                obj.insert(h.clone(), v.into());
+            }
+        }
+        let parsed = match bad {
+            Some(why) => Err(why),
+            None => serde_json::from_value::<nasd::api::EventInput>(serde_json::Value::Object(obj))
+                .map_err(|e| e.to_string())
+                .and_then(nasd::api::EventInput::validate),
+        };
+        out.push((line, parsed));
+    }
+    Ok(out)
+}
+
+/// `nasd enqueue --from-file`: enqueues the good lines in transactions of `batch`,
+/// reports bad lines with their number, shows progress and a summary.
+async fn enqueue_file(cfg: &Config, file: &PathBuf, batch: usize) -> anyhow::Result<ExitCode> {
+    use std::io::{IsTerminal, Write};
+    if batch == 0 {
+        bail!("--batch must be at least 1");
+    }
+    let lines = read_enqueue_file(file)?;
+    let store = nasd::daemon::open_store(cfg).await?;
+    let total = lines.len();
+    let started = Instant::now();
+    let tty = std::io::stderr().is_terminal();
+    let (mut enqueued, mut bad, mut done) = (0usize, 0usize, 0usize);
+    let (mut first_id, mut last_id) = (None, None);
+    let mut pending: Vec<CompactEvent> = Vec::with_capacity(batch);
+    let mut last_report = Instant::now();
+    let mut iter = lines.into_iter().peekable();
+    while let Some((line, parsed)) = iter.next() {
+        done += 1;
+        match parsed {
+            Ok(event) => pending.push(event),
+            Err(why) => {
+                bad += 1;
+                if tty {
+                    eprint!("\r\x1b[K");
+                }
+                eprintln!("{}: line {line}: {why} (skipped)", file.display());
+            }
+        }
+        if pending.len() >= batch || (iter.peek().is_none() && !pending.is_empty()) {
+            let ids = store.enqueue_compact(&pending).await.with_context(|| {
+                format!(
+                    "enqueueing lines up to {line} of {} ({enqueued} events were enqueued before)",
+                    file.display()
+                )
+            })?;
+            enqueued += ids.len();
+            first_id = first_id.or(ids.first().copied());
+            last_id = ids.last().copied().or(last_id);
+            pending.clear();
+        }
+        if last_report.elapsed().as_millis() >= 200 || iter.peek().is_none() {
+            last_report = Instant::now();
+            let width = 30;
+            let filled = (done * width).checked_div(total).unwrap_or(width);
+            let msg = format!(
+                "[{}{}] {done}/{total} lines, {enqueued} enqueued, {bad} skipped",
+                "#".repeat(filled),
+                "-".repeat(width - filled)
+            );
+            if tty {
+                eprint!("\r\x1b[K{msg}");
+                let _ = std::io::stderr().flush();
+            } else if iter.peek().is_none() || done % (batch * 10) == 0 {
+                eprintln!("{msg}");
+            }
+        }
+    }
+    if tty {
+        eprintln!();
+    }
+    let secs = started.elapsed().as_secs_f64().max(1e-9);
+    println!(
+        "enqueued {enqueued} events from {} ({total} lines, {bad} skipped) in {secs:.2}s ({:.0} events/s){}",
+        file.display(),
+        enqueued as f64 / secs,
+        match (first_id, last_id) {
+            (Some(a), Some(b)) => format!("; ids {a}..{b}"),
+            _ => String::new(),
+        }
+    );
+    Ok(if bad > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }

@@ -283,6 +283,224 @@ pub struct HistoryRow {
     pub finished_at: DateTime<Utc>,
 }
 
+/// Where an event is now and what happened to it, as the API reports it. `id` is the
+/// id the event got when it was enqueued (`events_stack_compact.id`); it stays the
+/// event's name through the main stack (`compact_id`) and history.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct EventStatus {
+    pub id: i64,
+    /// `queued`, `running`, `retrying`, `done` or `failed`.
+    pub state: String,
+    /// The table it is in: `compact`, `stack` or `history`.
+    pub stage: String,
+    /// Its id in `events_stack` (and `events_history.event_id`) once expanded.
+    pub stack_id: Option<i64>,
+    pub cmd: String,
+    pub user_id: i64,
+    pub abonent_id: Option<i64>,
+    pub nas_id: Option<i64>,
+    pub nas_ip: Option<String>,
+    pub usluga_id: Option<i64>,
+    pub acct_session_id: Option<String>,
+    pub enqueued_at: DateTime<Utc>,
+    /// Attempts made so far.
+    pub try_count: i32,
+    /// For `retrying`: when the next attempt is due.
+    pub next_try_at: Option<DateTime<Utc>>,
+    /// The reason of the last retry (stack) or of the failure (history).
+    pub error: Option<String>,
+    /// Commands sent by the last attempt, exactly as sent (history only).
+    pub commands: Vec<String>,
+    /// The device's answer to the last attempt (history only).
+    pub answer: Option<String>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub duration_ms: Option<i64>,
+}
+
+impl EventStatus {
+    /// A row still in `events_stack_compact`: queued, not yet expanded.
+    pub fn from_compact(row: &CompactRow) -> EventStatus {
+        let e = &row.event;
+        EventStatus {
+            id: row.id,
+            state: "queued".into(),
+            stage: "compact".into(),
+            stack_id: None,
+            cmd: e.cmd.clone(),
+            user_id: e.user_id,
+            abonent_id: e.abonent_id,
+            nas_id: None,
+            nas_ip: e.nas_ip.clone(),
+            usluga_id: e.usluga_id,
+            acct_session_id: e.acct_session_id.clone(),
+            enqueued_at: row.created_at,
+            try_count: 0,
+            next_try_at: None,
+            error: None,
+            commands: Vec::new(),
+            answer: None,
+            finished_at: None,
+            duration_ms: None,
+        }
+    }
+
+    /// A row of `events_stack` (with its NAS's ip when the NAS still exists).
+    pub fn from_stack(e: &StackEvent, nas_ip: Option<String>) -> EventStatus {
+        let state = if e.state == "running" {
+            "running"
+        } else if e.try_count > 0 {
+            "retrying"
+        } else {
+            "queued"
+        };
+        EventStatus {
+            id: e.compact_id.unwrap_or_default(),
+            state: state.into(),
+            stage: "stack".into(),
+            stack_id: Some(e.id),
+            cmd: e.cmd.clone(),
+            user_id: e.user_id,
+            abonent_id: e.abonent_id,
+            nas_id: Some(e.nas_id),
+            nas_ip,
+            usluga_id: e.usluga_id,
+            acct_session_id: e.acct_session_id.clone(),
+            enqueued_at: e.enqueued_at,
+            try_count: e.try_count,
+            next_try_at: if state == "retrying" {
+                e.retry_at
+            } else {
+                None
+            },
+            error: e.last_error.clone(),
+            commands: Vec::new(),
+            answer: None,
+            finished_at: None,
+            duration_ms: None,
+        }
+    }
+}
+
+/// What `Store::retry_event` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RetryOutcome {
+    /// A copy went to `events_stack_compact` under this new id.
+    Enqueued(i64),
+    NotFound,
+    /// Only failed events can be retried; this is the event's state.
+    NotFailed(String),
+    /// The event's NAS was removed since.
+    NasGone(i64),
+}
+
+/// What `Store::cancel_event` did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CancelOutcome {
+    /// Moved to `events_history` as failed with `CANCELLED`.
+    Cancelled(Box<EventStatus>),
+    NotFound,
+    /// Running or finished events cannot be cancelled; this is the event's state.
+    NotCancellable(String),
+}
+
+/// The error a cancelled event carries in `events_history`.
+pub const CANCELLED: &str = "cancelled by operator";
+
+/// Queue depth of one NAS in `events_stack`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NasQueue {
+    pub nas_id: i64,
+    pub depth: i64,
+    pub oldest: Option<DateTime<Utc>>,
+}
+
+/// Connection pool figures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct PoolFigures {
+    pub size: u32,
+    pub idle: u32,
+    pub max: u32,
+}
+
+/// A value to compare a column with in `Filter`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FilterValue {
+    Int(i64),
+    Text(String),
+    Null,
+}
+
+/// Equality conditions on whitelisted columns, an order and a limit: what the
+/// billing-compatible `objects.filter`/`objects.get` need.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Filter {
+    pub conds: Vec<(&'static str, FilterValue)>,
+    /// Column to order by (one of the table's filterable columns), descending when set.
+    pub order_by: &'static str,
+    pub descending: bool,
+    pub limit: i64,
+}
+
+impl Filter {
+    /// The `WHERE ... ORDER BY ... LIMIT` tail, columns prefixed with `prefix` (a table
+    /// alias such as `s.`), placeholders numbered from 1 by `ph`; NULL conditions become `IS NULL` and take no placeholder. Values are bound
+    /// in `binds()` order.
+    pub fn sql_tail(&self, prefix: &str, ph: impl Fn(usize) -> String) -> String {
+        let mut n = 0;
+        let mut parts = Vec::new();
+        for (col, v) in &self.conds {
+            if *v == FilterValue::Null {
+                parts.push(format!("{prefix}{col} IS NULL"));
+            } else {
+                n += 1;
+                parts.push(format!("{prefix}{col} = {}", ph(n)));
+            }
+        }
+        let where_ = if parts.is_empty() {
+            String::new()
+        } else {
+            format!(" WHERE {}", parts.join(" AND "))
+        };
+        format!(
+            "{where_} ORDER BY {prefix}{} {} LIMIT {}",
+            self.order_by,
+            if self.descending { "DESC" } else { "ASC" },
+            self.limit.max(0)
+        )
+    }
+
+    pub fn binds(&self) -> impl Iterator<Item = &FilterValue> {
+        self.conds
+            .iter()
+            .map(|(_, v)| v)
+            .filter(|v| **v != FilterValue::Null)
+    }
+}
+
+/// Columns of `events_stack_compact` that `Filter` may name.
+pub const COMPACT_FILTER_COLUMNS: &[&str] = &[
+    "id",
+    "cmd",
+    "user_id",
+    "abonent_id",
+    "nas_ip",
+    "usluga_id",
+    "acct_session_id",
+];
+/// Columns of `events_stack` that `Filter` may name.
+pub const STACK_FILTER_COLUMNS: &[&str] = &[
+    "id",
+    "compact_id",
+    "cmd",
+    "user_id",
+    "abonent_id",
+    "nas_id",
+    "usluga_id",
+    "acct_session_id",
+    "try_count",
+    "state",
+];
+
 /// Pure part of expansion: turns compact rows into stack events or failures with a reason.
 ///
 /// `params` holds the account variables per user id (None: the account is unknown);
@@ -613,6 +831,84 @@ impl Store {
 
     pub async fn history_counts(&self) -> Result<(i64, i64), StoreError> {
         on_backend!(self, s => s.history_counts().await)
+    }
+
+    /// Where the event enqueued under `id` (a compact id) is now. Looks in the order
+    /// events move (compact, stack, history), so a move in between is never missed.
+    pub async fn event_status(&self, id: i64) -> Result<Option<EventStatus>, StoreError> {
+        on_backend!(self, s => s.event_status(id).await)
+    }
+
+    /// An account's events: those still queued or running, and the last `limit`
+    /// finished ones; newest first.
+    pub async fn account_events(
+        &self,
+        user_id: i64,
+        limit: i64,
+    ) -> Result<Vec<EventStatus>, StoreError> {
+        let mut all = on_backend!(self, s => s.account_events(user_id, limit).await)?;
+        all.sort_by_key(|e| std::cmp::Reverse(e.id));
+        Ok(all)
+    }
+
+    /// Enqueues a copy of a failed event into `events_stack_compact` (a new event with a
+    /// new id, expanded again: the account's current variables, the same NAS by its
+    /// current ip; an event that failed before expansion resolves its NAS again).
+    pub async fn retry_event(&self, id: i64) -> Result<RetryOutcome, StoreError> {
+        let Some(st) = self.event_status(id).await? else {
+            return Ok(RetryOutcome::NotFound);
+        };
+        if st.state != "failed" {
+            return Ok(RetryOutcome::NotFailed(st.state));
+        }
+        if let (Some(nas_id), None) = (st.nas_id, &st.nas_ip) {
+            return Ok(RetryOutcome::NasGone(nas_id));
+        }
+        let ids = self
+            .enqueue_compact(&[CompactEvent {
+                cmd: st.cmd,
+                user_id: st.user_id,
+                abonent_id: st.abonent_id,
+                nas_ip: st.nas_ip,
+                usluga_id: st.usluga_id,
+                acct_session_id: st.acct_session_id,
+            }])
+            .await?;
+        Ok(ids
+            .first()
+            .map_or(RetryOutcome::NotFound, |id| RetryOutcome::Enqueued(*id)))
+    }
+
+    /// Cancels a queued (or retrying) event that is not running: it moves to
+    /// `events_history` as `failed` with the error `cancelled by operator`, in one
+    /// transaction that only matches it while it is not claimed.
+    pub async fn cancel_event(&self, id: i64) -> Result<CancelOutcome, StoreError> {
+        let moved = on_backend!(self, s => s.cancel_event(id, Utc::now()).await)?;
+        let status = self.event_status(id).await?;
+        Ok(match (moved, status) {
+            (true, Some(st)) => CancelOutcome::Cancelled(Box::new(st)),
+            (_, None) => CancelOutcome::NotFound,
+            (false, Some(st)) => CancelOutcome::NotCancellable(st.state),
+        })
+    }
+
+    /// Rows of `events_stack_compact` matching `filter` (columns of `COMPACT_FILTER_COLUMNS`).
+    pub async fn compact_filter(&self, filter: &Filter) -> Result<Vec<CompactRow>, StoreError> {
+        on_backend!(self, s => s.compact_filter(filter).await)
+    }
+
+    /// Rows of `events_stack` matching `filter` (columns of `STACK_FILTER_COLUMNS`).
+    pub async fn stack_filter(&self, filter: &Filter) -> Result<Vec<StackEvent>, StoreError> {
+        on_backend!(self, s => s.stack_filter(filter).await)
+    }
+
+    /// Depth and oldest event of `events_stack` per NAS.
+    pub async fn queue_by_nas(&self) -> Result<Vec<NasQueue>, StoreError> {
+        on_backend!(self, s => s.queue_by_nas().await)
+    }
+
+    pub fn pool_figures(&self) -> PoolFigures {
+        on_backend!(self, s => s.pool_figures())
     }
 
     /// Enqueue-to-done latencies in milliseconds of every finished event, for benchmarks.

@@ -14,8 +14,9 @@ use sqlx::sqlite::{
 use sqlx::{Column, Row, TypeInfo, ValueRef};
 
 use super::{
-    AccountRecord, Claimed, CompactEvent, CompactRow, ExpandReport, Finish, HistoryRow, Nas,
-    Reschedule, Secret, SqlContext, StackCount, StackEvent, StoreError, plan_expansion,
+    AccountRecord, Claimed, CompactEvent, CompactRow, EventStatus, ExpandReport, Filter,
+    FilterValue, Finish, HistoryRow, Nas, NasQueue, PoolFigures, Reschedule, Secret, SqlContext,
+    StackCount, StackEvent, StoreError, plan_expansion,
 };
 use crate::scheme::Vars;
 
@@ -674,4 +675,297 @@ fn row_to_vars(row: &SqliteRow) -> Result<Vars, String> {
         vars.insert(name.to_string(), value);
     }
     Ok(vars)
+}
+
+// Queries of the HTTP API: event status, account history, cancel, filters, queue depth.
+
+const STACK_COLUMNS: &str = "s.id, s.compact_id, s.event_date, s.enqueued_at, s.cmd, s.user_id, \
+     s.abonent_id, s.nas_id, s.usluga_id, s.acct_session_id, s.params, s.try_count, s.state, \
+     s.retry_at, s.claim_token, s.lease_until, s.last_error, n.ip AS nas_ip";
+const HISTORY_COLUMNS: &str = "h.event_id, h.compact_id, h.enqueued_at, h.cmd, h.user_id, \
+     h.abonent_id, h.nas_id, h.usluga_id, h.acct_session_id, h.outcome, h.attempts, \
+     h.commands, h.answer, h.error, h.duration_ms, h.finished_at, n.ip AS nas_ip";
+const COMPACT_COLUMNS: &str =
+    "id, cmd, user_id, abonent_id, nas_ip, usluga_id, acct_session_id, created_at";
+
+fn compact_from_row(r: &SqliteRow) -> Result<CompactRow, sqlx::Error> {
+    Ok(CompactRow {
+        id: r.try_get("id")?,
+        event: CompactEvent {
+            cmd: r.try_get("cmd")?,
+            user_id: r.try_get("user_id")?,
+            abonent_id: r.try_get("abonent_id")?,
+            nas_ip: r.try_get("nas_ip")?,
+            usluga_id: r.try_get("usluga_id")?,
+            acct_session_id: r.try_get("acct_session_id")?,
+        },
+        created_at: from_ms(r.try_get("created_at")?),
+    })
+}
+
+fn stack_from_row(r: &SqliteRow) -> Result<StackEvent, sqlx::Error> {
+    let params: String = r.try_get("params")?;
+    Ok(StackEvent {
+        id: r.try_get("id")?,
+        compact_id: r.try_get("compact_id")?,
+        event_date: from_ms(r.try_get("event_date")?),
+        enqueued_at: from_ms(r.try_get("enqueued_at")?),
+        cmd: r.try_get("cmd")?,
+        user_id: r.try_get("user_id")?,
+        abonent_id: r.try_get("abonent_id")?,
+        nas_id: r.try_get("nas_id")?,
+        usluga_id: r.try_get("usluga_id")?,
+        acct_session_id: r.try_get("acct_session_id")?,
+        params: serde_json::from_str(&params).unwrap_or_default(),
+        try_count: r.try_get("try_count")?,
+        state: r.try_get("state")?,
+        retry_at: r.try_get::<Option<i64>, _>("retry_at")?.map(from_ms),
+        claim_token: r.try_get("claim_token")?,
+        lease_until: r.try_get::<Option<i64>, _>("lease_until")?.map(from_ms),
+        last_error: r.try_get("last_error")?,
+    })
+}
+
+fn history_status(r: &SqliteRow) -> Result<EventStatus, sqlx::Error> {
+    let commands: String = r.try_get("commands")?;
+    Ok(EventStatus {
+        id: r
+            .try_get::<Option<i64>, _>("compact_id")?
+            .unwrap_or_default(),
+        state: r.try_get("outcome")?,
+        stage: "history".into(),
+        stack_id: r.try_get("event_id")?,
+        cmd: r.try_get("cmd")?,
+        user_id: r.try_get("user_id")?,
+        abonent_id: r.try_get("abonent_id")?,
+        nas_id: r.try_get("nas_id")?,
+        nas_ip: r.try_get("nas_ip")?,
+        usluga_id: r.try_get("usluga_id")?,
+        acct_session_id: r.try_get("acct_session_id")?,
+        enqueued_at: from_ms(r.try_get("enqueued_at")?),
+        try_count: r.try_get("attempts")?,
+        next_try_at: None,
+        error: r.try_get("error")?,
+        commands: serde_json::from_str(&commands).unwrap_or_default(),
+        answer: Some(r.try_get("answer")?),
+        finished_at: Some(from_ms(r.try_get("finished_at")?)),
+        duration_ms: Some(r.try_get("duration_ms")?),
+    })
+}
+
+fn bind_filter<'q>(
+    mut q: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>,
+    filter: &'q Filter,
+) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>> {
+    for v in filter.binds() {
+        q = match v {
+            FilterValue::Int(i) => q.bind(*i),
+            FilterValue::Text(t) => q.bind(t.as_str()),
+            FilterValue::Null => q,
+        };
+    }
+    q
+}
+
+impl SqliteStore {
+    pub async fn event_status(&self, id: i64) -> Result<Option<EventStatus>, StoreError> {
+        let compact = sqlx::query(&format!(
+            "SELECT {COMPACT_COLUMNS} FROM events_stack_compact WHERE id = ?1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .ctx("event status: compact stack")?;
+        if let Some(r) = compact {
+            let row = compact_from_row(&r).ctx("event status: compact stack")?;
+            return Ok(Some(EventStatus::from_compact(&row)));
+        }
+        let stack = sqlx::query(&format!(
+            "SELECT {STACK_COLUMNS} FROM events_stack s LEFT JOIN nas n ON n.id = s.nas_id \
+             WHERE s.compact_id = ?1 ORDER BY s.id DESC LIMIT 1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .ctx("event status: stack")?;
+        if let Some(r) = stack {
+            let e = stack_from_row(&r).ctx("event status: stack")?;
+            let ip: Option<String> = r.try_get("nas_ip").ctx("event status: stack")?;
+            return Ok(Some(EventStatus::from_stack(&e, ip)));
+        }
+        let history = sqlx::query(&format!(
+            "SELECT {HISTORY_COLUMNS} FROM events_history h LEFT JOIN nas n ON n.id = h.nas_id \
+             WHERE h.compact_id = ?1 ORDER BY h.id DESC LIMIT 1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .ctx("event status: history")?;
+        history
+            .map(|r| history_status(&r))
+            .transpose()
+            .ctx("event status: history")
+    }
+
+    pub async fn account_events(
+        &self,
+        user_id: i64,
+        limit: i64,
+    ) -> Result<Vec<EventStatus>, StoreError> {
+        let mut out = Vec::new();
+        let compact = sqlx::query(&format!(
+            "SELECT {COMPACT_COLUMNS} FROM events_stack_compact WHERE user_id = ?1 \
+             ORDER BY id DESC LIMIT ?2"
+        ))
+        .bind(user_id)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .ctx("account events: compact stack")?;
+        for r in &compact {
+            out.push(EventStatus::from_compact(
+                &compact_from_row(r).ctx("account events: compact stack")?,
+            ));
+        }
+        let stack = sqlx::query(&format!(
+            "SELECT {STACK_COLUMNS} FROM events_stack s LEFT JOIN nas n ON n.id = s.nas_id \
+             WHERE s.user_id = ?1 ORDER BY s.id DESC LIMIT ?2"
+        ))
+        .bind(user_id)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .ctx("account events: stack")?;
+        for r in &stack {
+            let e = stack_from_row(r).ctx("account events: stack")?;
+            let ip: Option<String> = r.try_get("nas_ip").ctx("account events: stack")?;
+            out.push(EventStatus::from_stack(&e, ip));
+        }
+        let history = sqlx::query(&format!(
+            "SELECT {HISTORY_COLUMNS} FROM events_history h LEFT JOIN nas n ON n.id = h.nas_id \
+             WHERE h.user_id = ?1 ORDER BY h.id DESC LIMIT ?2"
+        ))
+        .bind(user_id)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .ctx("account events: history")?;
+        for r in &history {
+            out.push(history_status(r).ctx("account events: history")?);
+        }
+        Ok(out)
+    }
+
+    /// Moves the event out of the compact stack, or out of the main stack while it is
+    /// not claimed, into history as cancelled. Returns whether it moved.
+    pub async fn cancel_event(&self, id: i64, now: DateTime<Utc>) -> Result<bool, StoreError> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .ctx("cancel event")?;
+        let moved = sqlx::query(
+            "INSERT INTO events_history (compact_id, enqueued_at, cmd, user_id, abonent_id, \
+             usluga_id, acct_session_id, outcome, attempts, error, finished_at) \
+             SELECT id, created_at, cmd, user_id, abonent_id, usluga_id, acct_session_id, \
+             'failed', 0, ?2, ?3 FROM events_stack_compact WHERE id = ?1",
+        )
+        .bind(id)
+        .bind(super::CANCELLED)
+        .bind(ms(now))
+        .execute(&mut *tx)
+        .await
+        .ctx("cancel event: compact stack")?
+        .rows_affected();
+        if moved > 0 {
+            sqlx::query("DELETE FROM events_stack_compact WHERE id = ?1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .ctx("cancel event: compact stack")?;
+        } else {
+            let moved_stack = sqlx::query(
+                "INSERT INTO events_history (event_id, compact_id, event_date, enqueued_at, cmd, \
+                 user_id, abonent_id, nas_id, usluga_id, acct_session_id, params, outcome, attempts, \
+                 commands, answer, error, duration_ms, finished_at) \
+                 SELECT id, compact_id, event_date, enqueued_at, cmd, user_id, abonent_id, nas_id, \
+                 usluga_id, acct_session_id, params, 'failed', try_count, '[]', '', \
+                 ?2 || coalesce(' (last error: ' || last_error || ')', ''), 0, ?3 \
+                 FROM events_stack WHERE compact_id = ?1 AND state = 'ready'",
+            )
+            .bind(id)
+            .bind(super::CANCELLED)
+            .bind(ms(now))
+            .execute(&mut *tx)
+            .await
+            .ctx("cancel event: stack")?
+            .rows_affected();
+            if moved_stack == 0 {
+                tx.commit().await.ctx("cancel event: commit")?;
+                return Ok(false);
+            }
+            sqlx::query("DELETE FROM events_stack WHERE compact_id = ?1 AND state = 'ready'")
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .ctx("cancel event: stack")?;
+        }
+        tx.commit().await.ctx("cancel event: commit")?;
+        Ok(true)
+    }
+
+    pub async fn compact_filter(&self, filter: &Filter) -> Result<Vec<CompactRow>, StoreError> {
+        let sql = format!(
+            "SELECT {COMPACT_COLUMNS} FROM events_stack_compact{}",
+            filter.sql_tail("", |i| format!("?{i}"))
+        );
+        let rows = bind_filter(sqlx::query(&sql), filter)
+            .fetch_all(&self.pool)
+            .await
+            .ctx("filter compact stack")?;
+        rows.iter()
+            .map(compact_from_row)
+            .collect::<Result<_, _>>()
+            .ctx("filter compact stack")
+    }
+
+    pub async fn stack_filter(&self, filter: &Filter) -> Result<Vec<StackEvent>, StoreError> {
+        let sql = format!(
+            "SELECT {STACK_COLUMNS} FROM events_stack s LEFT JOIN nas n ON n.id = s.nas_id{}",
+            filter.sql_tail("s.", |i| format!("?{i}"))
+        );
+        let rows = bind_filter(sqlx::query(&sql), filter)
+            .fetch_all(&self.pool)
+            .await
+            .ctx("filter stack")?;
+        rows.iter()
+            .map(stack_from_row)
+            .collect::<Result<_, _>>()
+            .ctx("filter stack")
+    }
+
+    pub async fn queue_by_nas(&self) -> Result<Vec<NasQueue>, StoreError> {
+        let rows: Vec<(i64, i64, Option<i64>)> = sqlx::query_as(
+            "SELECT nas_id, count(*), min(enqueued_at) FROM events_stack GROUP BY nas_id ORDER BY nas_id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .ctx("queue depth per nas")?;
+        Ok(rows
+            .into_iter()
+            .map(|(nas_id, depth, oldest)| NasQueue {
+                nas_id,
+                depth,
+                oldest: oldest.map(from_ms),
+            })
+            .collect())
+    }
+
+    pub fn pool_figures(&self) -> PoolFigures {
+        PoolFigures {
+            size: self.pool.size(),
+            idle: self.pool.num_idle() as u32,
+            max: self.pool.options().get_max_connections(),
+        }
+    }
 }

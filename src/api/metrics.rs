@@ -1,0 +1,344 @@
+//! `GET /metrics`: Prometheus text exposition (format 0.0.4), written from the daemon's
+//! own `Stats` and a few cheap database queries at scrape time. Labels are only `nas`
+//! (the NAS id), `cmd` (bounded per NAS by `stats::MAX_CMDS`) and `outcome`; never an
+//! account id or an address.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use chrono::Utc;
+
+use super::ApiState;
+use crate::stats::{LATENCY_BUCKETS, NasSnapshot};
+use crate::store::{NasQueue, PoolFigures};
+
+pub async fn handle(State(state): State<Arc<ApiState>>) -> Response {
+    let snaps = state.stats.snapshot();
+    let db = async {
+        let queues = state.store.queue_by_nas().await?;
+        let count = state.store.stack_count().await?;
+        Ok::<_, crate::store::StoreError>((queues, count.compact_total))
+    };
+    let db = tokio::time::timeout(std::time::Duration::from_secs(5), db).await;
+    let (queues, compact, db_up) = match db {
+        Ok(Ok((q, c))) => (Some(q), Some(c), true),
+        Ok(Err(e)) => {
+            tracing::warn!("metrics: {e}");
+            (None, None, false)
+        }
+        Err(_) => (None, None, false),
+    };
+    let text = render(
+        &snaps,
+        queues.as_deref(),
+        compact,
+        db_up,
+        state.store.pool_figures(),
+        state.stats.api_enqueued.load(Ordering::Relaxed),
+    );
+    (
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+/// A label value with `\`, `"` and newlines escaped.
+fn esc(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn head(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// The exposition text. Pure, for tests.
+pub fn render(
+    snaps: &[NasSnapshot],
+    queues: Option<&[NasQueue]>,
+    compact_depth: Option<i64>,
+    db_up: bool,
+    pool: PoolFigures,
+    api_enqueued: i64,
+) -> String {
+    let mut out = String::with_capacity(4096);
+    type Pick = fn(&crate::stats::CmdCounters) -> u64;
+    let counters: [(&str, &str, Pick); 2] = [
+        (
+            "nasd_events_enqueued_total",
+            "Events that entered a NAS queue (first seen by its owner), by NAS and cmd.",
+            |c| c.enqueued,
+        ),
+        (
+            "nasd_events_retried_total",
+            "Attempts that ended in a retry later (timeout, no answer, postponed), by NAS and cmd.",
+            |c| c.retried,
+        ),
+    ];
+    for (name, help, pick) in counters {
+        head(&mut out, name, "counter", help);
+        for s in snaps {
+            for (cmd, c) in &s.by_cmd {
+                let _ = writeln!(
+                    out,
+                    "{name}{{nas=\"{}\",cmd=\"{}\"}} {}",
+                    s.nas_id,
+                    esc(cmd),
+                    pick(c)
+                );
+            }
+        }
+    }
+    head(
+        &mut out,
+        "nasd_events_finished_total",
+        "counter",
+        "Events that left the stack for history, by NAS, cmd and outcome (done or failed).",
+    );
+    for s in snaps {
+        for (cmd, c) in &s.by_cmd {
+            for (outcome, n) in [("done", c.done), ("failed", c.failed)] {
+                let _ = writeln!(
+                    out,
+                    "nasd_events_finished_total{{nas=\"{}\",cmd=\"{}\",outcome=\"{outcome}\"}} {n}",
+                    s.nas_id,
+                    esc(cmd)
+                );
+            }
+        }
+    }
+    head(
+        &mut out,
+        "nasd_command_duration_seconds",
+        "histogram",
+        "Time one attempt took (all commands of an event, answer included), by NAS.",
+    );
+    for s in snaps {
+        let mut cumulative = 0;
+        for (i, le) in LATENCY_BUCKETS.iter().enumerate() {
+            cumulative += s.latency.buckets[i];
+            let _ = writeln!(
+                out,
+                "nasd_command_duration_seconds_bucket{{nas=\"{}\",le=\"{le}\"}} {cumulative}",
+                s.nas_id
+            );
+        }
+        let _ = writeln!(
+            out,
+            "nasd_command_duration_seconds_bucket{{nas=\"{}\",le=\"+Inf\"}} {}",
+            s.nas_id, s.latency.count
+        );
+        let _ = writeln!(
+            out,
+            "nasd_command_duration_seconds_sum{{nas=\"{}\"}} {}",
+            s.nas_id, s.latency.sum_seconds
+        );
+        let _ = writeln!(
+            out,
+            "nasd_command_duration_seconds_count{{nas=\"{}\"}} {}",
+            s.nas_id, s.latency.count
+        );
+    }
+    type Gauge = fn(&NasSnapshot) -> f64;
+    let gauges: [(&str, &str, Gauge); 6] = [
+        (
+            "nasd_nas_up",
+            "1 while the NAS has a running owner that can send (enabled, scheme found).",
+            |s| f64::from(u8::from(s.running && s.enabled && s.unavailable.is_none())),
+        ),
+        (
+            "nasd_pool_size",
+            "Commands a NAS may have in flight at once (n_workers).",
+            |s| s.pool_size as f64,
+        ),
+        ("nasd_in_flight", "Commands in flight now, by NAS.", |s| {
+            s.in_flight as f64
+        }),
+        (
+            "nasd_open_sessions",
+            "Open connections to the device, by NAS.",
+            |s| s.open_sessions as f64,
+        ),
+        (
+            "nasd_consecutive_failures",
+            "Attempts in a row that did not reach the NAS (0 after a success).",
+            |s| s.consecutive_failures as f64,
+        ),
+        (
+            "nasd_last_success_timestamp_seconds",
+            "Unix time of the last successful attempt, by NAS (0: none since start).",
+            |s| {
+                s.last_success_at
+                    .map_or(0.0, |t| t.timestamp_millis() as f64 / 1000.0)
+            },
+        ),
+    ];
+    for (name, help, pick) in gauges {
+        head(&mut out, name, "gauge", help);
+        for s in snaps {
+            let _ = writeln!(out, "{name}{{nas=\"{}\"}} {}", s.nas_id, pick(s));
+        }
+    }
+    if let Some(queues) = queues {
+        let by_nas: HashMap<i64, &NasQueue> = queues.iter().map(|q| (q.nas_id, q)).collect();
+        let mut ids: Vec<i64> = snaps.iter().map(|s| s.nas_id).collect();
+        ids.extend(queues.iter().map(|q| q.nas_id));
+        ids.sort_unstable();
+        ids.dedup();
+        let now = Utc::now();
+        head(
+            &mut out,
+            "nasd_queue_depth",
+            "gauge",
+            "Events waiting or running in events_stack, by NAS.",
+        );
+        for id in &ids {
+            let depth = by_nas.get(id).map_or(0, |q| q.depth);
+            let _ = writeln!(out, "nasd_queue_depth{{nas=\"{id}\"}} {depth}");
+        }
+        head(
+            &mut out,
+            "nasd_oldest_event_age_seconds",
+            "gauge",
+            "Age of the oldest event in events_stack, by NAS (0 when empty).",
+        );
+        for id in &ids {
+            let age = by_nas
+                .get(id)
+                .and_then(|q| q.oldest)
+                .map_or(0.0, |t| (now - t).num_milliseconds().max(0) as f64 / 1000.0);
+            let _ = writeln!(out, "nasd_oldest_event_age_seconds{{nas=\"{id}\"}} {age}");
+        }
+    }
+    if let Some(c) = compact_depth {
+        head(
+            &mut out,
+            "nasd_compact_queue_depth",
+            "gauge",
+            "Rows in events_stack_compact not yet expanded.",
+        );
+        let _ = writeln!(out, "nasd_compact_queue_depth {c}");
+    }
+    head(
+        &mut out,
+        "nasd_api_events_enqueued_total",
+        "counter",
+        "Events accepted by the HTTP API (billing-compatible and JSON).",
+    );
+    let _ = writeln!(out, "nasd_api_events_enqueued_total {api_enqueued}");
+    head(
+        &mut out,
+        "nasd_db_up",
+        "gauge",
+        "1 when the last scrape's database queries succeeded.",
+    );
+    let _ = writeln!(out, "nasd_db_up {}", u8::from(db_up));
+    head(
+        &mut out,
+        "nasd_db_pool_connections",
+        "gauge",
+        "Database pool connections by state (idle, in_use).",
+    );
+    let _ = writeln!(
+        out,
+        "nasd_db_pool_connections{{state=\"idle\"}} {}",
+        pool.idle
+    );
+    let _ = writeln!(
+        out,
+        "nasd_db_pool_connections{{state=\"in_use\"}} {}",
+        pool.size.saturating_sub(pool.idle)
+    );
+    head(
+        &mut out,
+        "nasd_db_pool_max_connections",
+        "gauge",
+        "Largest size of the database pool.",
+    );
+    let _ = writeln!(out, "nasd_db_pool_max_connections {}", pool.max);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stats::{AttemptKind, Stats};
+    use std::time::Duration;
+
+    #[test]
+    fn exposition_has_counters_histograms_and_gauges() {
+        let stats = Stats::new();
+        let n = stats.nas(7);
+        n.start();
+        n.set_runtime(4, true, None, None);
+        n.enqueued(["user_add", "user_add", "we\"ird"]);
+        n.attempts([
+            (
+                "user_add",
+                AttemptKind::Done,
+                Duration::from_millis(20),
+                None,
+            ),
+            (
+                "user_add",
+                AttemptKind::Retry,
+                Duration::from_secs(2),
+                Some("timeout"),
+            ),
+        ]);
+        let text = render(
+            &stats.snapshot(),
+            Some(&[NasQueue {
+                nas_id: 7,
+                depth: 3,
+                oldest: Some(Utc::now() - chrono::Duration::seconds(10)),
+            }]),
+            Some(2),
+            true,
+            PoolFigures {
+                size: 3,
+                idle: 1,
+                max: 8,
+            },
+            5,
+        );
+        for line in [
+            "nasd_events_enqueued_total{nas=\"7\",cmd=\"user_add\"} 2",
+            "nasd_events_enqueued_total{nas=\"7\",cmd=\"we\\\"ird\"} 1",
+            "nasd_events_finished_total{nas=\"7\",cmd=\"user_add\",outcome=\"done\"} 1",
+            "nasd_events_retried_total{nas=\"7\",cmd=\"user_add\"} 1",
+            "nasd_command_duration_seconds_bucket{nas=\"7\",le=\"0.025\"} 1",
+            "nasd_command_duration_seconds_bucket{nas=\"7\",le=\"2.5\"} 2",
+            "nasd_command_duration_seconds_bucket{nas=\"7\",le=\"+Inf\"} 2",
+            "nasd_command_duration_seconds_count{nas=\"7\"} 2",
+            "nasd_queue_depth{nas=\"7\"} 3",
+            "nasd_pool_size{nas=\"7\"} 4",
+            "nasd_nas_up{nas=\"7\"} 1",
+            "nasd_consecutive_failures{nas=\"7\"} 1",
+            "nasd_compact_queue_depth 2",
+            "nasd_api_events_enqueued_total 5",
+            "nasd_db_pool_connections{state=\"in_use\"} 2",
+            "nasd_db_pool_max_connections 8",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line} in\n{text}");
+        }
+        let age = text
+            .lines()
+            .find_map(|l| l.strip_prefix("nasd_oldest_event_age_seconds{nas=\"7\"} "))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap();
+        assert!((9.0..60.0).contains(&age), "{age}");
+    }
+}
