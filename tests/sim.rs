@@ -663,3 +663,558 @@ fn interpreter_tables() {
         assert_eq!(state.address_list.len(), *entries, "line {line:?}");
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// RADIUS CoA / Disconnect and the RouterOS API, driven by FreeRADIUS `radclient`, Python's
+// `librouteros`, and nasd's own clients.
+
+const RADIUS_SECRET: &str = "testing123";
+
+/// `echo ATTRS | radclient -x [-t 1 -r 1] 127.0.0.1:PORT KIND SECRET`: stdout and stderr
+/// together (radclient prints the reply on stdout and failures on stderr), and whether it
+/// exited successfully (it fails on a NAK or no reply).
+async fn radclient(port: u16, kind: &str, secret: &str, attributes: &str) -> (String, bool) {
+    let mut child = Command::new("radclient")
+        .args(["-x", "-t", "1", "-r", "1"])
+        .arg(format!("127.0.0.1:{port}"))
+        .args([kind, secret])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("radclient starts");
+    let mut stdin = child.stdin.take().expect("stdin piped");
+    stdin
+        .write_all(format!("{attributes}\n").as_bytes())
+        .await
+        .expect("write radclient input");
+    drop(stdin);
+    let output = timeout(CLIENT_DEADLINE, child.wait_with_output())
+        .await
+        .expect("radclient finishes in time")
+        .expect("radclient runs");
+    (
+        format!("{}{}", stdout(&output), stderr(&output)),
+        output.status.success(),
+    )
+}
+
+#[tokio::test]
+async fn radclient_coa_disconnect_and_wrong_secret() {
+    let sim = start(SimOptions {
+        auto_sessions: false,
+        ..SimOptions::default()
+    })
+    .await;
+    sim.device.add_session("u1", "s1", "10.0.0.1");
+    let port = sim.coa_addr.port();
+
+    let (out, ok) = radclient(
+        port,
+        "coa",
+        RADIUS_SECRET,
+        r#"User-Name = "u1", Acct-Session-Id = "s1", Mikrotik-Rate-Limit = "10M/10M", Message-Authenticator = 0x00"#,
+    )
+    .await;
+    assert!(ok && out.contains("Received CoA-ACK"), "{out}");
+    let session = sim.device.session("s1").expect("session kept");
+    assert_eq!(session.rate_limit, "10M/10M");
+    assert_eq!(session.coa_count, 1);
+
+    let (out, ok) = radclient(
+        port,
+        "coa",
+        RADIUS_SECRET,
+        r#"Acct-Session-Id = "s1", Mikrotik-Address-List = "negbal", Filter-Id = "redirect", Cisco-AVPair = "subscriber:command=account-logoff""#,
+    )
+    .await;
+    assert!(ok && out.contains("Received CoA-ACK"), "{out}");
+    let session = sim.device.session("s1").expect("session kept");
+    assert_eq!(
+        (
+            session.address_list.as_str(),
+            session.filter_id.as_str(),
+            session.cisco_avpair.as_str(),
+            session.rate_limit.as_str()
+        ),
+        (
+            "negbal",
+            "redirect",
+            "subscriber:command=account-logoff",
+            "10M/10M"
+        )
+    );
+
+    // With auto-sessions off an unknown session is NAKed for a CoA too.
+    let (out, ok) = radclient(port, "coa", RADIUS_SECRET, r#"Acct-Session-Id = "s2""#).await;
+    assert!(!ok && out.contains("Received CoA-NAK"), "{out}");
+    assert!(
+        out.contains("Error-Cause = Session-Context-Not-Found"),
+        "{out}"
+    );
+
+    let (out, ok) = radclient(
+        port,
+        "disconnect",
+        RADIUS_SECRET,
+        r#"User-Name = "nobody", Acct-Session-Id = "nope""#,
+    )
+    .await;
+    assert!(!ok && out.contains("Received Disconnect-NAK"), "{out}");
+    assert!(
+        out.contains("Error-Cause = Session-Context-Not-Found"),
+        "{out}"
+    );
+
+    let (out, ok) = radclient(
+        port,
+        "disconnect",
+        RADIUS_SECRET,
+        r#"User-Name = "u1", Acct-Session-Id = "s1""#,
+    )
+    .await;
+    assert!(ok && out.contains("Received Disconnect-ACK"), "{out}");
+    assert!(sim.device.session("s1").is_none(), "disconnect removes it");
+
+    let dropped_before = sim.device.counters().coa_dropped;
+    let (out, ok) = radclient(
+        port,
+        "coa",
+        "not-the-secret",
+        r#"User-Name = "u1", Message-Authenticator = 0x00"#,
+    )
+    .await;
+    assert!(!ok && out.contains("No reply from server"), "{out}");
+    let counters = sim.device.counters();
+    assert_eq!(counters.coa_dropped, dropped_before + 1);
+    assert_eq!((counters.coa_acks, counters.coa_naks), (3, 2));
+    sim.stop().await;
+}
+
+fn radius_target(sim: &Sim, secret: &str) -> nasd::transport::Target {
+    nasd::transport::Target {
+        nas_id: 1,
+        nas_name: "sim".into(),
+        host: "127.0.0.1".into(),
+        port: sim.coa_addr.port(),
+        login: None,
+        password: None,
+        secret: Some(nasd::store::Secret::new(secret.to_string())),
+        max_sessions: 4,
+    }
+}
+
+fn radius_client(sim: &Sim, secret: &str, wait: Duration) -> nasd::transport::radius::RadiusClient {
+    use nasd::transport::radius::{RadiusClient, RadiusOptions};
+    RadiusClient::new(
+        radius_target(sim, secret),
+        RadiusOptions {
+            timeout: wait,
+            tries: 1,
+            ..RadiusOptions::default()
+        },
+    )
+}
+
+#[tokio::test]
+async fn nasd_radius_client_accepts_the_sim_replies() {
+    use nasd::transport::Verdict;
+    // Default options: auto-sessions on.
+    let sim = start(SimOptions::default()).await;
+    let client = radius_client(&sim, RADIUS_SECRET, Duration::from_secs(2));
+
+    let reply = client
+        .send(r#"coa User-Name = "u7", Acct-Session-Id = "s7", Mikrotik-Rate-Limit = "5M/5M""#)
+        .await;
+    assert_eq!(reply.verdict, Verdict::Done, "{reply:?}");
+    assert!(reply.answer.starts_with("CoA-ACK"), "{reply:?}");
+    let session = sim.device.session("s7").expect("auto-created");
+    assert_eq!(
+        (session.user.as_str(), session.rate_limit.as_str()),
+        ("u7", "5M/5M")
+    );
+
+    // The disconnect of a session that is already gone is done for the event.
+    let reply = client.send(r#"disconnect Acct-Session-Id = "gone""#).await;
+    assert_eq!(reply.verdict, Verdict::Done, "{reply:?}");
+    assert!(
+        reply.answer.contains("Session-Context-Not-Found"),
+        "{reply:?}"
+    );
+    let reply = client.send(r#"disconnect Acct-Session-Id = "s7""#).await;
+    assert_eq!(reply.verdict, Verdict::Done, "{reply:?}");
+    assert!(reply.answer.starts_with("Disconnect-ACK"), "{reply:?}");
+    assert!(sim.device.session("s7").is_none());
+
+    // A wrong secret gets no answer at all: the client times out.
+    let wrong = radius_client(&sim, "wrong", Duration::from_millis(300));
+    let reply = wrong.send(r#"coa User-Name = "u8""#).await;
+    assert!(matches!(reply.verdict, Verdict::Retry(_)), "{reply:?}");
+    assert!(sim.device.session("u8").is_none());
+    assert_eq!(sim.device.counters().coa_dropped, 1);
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn coa_hang_fault_applies_without_answering_and_latency_delays() {
+    use nasd::transport::Verdict;
+    let sim = start(SimOptions {
+        fault: vec!["hang:1".into()],
+        ..SimOptions::default()
+    })
+    .await;
+    let client = radius_client(&sim, RADIUS_SECRET, Duration::from_millis(300));
+    let reply = client
+        .send(r#"coa User-Name = "h1", Mikrotik-Rate-Limit = "1M/1M""#)
+        .await;
+    assert!(matches!(reply.verdict, Verdict::Retry(_)), "{reply:?}");
+    let session = sim.device.session("h1").expect("applied");
+    assert_eq!(session.rate_limit, "1M/1M");
+    sim.stop().await;
+
+    let sim = start(SimOptions {
+        latency: "200ms".into(),
+        ..SimOptions::default()
+    })
+    .await;
+    let client = radius_client(&sim, RADIUS_SECRET, Duration::from_secs(2));
+    let started = Instant::now();
+    let (a, b, c, d) = tokio::join!(
+        client.send(r#"coa User-Name = "l1""#),
+        client.send(r#"coa User-Name = "l2""#),
+        client.send(r#"coa User-Name = "l3""#),
+        client.send(r#"coa User-Name = "l4""#),
+    );
+    let replies = [a, b, c, d];
+    let elapsed = started.elapsed();
+    for reply in &replies {
+        assert_eq!(reply.verdict, nasd::transport::Verdict::Done, "{reply:?}");
+    }
+    // Every request waited the latency, concurrently: one after the other would be 800ms.
+    assert!(
+        elapsed >= Duration::from_millis(200) && elapsed < Duration::from_millis(700),
+        "{elapsed:?}"
+    );
+    sim.stop().await;
+}
+
+/// Pipelines CoA requests over one socket (up to 256 in flight, one per identifier) and
+/// checks every reply; prints the rate, which is the simulator's plus this client's cost.
+#[tokio::test]
+async fn coa_server_sustains_thousands_of_requests() {
+    use nasd::transport::radius::{
+        COA_ACK, Dictionary, encode_request, parse_request, verify_reply,
+    };
+    const TOTAL: usize = 5000;
+    let sim = start(SimOptions::default()).await;
+    let dict = Dictionary::builtin();
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("bind client");
+    socket.connect(sim.coa_addr).await.expect("connect");
+    let mut in_flight: std::collections::HashMap<u8, [u8; 16]> = Default::default();
+    let (mut sent, mut acked) = (0usize, 0usize);
+    let mut buffer = [0u8; 4096];
+    let started = Instant::now();
+    while acked < TOTAL {
+        while sent < TOTAL && in_flight.len() < 128 {
+            let id = (sent % 256) as u8;
+            let text = format!(
+                r#"coa User-Name = "bench{sent}", Acct-Session-Id = "b{sent}", Mikrotik-Rate-Limit = "1M/1M""#
+            );
+            let request = parse_request(&text, &dict).expect("parses");
+            let (packet, authenticator) =
+                encode_request(&request, id, RADIUS_SECRET.as_bytes()).expect("encodes");
+            socket.send(&packet).await.expect("send");
+            in_flight.insert(id, authenticator);
+            sent += 1;
+        }
+        let len = timeout(Duration::from_secs(5), socket.recv(&mut buffer))
+            .await
+            .expect("a reply within 5s (none lost on loopback)")
+            .expect("recv");
+        let id = buffer[1];
+        let authenticator = in_flight.remove(&id).expect("reply to a request in flight");
+        let reply = verify_reply(&buffer[..len], id, &authenticator, RADIUS_SECRET.as_bytes())
+            .expect("reply verifies");
+        assert_eq!(reply.code, COA_ACK);
+        acked += 1;
+    }
+    let elapsed = started.elapsed();
+    println!(
+        "coa: {TOTAL} requests in {elapsed:?} = {:.0}/s",
+        TOTAL as f64 / elapsed.as_secs_f64()
+    );
+    assert_eq!(sim.device.state().sessions.len(), TOTAL);
+    sim.stop().await;
+}
+
+/// librouteros (PyPI, 4.2.2): login, add, duplicate add, print with a query and a
+/// proplist, remove by id, a wrong password; results as JSON.
+const LIBROUTEROS_CLIENT: &str = r#"
+import json, sys
+from librouteros import connect
+from librouteros.exceptions import TrapError
+from librouteros.query import Key
+port = int(sys.argv[1])
+out = {}
+api = connect(host="127.0.0.1", username="admin", password="admin", port=port, timeout=10)
+lists = api.path("ip", "firewall", "address-list")
+out["id1"] = lists.add(list="negbal", address="10.88.0.15", comment="crb_10.88.0.15")
+out["id2"] = lists.add(list="allowed", address="10.88.0.16", comment="crb_10.88.0.16")
+try:
+    lists.add(list="negbal", address="10.88.0.15")
+    out["duplicate"] = "accepted"
+except TrapError as e:
+    out["duplicate"] = e.message
+out["query"] = list(lists.select(Key(".id"), Key("address")).where(Key("comment") == "crb_10.88.0.15"))
+out["raw_query"] = list(api.rawCmd("/ip/firewall/address-list/print", "?list=allowed"))
+lists.remove(out["id1"])
+try:
+    lists.remove("*99")
+    out["missing"] = "accepted"
+except TrapError as e:
+    out["missing"] = e.message
+queues = api.path("queue", "simple")
+qid = queues.add(name="q1", target="10.88.0.16", **{"max-limit": "1M/1M"})
+queues.update(**{".id": qid, "max-limit": "2M/2M"})
+out["queues"] = list(queues)
+out["identity"] = list(api.path("system", "identity"))
+try:
+    list(api.rawCmd("/system/reboot"))
+    out["unknown"] = "accepted"
+except TrapError as e:
+    out["unknown"] = e.message
+api.close()
+try:
+    connect(host="127.0.0.1", username="admin", password="wrong", port=port, timeout=10)
+    out["bad_login"] = "accepted"
+except TrapError as e:
+    out["bad_login"] = e.message
+print(json.dumps(out))
+"#;
+
+#[tokio::test]
+async fn librouteros_client_adds_prints_and_removes() {
+    let sim = start(SimOptions::default()).await;
+    let output = timeout(
+        CLIENT_DEADLINE,
+        Command::new("/work/main/.venv-peers/bin/python")
+            .args(["-c", LIBROUTEROS_CLIENT, &sim.api_addr.port().to_string()])
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("librouteros finishes in time")
+    .expect("python runs");
+    assert!(
+        output.status.success(),
+        "librouteros client failed: {}",
+        stderr(&output)
+    );
+    let report: Value = serde_json::from_slice(&output.stdout).expect("client prints JSON");
+    assert_eq!(report["id1"], "*1");
+    assert_eq!(report["id2"], "*2");
+    assert_eq!(report["duplicate"], "failure: already have such entry");
+    assert_eq!(
+        report["query"],
+        serde_json::json!([{".id": "*1", "address": "10.88.0.15"}])
+    );
+    assert_eq!(
+        report["raw_query"],
+        serde_json::json!([{
+            ".id": "*2", "list": "allowed", "address": "10.88.0.16",
+            "dynamic": false, "disabled": false, "comment": "crb_10.88.0.16"
+        }])
+    );
+    assert_eq!(report["missing"], "no such item");
+    assert_eq!(report["queues"][0]["max-limit"], "2M/2M");
+    assert_eq!(report["queues"][0]["target"], "10.88.0.16/32");
+    assert_eq!(report["identity"], serde_json::json!([{"name": "sim"}]));
+    assert_eq!(report["unknown"], "no such command prefix");
+    assert_eq!(report["bad_login"], "invalid user name or password (6)");
+    assert_eq!(
+        addresses(&sim),
+        vec![(
+            "allowed".to_string(),
+            "10.88.0.16".to_string(),
+            "crb_10.88.0.16".to_string()
+        )]
+    );
+    assert_eq!(sim.device.counters().auth_failures, 1);
+    sim.stop().await;
+}
+
+fn api_pool(sim: &Sim, password: &str) -> nasd::transport::routeros_api::ApiPool {
+    use nasd::transport::routeros_api::{ApiOptions, ApiPool};
+    ApiPool::new(
+        nasd::transport::Target {
+            nas_id: 2,
+            nas_name: "sim".into(),
+            host: "127.0.0.1".into(),
+            port: sim.api_addr.port(),
+            login: Some("admin".into()),
+            password: Some(nasd::store::Secret::new(password.to_string())),
+            secret: None,
+            max_sessions: 2,
+        },
+        ApiOptions::default(),
+    )
+}
+
+#[tokio::test]
+async fn nasd_api_pool_runs_the_mikrotik_api_scheme_commands() {
+    let sim = start(SimOptions::default()).await;
+    let pool = api_pool(&sim, "admin");
+    let wait = Duration::from_secs(5);
+    let ip = "10.88.0.15";
+    // `user_add`, then `user_redirect` twice, as schemes/mikrotik-api renders them.
+    let user_add = vec![
+        format!("/ip/firewall/address-list/add =list=allowed =address={ip} =comment=crb_{ip}"),
+        format!(
+            "/queue/simple/add =name=crb_{ip} =target={ip}/32 =max-limit=1024k/2048k =comment=crb_{ip}"
+        ),
+    ];
+    let redirect = vec![format!(
+        "/ip/firewall/address-list/add =list=negbal =address={ip} =comment=crb_{ip}"
+    )];
+    let result = pool.run(&user_add, wait).await;
+    assert!(result.error.is_none(), "{result:?}");
+    let outputs: Vec<&str> = result.exchanges.iter().map(|e| e.output.as_str()).collect();
+    assert_eq!(outputs, ["ret=*1", "ret=*2"]);
+    pool.run(&redirect, wait).await;
+    let result = pool.run(&redirect, wait).await;
+    assert_eq!(
+        result.exchanges[0].output, "failure: already have such entry",
+        "{result:?}"
+    );
+
+    let info = vec![format!("/ip/firewall/address-list/print ?address={ip}")];
+    let result = pool.run(&info, wait).await;
+    assert_eq!(result.exchanges[0].output.lines().count(), 2, "{result:?}");
+
+    // `user_redirect_cancel`, then `user_del`: the find-then-act path (`?` queries on
+    // remove become a print of `.id`s, then `remove =.id=...`).
+    let cancel = vec![format!(
+        "/ip/firewall/address-list/remove ?list=negbal ?comment=crb_{ip}"
+    )];
+    let result = pool.run(&cancel, wait).await;
+    assert!(result.error.is_none(), "{result:?}");
+    assert_eq!(addresses(&sim).len(), 1);
+    let user_del = vec![
+        format!("/ip/firewall/address-list/remove ?comment=crb_{ip}"),
+        format!("/queue/simple/remove ?comment=crb_{ip}"),
+    ];
+    let result = pool.run(&user_del, wait).await;
+    assert!(result.error.is_none(), "{result:?}");
+    assert!(
+        result.exchanges.iter().all(|e| e.output.is_empty()),
+        "{result:?}"
+    );
+    let state = sim.device.state();
+    assert!(state.address_list.is_empty() && state.queues.is_empty());
+    // Nothing left: the same removal is a no-op, as `[find]` is on the CLI.
+    let result = pool.run(&user_del, wait).await;
+    assert!(result.error.is_none(), "{result:?}");
+    pool.close().await;
+
+    // The pre-6.43 MD5 challenge login works too.
+    let legacy = nasd::transport::routeros_api::ApiPool::new(
+        nasd::transport::Target {
+            nas_id: 3,
+            nas_name: "sim".into(),
+            host: "127.0.0.1".into(),
+            port: sim.api_addr.port(),
+            login: Some("admin".into()),
+            password: Some(nasd::store::Secret::new("admin".to_string())),
+            secret: None,
+            max_sessions: 1,
+        },
+        nasd::transport::routeros_api::ApiOptions {
+            legacy_login: true,
+            ..Default::default()
+        },
+    );
+    let result = legacy.run(&info, wait).await;
+    assert!(result.error.is_none(), "{result:?}");
+    legacy.close().await;
+
+    let wrong = api_pool(&sim, "nope");
+    let result = wrong.run(&info, wait).await;
+    assert!(
+        matches!(result.error, Some(nasd::transport::SessionError::Auth(..))),
+        "{result:?}"
+    );
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn api_max_sessions_and_drop_fault() {
+    let sim = start(SimOptions {
+        max_sessions: 1,
+        fault: vec!["drop:1".into()],
+        ..SimOptions::default()
+    })
+    .await;
+    use nasd::transport::routeros_api::{SentenceDecoder, encode_sentence};
+    async fn read_sentence(stream: &mut tokio::net::TcpStream) -> Option<Vec<String>> {
+        let mut decoder = SentenceDecoder::new();
+        let mut buffer = [0u8; 1024];
+        loop {
+            if let Some(sentence) = decoder.next_sentence().expect("in step") {
+                return Some(sentence);
+            }
+            let count = timeout(Duration::from_secs(5), stream.read(&mut buffer))
+                .await
+                .expect("read in time")
+                .expect("read");
+            if count == 0 {
+                return None;
+            }
+            decoder.push(&buffer[..count]);
+        }
+    }
+    let words = |list: &[&str]| list.iter().map(|w| w.to_string()).collect::<Vec<_>>();
+    let mut first = tokio::net::TcpStream::connect(sim.api_addr)
+        .await
+        .expect("connect");
+    first
+        .write_all(&encode_sentence(&words(&[
+            "/login",
+            "=name=admin",
+            "=password=admin",
+            ".tag=7",
+        ])))
+        .await
+        .expect("write");
+    assert_eq!(
+        read_sentence(&mut first).await,
+        Some(words(&["!done", ".tag=7"]))
+    );
+
+    let mut second = tokio::net::TcpStream::connect(sim.api_addr)
+        .await
+        .expect("connect");
+    assert_eq!(
+        read_sentence(&mut second).await,
+        Some(words(&["!fatal", "too many sessions"]))
+    );
+    assert_eq!(sim.device.counters().sessions_refused, 1);
+
+    first
+        .write_all(&encode_sentence(&words(&[
+            "/ip/firewall/address-list/add",
+            "=list=a",
+            "=address=1.1.1.1",
+        ])))
+        .await
+        .expect("write");
+    assert_eq!(read_sentence(&mut first).await, None, "dropped");
+    assert!(
+        addresses(&sim).is_empty(),
+        "a dropped command is not applied"
+    );
+    sim.stop().await;
+}

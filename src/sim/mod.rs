@@ -1,10 +1,14 @@
-//! The NAS simulator: a fake MikroTik RouterOS box (SSH and telnet CLI) that the demo,
-//! the benchmarks and the tests drive over real sockets.
+//! The NAS simulator: a fake MikroTik RouterOS box (SSH and telnet CLI, the binary API,
+//! and a RADIUS CoA / Disconnect server) that the demo, the benchmarks and the tests drive
+//! over real sockets.
 //!
-//! `routeros` is the pure interpreter and the shared `Device`; `ssh_server` and
-//! `telnet_server` are thin protocol shells around the session logic kept here (latency,
-//! fault injection, line editing), so both protocols behave the same way.
+//! `routeros` is the pure interpreter and the shared `Device`; `ssh_server`,
+//! `telnet_server`, `api_server` and `radius_server` are thin protocol shells around the
+//! session logic kept here (latency, fault injection, line editing), so every protocol
+//! behaves the same way and changes the same state.
 
+mod api_server;
+mod radius_server;
 pub mod routeros;
 mod ssh_server;
 mod telnet_server;
@@ -16,16 +20,18 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use rand::Rng as _;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use routeros::{Device, DeviceCounters, Protocol, RouterState, execute};
+pub use routeros::{
+    CoaOutcome, Device, DeviceCounters, Protocol, RadiusSession, RouterState, execute,
+};
 
 /// Command-line options of `nasd sim`.
 #[derive(Clone, Debug, clap::Args)]
 pub struct SimOptions {
-    /// Address both listeners bind to.
+    /// Address every listener (SSH, telnet, API, CoA) binds to.
     #[arg(long, default_value = "127.0.0.1")]
     pub listen: String,
     /// SSH port; 0 picks a free port (printed at start).
@@ -34,6 +40,21 @@ pub struct SimOptions {
     /// Telnet port; 0 picks a free port (printed at start).
     #[arg(long, default_value_t = 0)]
     pub telnet_port: u16,
+    /// RADIUS CoA / Disconnect UDP port; 0 picks a free port (printed at start).
+    #[arg(long, default_value_t = 0)]
+    pub coa_port: u16,
+    /// RouterOS API TCP port; 0 picks a free port (printed at start).
+    #[arg(long, default_value_t = 0)]
+    pub api_port: u16,
+    /// RADIUS shared secret the CoA server verifies requests and signs replies with.
+    #[arg(long, default_value = "testing123")]
+    pub secret: String,
+    /// A CoA-Request naming an unknown session creates it (and is ACKed) instead of
+    /// being NAKed with Session-Context-Not-Found, so benchmarks need no session setup.
+    /// Disconnect-Requests for unknown sessions are NAKed either way.
+    /// `--auto-sessions=false` turns it off.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub auto_sessions: bool,
     #[arg(long, default_value = "admin")]
     pub user: String,
     #[arg(long, default_value = "admin")]
@@ -41,11 +62,13 @@ pub struct SimOptions {
     /// Delay before each command is answered, e.g. `50ms`.
     #[arg(long, default_value = "0ms")]
     pub latency: String,
-    /// Live connections allowed per protocol; more are refused and counted.
+    /// Live connections allowed per protocol (SSH, telnet, API); more are refused and
+    /// counted.
     #[arg(long, default_value_t = 100)]
     pub max_sessions: usize,
     /// `drop:P` drops the connection on a command with probability P (the command is not
-    /// applied), `hang:P` applies a command and never answers, `refuse-auth` rejects logins.
+    /// applied; a CoA request is left unanswered), `hang:P` applies a command and never
+    /// answers, `refuse-auth` rejects logins (CLI and API).
     #[arg(long)]
     pub fault: Vec<String>,
     /// The router identity shown in the prompt and by `/system identity print`.
@@ -63,6 +86,10 @@ impl Default for SimOptions {
             listen: "127.0.0.1".to_string(),
             ssh_port: 0,
             telnet_port: 0,
+            coa_port: 0,
+            api_port: 0,
+            secret: "testing123".to_string(),
+            auto_sessions: true,
             user: "admin".to_string(),
             password: "admin".to_string(),
             latency: "0ms".to_string(),
@@ -122,7 +149,18 @@ pub(crate) enum Outcome {
     Quit,
 }
 
-/// Settings and state every session of both protocols reads.
+/// What the faults decided for one command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Fate {
+    /// Apply and answer.
+    Answer,
+    /// Do not apply, close the connection (or, over UDP, do not answer).
+    Drop,
+    /// Apply, never answer.
+    Hang,
+}
+
+/// Settings and state every session of every protocol reads.
 pub(crate) struct Shared {
     pub device: Device,
     pub user: String,
@@ -148,27 +186,51 @@ impl Shared {
         if matches!(line, "/quit" | "quit") {
             return Outcome::Quit;
         }
-        if !self.latency.is_zero() {
-            tokio::select! {
-                _ = cancel.cancelled() => return Outcome::Drop,
-                _ = tokio::time::sleep(self.latency) => {}
-            }
+        if !self.wait_latency(cancel).await {
+            return Outcome::Drop;
+        }
+        let fate = self.roll_faults();
+        if fate == Fate::Drop {
+            tracing::debug!(command = line, "sim: fault drops the connection");
+            return Outcome::Drop;
+        }
+        let answer = self.device.execute(line);
+        tracing::debug!(command = line, answer = answer.as_str(), "sim: command");
+        if fate == Fate::Hang {
+            tracing::debug!(command = line, "sim: fault hangs the session");
+            return Outcome::Hang;
+        }
+        Outcome::Answer(answer)
+    }
+
+    /// Waits the configured latency; false when shutdown cut the wait short.
+    pub async fn wait_latency(&self, cancel: &CancellationToken) -> bool {
+        if self.latency.is_zero() {
+            return true;
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => false,
+            _ = tokio::time::sleep(self.latency) => true,
+        }
+    }
+
+    /// Rolls `drop:P` and `hang:P` for one command. Without faults no random number is
+    /// drawn, which keeps the CoA hot path cheap.
+    pub fn roll_faults(&self) -> Fate {
+        if self.faults.drop_probability <= 0.0 && self.faults.hang_probability <= 0.0 {
+            return Fate::Answer;
         }
         let (drop_roll, hang_roll) = {
             let mut rng = rand::rng();
             (rng.random::<f64>(), rng.random::<f64>())
         };
         if drop_roll < self.faults.drop_probability {
-            tracing::debug!(command = line, "sim: fault drops the connection");
-            return Outcome::Drop;
+            Fate::Drop
+        } else if hang_roll < self.faults.hang_probability {
+            Fate::Hang
+        } else {
+            Fate::Answer
         }
-        let answer = self.device.execute(line);
-        tracing::debug!(command = line, answer = answer.as_str(), "sim: command");
-        if hang_roll < self.faults.hang_probability {
-            tracing::debug!(command = line, "sim: fault hangs the session");
-            return Outcome::Hang;
-        }
-        Outcome::Answer(answer)
     }
 }
 
@@ -273,6 +335,10 @@ pub(crate) const BANNER: &str = "\r\n  MikroTik RouterOS 7.16 (c) 1999-2024     
 pub struct Sim {
     pub ssh_addr: SocketAddr,
     pub telnet_addr: SocketAddr,
+    /// The RADIUS CoA / Disconnect server (UDP).
+    pub coa_addr: SocketAddr,
+    /// The RouterOS API server (TCP).
+    pub api_addr: SocketAddr,
     pub device: Device,
     /// The SSH host public key in OpenSSH form (`ssh-ed25519 AAAA...`), for pinning.
     pub host_public_key: String,
@@ -293,7 +359,7 @@ impl Sim {
     }
 }
 
-/// Binds both listeners, spawns the servers and returns once they are listening.
+/// Binds every listener, spawns the servers and returns once they are listening.
 pub async fn start(opts: &SimOptions, shutdown: CancellationToken) -> anyhow::Result<Sim> {
     let latency = crate::duration::parse_duration(&opts.latency)
         .map_err(|e| anyhow::anyhow!("sim: --latency: {e}"))?;
@@ -315,8 +381,16 @@ pub async fn start(opts: &SimOptions, shutdown: CancellationToken) -> anyhow::Re
                 opts.listen, opts.telnet_port
             )
         })?;
+    let api_listener = TcpListener::bind((opts.listen.as_str(), opts.api_port))
+        .await
+        .with_context(|| format!("sim: binding api on {}:{}", opts.listen, opts.api_port))?;
+    let coa_socket = UdpSocket::bind((opts.listen.as_str(), opts.coa_port))
+        .await
+        .with_context(|| format!("sim: binding coa on {}:{}", opts.listen, opts.coa_port))?;
     let ssh_addr = ssh_listener.local_addr()?;
     let telnet_addr = telnet_listener.local_addr()?;
+    let api_addr = api_listener.local_addr()?;
+    let coa_addr = coa_socket.local_addr()?;
 
     let device = Device::new(&opts.identity);
     let shared = Arc::new(Shared {
@@ -337,6 +411,22 @@ pub async fn start(opts: &SimOptions, shutdown: CancellationToken) -> anyhow::Re
     ));
     tasks.spawn(telnet_server::serve(
         telnet_listener,
+        shared.clone(),
+        shutdown.clone(),
+        tasks.clone(),
+    ));
+    tasks.spawn(api_server::serve(
+        api_listener,
+        shared.clone(),
+        shutdown.clone(),
+        tasks.clone(),
+    ));
+    tasks.spawn(radius_server::serve(
+        coa_socket,
+        radius_server::Settings {
+            secret: opts.secret.clone().into_bytes(),
+            auto_sessions: opts.auto_sessions,
+        },
         shared,
         shutdown.clone(),
         tasks.clone(),
@@ -347,6 +437,8 @@ pub async fn start(opts: &SimOptions, shutdown: CancellationToken) -> anyhow::Re
     Ok(Sim {
         ssh_addr,
         telnet_addr,
+        coa_addr,
+        api_addr,
         device,
         host_public_key,
         shutdown,
@@ -359,8 +451,15 @@ pub async fn run(opts: SimOptions) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let sim = start(&opts, shutdown.clone()).await?;
     println!(
-        "sim: ssh on {}, telnet on {}, user {}",
-        sim.ssh_addr, sim.telnet_addr, opts.user
+        "sim: ssh on {}, telnet on {}, api on {}, user {}",
+        sim.ssh_addr, sim.telnet_addr, sim.api_addr, opts.user
+    );
+    // The secret itself is not printed: it came from the command line, and logs of
+    // a demo should not teach anyone to paste secrets around.
+    println!(
+        "sim: coa on {} (udp), auto-sessions {}",
+        sim.coa_addr,
+        if opts.auto_sessions { "on" } else { "off" }
     );
     println!("sim: host key {}", sim.host_public_key);
     wait_for_signal().await?;
@@ -374,8 +473,13 @@ pub async fn run(opts: SimOptions) -> anyhow::Result<()> {
         tracing::warn!("sim: sessions still open after 5s, exiting anyway");
     }
     println!(
-        "sim: stopped after {} commands, {} sessions ({} refused)",
-        counters.commands_executed, counters.sessions_opened, counters.sessions_refused
+        "sim: stopped after {} commands, {} sessions ({} refused), coa {} ack / {} nak / {} dropped",
+        counters.commands_executed,
+        counters.sessions_opened,
+        counters.sessions_refused,
+        counters.coa_acks,
+        counters.coa_naks,
+        counters.coa_dropped
     );
     Ok(())
 }

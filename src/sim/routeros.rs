@@ -4,7 +4,11 @@
 //! error anywhere runs nothing, as on RouterOS), then runs its commands in order and stops
 //! at the first runtime error. Only the menus nasd's schemes touch are modelled: firewall
 //! address lists, simple queues and the system identity.
+//!
+//! The `Device` also keeps the subscriber sessions a RADIUS CoA / Disconnect server
+//! acts on (`sessions`), so the CoA side and the CLI/API side show in one snapshot.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -31,12 +35,33 @@ pub struct SimpleQueue {
     pub disabled: bool,
 }
 
+/// One subscriber session (PPPoE / hotspot) as the CoA server sees it, with what the
+/// last CoA requests set on it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct RadiusSession {
+    pub user: String,
+    pub acct_session_id: String,
+    pub ip: String,
+    /// `Mikrotik-Rate-Limit` (vendor 14988, attribute 8), e.g. `10M/10M`.
+    pub rate_limit: String,
+    /// `Mikrotik-Address-List` (14988/19).
+    pub address_list: String,
+    pub filter_id: String,
+    /// The last `Cisco-AVPair` (9/1) received, e.g. `subscriber:command=account-logon`.
+    pub cisco_avpair: String,
+    /// CoA requests applied to this session.
+    pub coa_count: u64,
+}
+
 /// The configuration a RouterOS box would hold, as far as the simulator models it.
 #[derive(Clone, Debug, Serialize)]
 pub struct RouterState {
     pub identity: String,
     pub address_list: Vec<AddressListEntry>,
     pub queues: Vec<SimpleQueue>,
+    /// Active subscriber sessions, keyed by Acct-Session-Id (by user name for a session
+    /// added without one).
+    pub sessions: BTreeMap<String, RadiusSession>,
     /// RouterOS internal ids (`*1`, `*2`, ...) are unique across menus and never reused.
     #[serde(skip)]
     next_id: u32,
@@ -48,6 +73,7 @@ impl RouterState {
             identity: identity.to_string(),
             address_list: Vec::new(),
             queues: Vec::new(),
+            sessions: BTreeMap::new(),
             next_id: 1,
         }
     }
@@ -64,12 +90,15 @@ impl RouterState {
 pub enum Protocol {
     Ssh,
     Telnet,
+    /// The RouterOS API (TCP 8728).
+    Api,
 }
 
 /// Counters a test or the demo reads to see what the device went through.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct DeviceCounters {
-    /// Lines handed to the interpreter (one line may hold several `;`-separated commands).
+    /// CLI lines handed to the interpreter (one line may hold several `;`-separated
+    /// commands), API sentences and verified CoA / Disconnect requests applied.
     pub commands_executed: u64,
     /// Connections accepted under the session limit.
     pub sessions_opened: u64,
@@ -77,17 +106,47 @@ pub struct DeviceCounters {
     pub sessions_refused: u64,
     /// Rejected logins (wrong credentials or the `refuse-auth` fault).
     pub auth_failures: u64,
-    /// Connections open right now, both protocols together.
+    /// Connections open right now, all protocols together.
     pub live_sessions: u64,
     /// The highest `live_sessions` seen.
     pub max_concurrent_sessions: u64,
+    /// CoA / Disconnect requests answered with an ACK.
+    pub coa_acks: u64,
+    /// CoA / Disconnect requests answered with a NAK.
+    pub coa_naks: u64,
+    /// Datagrams dropped unanswered because they failed verification (wrong secret, bad
+    /// Message-Authenticator, malformed) or were not a CoA / Disconnect request.
+    pub coa_dropped: u64,
 }
 
 #[derive(Default)]
 struct LiveSessions {
     ssh: usize,
     telnet: usize,
+    api: usize,
     max_total: usize,
+}
+
+impl LiveSessions {
+    fn slot(&mut self, protocol: Protocol) -> &mut usize {
+        match protocol {
+            Protocol::Ssh => &mut self.ssh,
+            Protocol::Telnet => &mut self.telnet,
+            Protocol::Api => &mut self.api,
+        }
+    }
+
+    fn total(&self) -> usize {
+        self.ssh + self.telnet + self.api
+    }
+}
+
+/// What became of one CoA / Disconnect datagram, for the counters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CoaOutcome {
+    Ack,
+    Nak,
+    Dropped,
 }
 
 #[derive(Default)]
@@ -96,6 +155,9 @@ struct Counters {
     sessions_opened: AtomicU64,
     sessions_refused: AtomicU64,
     auth_failures: AtomicU64,
+    coa_acks: AtomicU64,
+    coa_naks: AtomicU64,
+    coa_dropped: AtomicU64,
     live: Mutex<LiveSessions>,
 }
 
@@ -124,10 +186,8 @@ pub struct SessionGuard {
 impl Drop for SessionGuard {
     fn drop(&mut self) {
         let mut live = self.counters.live();
-        match self.protocol {
-            Protocol::Ssh => live.ssh = live.ssh.saturating_sub(1),
-            Protocol::Telnet => live.telnet = live.telnet.saturating_sub(1),
-        }
+        let slot = live.slot(self.protocol);
+        *slot = slot.saturating_sub(1);
     }
 }
 
@@ -155,6 +215,49 @@ impl Device {
         execute(&mut self.lock(), line)
     }
 
+    /// Runs one non-CLI command (an API sentence, a CoA request) against the state under
+    /// the lock, so it is atomic with respect to every other session, and counts it.
+    pub fn apply<R>(&self, command: impl FnOnce(&mut RouterState) -> R) -> R {
+        self.counters
+            .commands_executed
+            .fetch_add(1, Ordering::Relaxed);
+        command(&mut self.lock())
+    }
+
+    /// Preloads an active subscriber session for the CoA server (tests, bench, demo).
+    /// It is keyed by `acct_session_id`, or by `user` when that is empty; an existing
+    /// session under the same key is replaced.
+    pub fn add_session(&self, user: &str, acct_session_id: &str, ip: &str) {
+        let key = if acct_session_id.is_empty() {
+            user
+        } else {
+            acct_session_id
+        };
+        self.lock().sessions.insert(
+            key.to_string(),
+            RadiusSession {
+                user: user.to_string(),
+                acct_session_id: acct_session_id.to_string(),
+                ip: ip.to_string(),
+                ..RadiusSession::default()
+            },
+        );
+    }
+
+    /// The session stored under `key` (its Acct-Session-Id, or user name).
+    pub fn session(&self, key: &str) -> Option<RadiusSession> {
+        self.lock().sessions.get(key).cloned()
+    }
+
+    pub fn record_coa(&self, outcome: CoaOutcome) {
+        let counter = match outcome {
+            CoaOutcome::Ack => &self.counters.coa_acks,
+            CoaOutcome::Nak => &self.counters.coa_naks,
+            CoaOutcome::Dropped => &self.counters.coa_dropped,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// A copy of the current configuration.
     pub fn state(&self) -> RouterState {
         self.lock().clone()
@@ -172,8 +275,11 @@ impl Device {
             sessions_opened: self.counters.sessions_opened.load(Ordering::Relaxed),
             sessions_refused: self.counters.sessions_refused.load(Ordering::Relaxed),
             auth_failures: self.counters.auth_failures.load(Ordering::Relaxed),
-            live_sessions: (live.ssh + live.telnet) as u64,
+            live_sessions: live.total() as u64,
             max_concurrent_sessions: live.max_total as u64,
+            coa_acks: self.counters.coa_acks.load(Ordering::Relaxed),
+            coa_naks: self.counters.coa_naks.load(Ordering::Relaxed),
+            coa_dropped: self.counters.coa_dropped.load(Ordering::Relaxed),
         }
     }
 
@@ -181,10 +287,7 @@ impl Device {
     /// counts the session as opened or refused.
     pub fn try_open_session(&self, protocol: Protocol, max: usize) -> Option<SessionGuard> {
         let mut live = self.counters.live();
-        let slot = match protocol {
-            Protocol::Ssh => &mut live.ssh,
-            Protocol::Telnet => &mut live.telnet,
-        };
+        let slot = live.slot(protocol);
         if *slot >= max {
             self.counters
                 .sessions_refused
@@ -192,7 +295,7 @@ impl Device {
             return None;
         }
         *slot += 1;
-        live.max_total = live.max_total.max(live.ssh + live.telnet);
+        live.max_total = live.max_total.max(live.total());
         self.counters
             .sessions_opened
             .fetch_add(1, Ordering::Relaxed);
@@ -213,6 +316,7 @@ impl Device {
             "identity": state.identity,
             "address_list": state.address_list,
             "queues": state.queues,
+            "sessions": state.sessions,
             "counters": self.counters(),
         })
     }
