@@ -58,6 +58,20 @@ if [ ${#need[@]} -gt 0 ]; then
     apt_install "${need[@]}"
 fi
 mkdir -p /run/sshd
+# The SSH tests log in as this user, whose shell is /bin/sh: root's bash would read
+# ~/.bashrc for every command sshd runs (Debian's bash does so under sshd).
+id nasdpeer >/dev/null 2>&1 || $SUDO useradd --system --shell /bin/sh --home-dir /nonexistent --no-create-home nasdpeer
+# A locked account ('!' password) is refused by sshd even for key logins; '*' is
+# "no password" without the lock.
+$SUDO usermod -p '*' nasdpeer
+# sshd runs every command through the user's login shell, and root's bash reads
+# ~/.bashrc, which on these machines runs `pyenv init`: a stale pyenv rehash lock (left
+# by an interrupted pip) makes that wait 60 s per command and the SSH tests time out.
+lock="$HOME/.pyenv/shims/.pyenv-shim"
+if [ -e "$lock" ] && [ -n "$(find "$lock" -mmin +5 2>/dev/null)" ]; then
+    echo "test-setup: removing a stale pyenv lock $lock"
+    rm -f "$lock"
+fi
 
 venv=".venv-peers"
 if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import pyrad, librouteros, fake_switches, twisted' 2>/dev/null; then

@@ -20,8 +20,9 @@ pub struct BenchOptions {
     #[arg(long, default_value = "sqlite")]
     pub database: String,
     /// `null` (in-process, sends nowhere), `exec` (a no-op local script per event),
-    /// `ssh-sim` / `telnet-sim` (mikrotik-ssh / mikrotik-telnet to the in-process
-    /// simulator), `coa-pyrad` (mikrotik-coa to the pyrad NAS of the test peers).
+    /// `ssh-sim` / `telnet-sim` / `api-sim` / `coa-sim` (mikrotik-ssh / -telnet / -api /
+    /// -coa to the in-process simulator), `coa-pyrad` (mikrotik-coa to the pyrad NAS of
+    /// the test peers).
     #[arg(long, default_value = "null")]
     pub transport: String,
     /// Simulated device latency per command (ssh-sim, telnet-sim).
@@ -88,6 +89,9 @@ struct Setup {
     password: Option<String>,
     secret: Option<String>,
     peer: Peer,
+    /// More devices for NAS 2..N (coa-sim, api-sim): address and port each.
+    more: Vec<(String, i32)>,
+    more_sims: Vec<crate::sim::Sim>,
 }
 
 async fn setup(opts: &BenchOptions, tmp: &Path) -> anyhow::Result<Setup> {
@@ -102,10 +106,52 @@ async fn setup(opts: &BenchOptions, tmp: &Path) -> anyhow::Result<Setup> {
         password: None,
         secret: None,
         peer: Peer::None,
+        more: Vec::new(),
+        more_sims: Vec::new(),
     };
     Ok(match opts.transport.as_str() {
         "null" => local("bench-null", vec!["user_add", "user_rate_set", "user_drop"]),
         "exec" => local("bench-exec", vec!["user_add", "user_rate_set", "user_drop"]),
+        "coa-sim" | "api-sim" => {
+            let sim_opts = crate::sim::SimOptions {
+                latency: opts.latency.clone(),
+                max_sessions: 1000,
+                secret: "bench-secret".into(),
+                ..Default::default()
+            };
+            let sim = crate::sim::start(&sim_opts, CancellationToken::new()).await?;
+            let coa = opts.transport == "coa-sim";
+            let addr = if coa { sim.coa_addr } else { sim.api_addr };
+            // One simulated router per NAS, on 127.0.0.N (all of 127/8 is loopback).
+            let mut more = Vec::new();
+            let mut more_sims = Vec::new();
+            for n in 2..=opts.nas.max(1) {
+                let extra = crate::sim::start(
+                    &crate::sim::SimOptions {
+                        listen: format!("127.0.0.{n}"),
+                        ..sim_opts.clone()
+                    },
+                    CancellationToken::new(),
+                )
+                .await?;
+                let a = if coa { extra.coa_addr } else { extra.api_addr };
+                more.push((a.ip().to_string(), i32::from(a.port())));
+                more_sims.push(extra);
+            }
+            Setup {
+                scheme: if coa { "mikrotik-coa" } else { "mikrotik-api" }.into(),
+                schemes_dir: repo_schemes,
+                cmds: vec![if coa { "user_rate_set" } else { "user_accept" }],
+                host: addr.ip().to_string(),
+                port: Some(i32::from(addr.port())),
+                login: Some(sim_opts.user.clone()),
+                password: Some(sim_opts.password.clone()),
+                secret: Some("bench-secret".into()),
+                peer: Peer::Sim(sim),
+                more,
+                more_sims,
+            }
+        }
         "ssh-sim" | "telnet-sim" => {
             let sim_opts = crate::sim::SimOptions {
                 latency: opts.latency.clone(),
@@ -132,6 +178,8 @@ async fn setup(opts: &BenchOptions, tmp: &Path) -> anyhow::Result<Setup> {
                 password: Some(sim_opts.password.clone()),
                 secret: None,
                 peer: Peer::Sim(sim),
+                more: Vec::new(),
+                more_sims: Vec::new(),
             }
         }
         "coa-pyrad" => {
@@ -166,10 +214,12 @@ async fn setup(opts: &BenchOptions, tmp: &Path) -> anyhow::Result<Setup> {
                 password: None,
                 secret: Some("bench-secret".into()),
                 peer: Peer::Pyrad(KillOnDrop(child)),
+                more: Vec::new(),
+                more_sims: Vec::new(),
             }
         }
         other => anyhow::bail!(
-            "--transport {other}: expected null, exec, ssh-sim, telnet-sim or coa-pyrad"
+            "--transport {other}: expected null, exec, ssh-sim, telnet-sim, api-sim, coa-sim or coa-pyrad"
         ),
     })
 }
@@ -339,6 +389,9 @@ pub async fn measure(opts: &BenchOptions) -> anyhow::Result<BenchResult> {
     {
         r.baseline = Some(process_per_command(sim.ssh_addr, &tmp, opts.baseline).await?);
     }
+    for sim in setup.more_sims {
+        sim.stop().await;
+    }
     if let Peer::Sim(sim) = setup.peer {
         sim.stop().await;
     }
@@ -373,7 +426,7 @@ async fn measure_on(
     setup: &Setup,
 ) -> anyhow::Result<BenchResult> {
     let device = !setup.host.is_empty();
-    if device && opts.nas != 1 {
+    if device && opts.nas as usize != 1 + setup.more.len() {
         anyhow::bail!(
             "--transport {} talks to one device: use --nas 1",
             opts.transport
@@ -396,7 +449,11 @@ async fn measure_on(
             .nas_upsert(&Nas {
                 scheme: Some(setup.scheme.clone()),
                 n_workers: opts.workers,
-                port: setup.port,
+                port: if n == 1 {
+                    setup.port
+                } else {
+                    setup.more.get(n as usize - 2).map(|(_, p)| *p)
+                },
                 login: setup.login.clone(),
                 password: setup.password.clone().map(crate::store::Secret::new),
                 secret: setup.secret.clone().map(crate::store::Secret::new),
@@ -406,7 +463,15 @@ async fn measure_on(
                     n,
                     &format!("bench{n}"),
                     &if device {
-                        setup.host.clone()
+                        if n == 1 {
+                            setup.host.clone()
+                        } else {
+                            setup
+                                .more
+                                .get(n as usize - 2)
+                                .map(|(h, _)| h.clone())
+                                .unwrap_or_default()
+                        }
                     } else {
                         format!("10.254.0.{n}")
                     },

@@ -76,11 +76,7 @@ async fn cisco_ios_scheme_against_fake_switches() {
         ..Default::default()
     };
     store
-        .enqueue_compact(&[
-            ev("user_add", 1),
-            ev("user_add", 2),
-            ev("user_drop", 2),
-        ])
+        .enqueue_compact(&[ev("user_add", 1), ev("user_add", 2), ev("user_drop", 2)])
         .await
         .unwrap();
     let mut cfg = env.config();

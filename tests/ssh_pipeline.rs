@@ -18,7 +18,7 @@ fn ssh_nas(sshd: &Sshd, workers: i32, max_sessions: i32, policy: &str) -> Nas {
     let mut nas = Nas::new(1, "Ros SSH", "127.0.0.1");
     nas.scheme = Some("mikrotik-ssh".into());
     nas.port = Some(i32::from(sshd.port));
-    nas.login = Some("root".into());
+    nas.login = Some(common::sshd::USER.into());
     nas.n_workers = workers;
     nas.max_sessions = max_sessions;
     nas.host_key_policy = policy.into();

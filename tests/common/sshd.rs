@@ -7,6 +7,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+/// The account the tests log in as (made by scripts/test-setup.sh): its shell is
+/// /bin/sh, so no login script of root's runs before each recorded command.
+pub const USER: &str = "nasdpeer";
+
 pub struct Sshd {
     pub port: u16,
     pub dir: PathBuf,
@@ -38,6 +42,12 @@ impl Sshd {
     /// Starts sshd in `dir` (created). `latency` is added to each command by the recorder.
     pub fn start(dir: &Path, latency: &str) -> Sshd {
         std::fs::create_dir_all(dir).expect("sshd dir");
+        // The login user must reach the recorder and write its record.
+        use std::os::unix::fs::PermissionsExt;
+        if let Some(parent) = dir.parent() {
+            let _ = std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o755));
+        }
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).expect("chmod dir");
         let host_key = dir.join("host_key");
         keygen(&host_key);
         let client_key = dir.join("client_key");
@@ -48,6 +58,9 @@ impl Sshd {
         )
         .expect("authorized_keys");
         let record = dir.join("record.log");
+        std::fs::write(&record, "").expect("record file");
+        std::fs::set_permissions(&record, std::fs::Permissions::from_mode(0o666))
+            .expect("chmod record");
         let recorder = dir.join("recorder.sh");
         std::fs::write(
             &recorder,
@@ -69,7 +82,6 @@ impl Sshd {
             ),
         )
         .expect("recorder");
-        use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&recorder, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         let mut sshd = Sshd {
             port: free_port(),
