@@ -204,20 +204,7 @@ impl PgStore {
         }
         let compact: Vec<CompactRow> = rows
             .iter()
-            .map(|r| -> Result<CompactRow, sqlx::Error> {
-                Ok(CompactRow {
-                    id: r.try_get("id")?,
-                    event: CompactEvent {
-                        cmd: r.try_get("cmd")?,
-                        user_id: r.try_get("user_id")?,
-                        abonent_id: r.try_get("abonent_id")?,
-                        nas_ip: r.try_get("nas_ip")?,
-                        usluga_id: r.try_get("usluga_id")?,
-                        acct_session_id: r.try_get("acct_session_id")?,
-                    },
-                    created_at: r.try_get("created_at")?,
-                })
-            })
+            .map(compact_from_row)
             .collect::<Result<_, _>>()
             .ctx("expand: read compact stack")?;
         let nas: Vec<(i64, String)> = sqlx::query_as("SELECT id, ip FROM nas")
@@ -330,31 +317,7 @@ impl PgStore {
         .await
         .ctx("load events")?;
         rows.iter()
-            .map(|r| -> Result<StackEvent, sqlx::Error> {
-                let params: serde_json::Value = r.try_get("params")?;
-                Ok(StackEvent {
-                    id: r.try_get("id")?,
-                    compact_id: r.try_get("compact_id")?,
-                    event_date: r.try_get("event_date")?,
-                    enqueued_at: r.try_get("enqueued_at")?,
-                    cmd: r.try_get("cmd")?,
-                    user_id: r.try_get("user_id")?,
-                    abonent_id: r.try_get("abonent_id")?,
-                    nas_id: r.try_get("nas_id")?,
-                    usluga_id: r.try_get("usluga_id")?,
-                    acct_session_id: r.try_get("acct_session_id")?,
-                    params: match params {
-                        serde_json::Value::Object(map) => map,
-                        _ => Vars::new(),
-                    },
-                    try_count: r.try_get("try_count")?,
-                    state: r.try_get("state")?,
-                    retry_at: r.try_get("retry_at")?,
-                    claim_token: r.try_get("claim_token")?,
-                    lease_until: r.try_get("lease_until")?,
-                    last_error: r.try_get("last_error")?,
-                })
-            })
+            .map(stack_from_row)
             .collect::<Result<_, _>>()
             .ctx("load events")
     }

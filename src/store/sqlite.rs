@@ -258,20 +258,7 @@ impl SqliteStore {
         }
         let compact: Vec<CompactRow> = rows
             .iter()
-            .map(|r| -> Result<CompactRow, sqlx::Error> {
-                Ok(CompactRow {
-                    id: r.try_get("id")?,
-                    event: CompactEvent {
-                        cmd: r.try_get("cmd")?,
-                        user_id: r.try_get("user_id")?,
-                        abonent_id: r.try_get("abonent_id")?,
-                        nas_ip: r.try_get("nas_ip")?,
-                        usluga_id: r.try_get("usluga_id")?,
-                        acct_session_id: r.try_get("acct_session_id")?,
-                    },
-                    created_at: from_ms(r.try_get("created_at")?),
-                })
-            })
+            .map(compact_from_row)
             .collect::<Result<_, _>>()
             .ctx("expand: read compact stack")?;
         let nas: Vec<(i64, String)> = sqlx::query_as("SELECT id, ip FROM nas")
@@ -370,28 +357,7 @@ impl SqliteStore {
         .await
         .ctx("load events")?;
         rows.iter()
-            .map(|r| -> Result<StackEvent, sqlx::Error> {
-                let params: String = r.try_get("params")?;
-                Ok(StackEvent {
-                    id: r.try_get("id")?,
-                    compact_id: r.try_get("compact_id")?,
-                    event_date: from_ms(r.try_get("event_date")?),
-                    enqueued_at: from_ms(r.try_get("enqueued_at")?),
-                    cmd: r.try_get("cmd")?,
-                    user_id: r.try_get("user_id")?,
-                    abonent_id: r.try_get("abonent_id")?,
-                    nas_id: r.try_get("nas_id")?,
-                    usluga_id: r.try_get("usluga_id")?,
-                    acct_session_id: r.try_get("acct_session_id")?,
-                    params: serde_json::from_str(&params).unwrap_or_default(),
-                    try_count: r.try_get("try_count")?,
-                    state: r.try_get("state")?,
-                    retry_at: r.try_get::<Option<i64>, _>("retry_at")?.map(from_ms),
-                    claim_token: r.try_get("claim_token")?,
-                    lease_until: r.try_get::<Option<i64>, _>("lease_until")?.map(from_ms),
-                    last_error: r.try_get("last_error")?,
-                })
-            })
+            .map(stack_from_row)
             .collect::<Result<_, _>>()
             .ctx("load events")
     }
