@@ -4,6 +4,7 @@
 //! writes nothing, /status, /metrics, `nasd enqueue --from-file`, and a schemathesis
 //! run against the OpenAPI document.
 
+#[macro_use]
 mod common;
 
 use std::net::SocketAddr;
@@ -16,23 +17,6 @@ use nasd::config::ApiConfig;
 use nasd::store::{Secret, Store};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
-
-macro_rules! both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() { super::$name(super::Backend::Postgres).await }
-            )*
-        }
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() { super::$name(super::Backend::Sqlite).await }
-            )*
-        }
-    };
-}
 
 both_backends!(
     billing_curl_line_enqueues_and_the_event_is_delivered,

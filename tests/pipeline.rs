@@ -2,6 +2,7 @@
 //! compact stack -> expansion -> per-NAS owners -> local scripts and schemes -> history
 //! and log files.
 
+#[macro_use]
 mod common;
 
 use std::collections::HashMap;
@@ -10,23 +11,6 @@ use std::time::Duration;
 use common::{Backend, TestEnv, add_accounts, event, nas, recorder_script, wait_for, wait_history};
 use nasd::store::CompactEvent;
 use tokio_util::sync::CancellationToken;
-
-macro_rules! both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() { super::$name(super::Backend::Postgres).await }
-            )*
-        }
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() { super::$name(super::Backend::Sqlite).await }
-            )*
-        }
-    };
-}
 
 both_backends!(
     end_to_end_with_logs,

@@ -3,6 +3,7 @@
 //! max_sessions (counted on the server side), a changed host key sends nothing, and a
 //! dropped connection loses nothing.
 
+#[macro_use]
 mod common;
 
 use std::collections::{HashMap, HashSet};
@@ -313,13 +314,6 @@ async fn expected_events(store: &Store, accounts: i64) -> HashMap<i64, Vec<(Vec<
         out.entry(h.user_id).or_default().push((cmds, h.attempts));
     }
     out
-}
-
-macro_rules! both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod postgres { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(super::Backend::Postgres).await } )* }
-        mod sqlite { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(super::Backend::Sqlite).await } )* }
-    };
 }
 
 both_backends!(

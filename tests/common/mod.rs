@@ -5,6 +5,26 @@
 pub mod pyrad;
 pub mod sshd;
 
+/// Declares each named `async fn NAME(backend: Backend)` of the calling file as two
+/// tests, `postgres::NAME` and `sqlite::NAME`.
+#[allow(unused_macros)]
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() { super::$name(super::Backend::Postgres).await }
+            )*
+        }
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() { super::$name(super::Backend::Sqlite).await }
+            )*
+        }
+    };
+}
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
