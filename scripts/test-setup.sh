@@ -60,7 +60,11 @@ fi
 mkdir -p /run/sshd
 # The SSH tests log in as this user, whose shell is /bin/sh: root's bash would read
 # ~/.bashrc for every command sshd runs (Debian's bash does so under sshd).
-id nasdpeer >/dev/null 2>&1 || $SUDO useradd --system --shell /bin/sh --home-dir /nonexistent --no-create-home nasdpeer
+id nasdpeer >/dev/null 2>&1 || $SUDO useradd --system --shell /bin/sh --home-dir /var/lib/nasdpeer nasdpeer
+# sshd complains on stderr (into every answer) when the home directory is missing.
+$SUDO usermod -d /var/lib/nasdpeer nasdpeer
+$SUDO mkdir -p /var/lib/nasdpeer
+$SUDO chown nasdpeer: /var/lib/nasdpeer
 # A locked account ('!' password) is refused by sshd even for key logins; '*' is
 # "no password" without the lock.
 $SUDO usermod -p '*' nasdpeer

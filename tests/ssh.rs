@@ -89,6 +89,10 @@ fn descendants(pid: u32) -> Vec<u32> {
     found
 }
 
+/// The sshd login, made by scripts/test-setup.sh with shell /bin/sh: root's bash would
+/// read ~/.bashrc (pyenv init) for every recorded command.
+const LOGIN: &str = "nasdpeer";
+
 const RECORDER: &str = r#"#!/bin/sh
 # Records each command and answers like RouterOS would.
 dir=__DIR__
@@ -139,6 +143,21 @@ impl Lab {
         Command::new("chmod")
             .arg("755")
             .arg(lab.path("recorder.sh"))
+            .status()
+            .unwrap();
+        // The recorder runs as the test login (common::sshd::USER, shell /bin/sh, so no
+        // login script of root's runs per command): it must be able to write here.
+        for log in ["commands.log", "events.log"] {
+            std::fs::write(lab.path(log), "").unwrap();
+            Command::new("chmod")
+                .arg("666")
+                .arg(lab.path(log))
+                .status()
+                .unwrap();
+        }
+        Command::new("chmod")
+            .arg("777")
+            .arg(lab.dir.path())
             .status()
             .unwrap();
         lab
@@ -232,7 +251,7 @@ impl Lab {
             nas_name: "lab".into(),
             host: "127.0.0.1".into(),
             port: self.port,
-            login: Some("root".into()),
+            login: Some(LOGIN.into()),
             password: None,
             secret: None,
             max_sessions,
@@ -475,7 +494,7 @@ async fn a_rejected_key_is_an_auth_error() {
     let result = pool.run(&strings(&["/ping"]), TIMEOUT).await;
     assert_eq!(
         result.error,
-        Some(SessionError::Auth(lab.target(1).label(), "root".into()))
+        Some(SessionError::Auth(lab.target(1).label(), LOGIN.into()))
     );
     assert!(lab.commands().is_empty());
     assert_eq!(pool.open_sessions(), 0);
