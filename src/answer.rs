@@ -19,11 +19,19 @@ pub fn answer_text(result: &CliResult) -> String {
     out
 }
 
-/// Whether a session error means "the device may take it later" (everything but a
-/// refused host key, which needs an operator, is retried; the circuit breaker and the
-/// attempt limit stop endless retries).
+/// What a session error means for the event: errors before anything reached the device
+/// (connect, login, host key) make it `Unreachable`, which the NAS's circuit breaker
+/// counts; the others (timeout, closed mid-way, protocol) are retried.
 pub fn session_error_verdict(error: &SessionError) -> Verdict {
-    Verdict::Retry(error.to_string())
+    match error {
+        SessionError::Connect(..)
+        | SessionError::Auth(..)
+        | SessionError::HostKeyChanged { .. }
+        | SessionError::HostKeyUnknown { .. } => Verdict::Unreachable(error.to_string()),
+        SessionError::Timeout(..) | SessionError::Closed(..) | SessionError::Protocol(..) => {
+            Verdict::Retry(error.to_string())
+        }
+    }
 }
 
 /// Judges `result` for event cmd `cmd`: the first command whose output matches a
@@ -119,6 +127,9 @@ mod tests {
     fn classify_table() {
         let p = patterns();
         let closed = SessionError::Closed("nas 1 (10.0.0.1:22)".into(), "eof".into());
+        let refused =
+            SessionError::Connect("nas 1 (10.0.0.1:22)".into(), "Connection refused".into());
+        let rejected = SessionError::Auth("nas 1 (10.0.0.1:22)".into(), "admin".into());
         let cases: Vec<(&str, CliResult, Verdict)> = vec![
             ("user_add", result(&["", ""], None), Verdict::Done),
             (
@@ -153,6 +164,16 @@ mod tests {
                 "user_add",
                 result(&[""], Some(closed.clone())),
                 Verdict::Retry(closed.to_string()),
+            ),
+            (
+                "user_add",
+                result(&[], Some(refused.clone())),
+                Verdict::Unreachable(refused.to_string()),
+            ),
+            (
+                "user_add",
+                result(&[], Some(rejected.clone())),
+                Verdict::Unreachable(rejected.to_string()),
             ),
         ];
         for (cmd, r, want) in cases {

@@ -20,9 +20,9 @@ pub struct BenchOptions {
     #[arg(long, default_value = "sqlite")]
     pub database: String,
     /// `null` (in-process, sends nowhere), `exec` (a no-op local script per event),
-    /// `ssh-sim` / `telnet-sim` / `api-sim` / `coa-sim` (mikrotik-ssh / -telnet / -api /
-    /// -coa to the in-process simulator), `coa-pyrad` (mikrotik-coa to the pyrad NAS of
-    /// the test peers).
+    /// `ssh-sim` / `telnet-sim` / `api-sim` / `api-tls-sim` / `coa-sim` (mikrotik-ssh /
+    /// -telnet / -api / -api-ssl / -coa to the in-process simulator), `coa-pyrad`
+    /// (mikrotik-coa to the pyrad NAS of the test peers).
     #[arg(long, default_value = "null")]
     pub transport: String,
     /// Simulated device latency per command (ssh-sim, telnet-sim).
@@ -46,6 +46,16 @@ pub struct BenchOptions {
     /// first, a burst such as after a NAS reboot).
     #[arg(long, default_value_t = 0)]
     pub rate: i64,
+    /// `[log] max_size` and `account_max_size` for the run (e.g. 1MB; 0: no rotation);
+    /// without it the defaults apply.
+    #[arg(long)]
+    pub log_max_size: Option<String>,
+    /// `[log] gzip = true`: compress rotated logs.
+    #[arg(long)]
+    pub log_gzip: bool,
+    /// `[log] format`: text or json.
+    #[arg(long, default_value = "text")]
+    pub log_format: String,
 }
 
 pub struct BenchResult {
@@ -63,7 +73,7 @@ pub struct BenchResult {
 /// The device a benchmark talks to, kept alive for the run.
 enum Peer {
     None,
-    Sim(crate::sim::Sim),
+    Sim(Box<crate::sim::Sim>),
     // Held only so the process is killed when the benchmark ends.
     Pyrad(#[allow(dead_code)] KillOnDrop),
 }
@@ -112,7 +122,7 @@ async fn setup(opts: &BenchOptions, tmp: &Path) -> anyhow::Result<Setup> {
     Ok(match opts.transport.as_str() {
         "null" => local("bench-null", vec!["user_add", "user_rate_set", "user_drop"]),
         "exec" => local("bench-exec", vec!["user_add", "user_rate_set", "user_drop"]),
-        "coa-sim" | "api-sim" => {
+        "coa-sim" | "api-sim" | "api-tls-sim" => {
             let sim_opts = crate::sim::SimOptions {
                 latency: opts.latency.clone(),
                 max_sessions: 1000,
@@ -121,7 +131,13 @@ async fn setup(opts: &BenchOptions, tmp: &Path) -> anyhow::Result<Setup> {
             };
             let sim = crate::sim::start(&sim_opts, CancellationToken::new()).await?;
             let coa = opts.transport == "coa-sim";
-            let addr = if coa { sim.coa_addr } else { sim.api_addr };
+            let tls = opts.transport == "api-tls-sim";
+            let pick = |sim: &crate::sim::Sim| match opts.transport.as_str() {
+                "coa-sim" => sim.coa_addr,
+                "api-tls-sim" => sim.api_tls_addr,
+                _ => sim.api_addr,
+            };
+            let addr = pick(&sim);
             // One simulated router per NAS, on 127.0.0.N (all of 127/8 is loopback).
             let mut more = Vec::new();
             let mut more_sims = Vec::new();
@@ -134,12 +150,17 @@ async fn setup(opts: &BenchOptions, tmp: &Path) -> anyhow::Result<Setup> {
                     CancellationToken::new(),
                 )
                 .await?;
-                let a = if coa { extra.coa_addr } else { extra.api_addr };
+                let a = pick(&extra);
                 more.push((a.ip().to_string(), i32::from(a.port())));
                 more_sims.push(extra);
             }
             Setup {
-                scheme: if coa { "mikrotik-coa" } else { "mikrotik-api" }.into(),
+                scheme: match (coa, tls) {
+                    (true, _) => "mikrotik-coa",
+                    (false, true) => "mikrotik-api-ssl",
+                    (false, false) => "mikrotik-api",
+                }
+                .into(),
                 schemes_dir: repo_schemes,
                 cmds: vec![if coa { "user_rate_set" } else { "user_accept" }],
                 host: addr.ip().to_string(),
@@ -147,7 +168,7 @@ async fn setup(opts: &BenchOptions, tmp: &Path) -> anyhow::Result<Setup> {
                 login: Some(sim_opts.user.clone()),
                 password: Some(sim_opts.password.clone()),
                 secret: Some("bench-secret".into()),
-                peer: Peer::Sim(sim),
+                peer: Peer::Sim(Box::new(sim)),
                 more,
                 more_sims,
             }
@@ -177,7 +198,7 @@ async fn setup(opts: &BenchOptions, tmp: &Path) -> anyhow::Result<Setup> {
                 login: Some(sim_opts.user.clone()),
                 password: Some(sim_opts.password.clone()),
                 secret: None,
-                peer: Peer::Sim(sim),
+                peer: Peer::Sim(Box::new(sim)),
                 more: Vec::new(),
                 more_sims: Vec::new(),
             }
@@ -219,7 +240,7 @@ async fn setup(opts: &BenchOptions, tmp: &Path) -> anyhow::Result<Setup> {
             }
         }
         other => anyhow::bail!(
-            "--transport {other}: expected null, exec, ssh-sim, telnet-sim, api-sim, coa-sim or coa-pyrad"
+            "--transport {other}: expected null, exec, ssh-sim, telnet-sim, api-sim, api-tls-sim, coa-sim or coa-pyrad"
         ),
     })
 }
@@ -393,6 +414,7 @@ pub async fn measure(opts: &BenchOptions) -> anyhow::Result<BenchResult> {
         sim.stop().await;
     }
     if let Peer::Sim(sim) = setup.peer {
+        let sim = *sim;
         sim.stop().await;
     }
     if let Some((admin_url, name)) = pg_admin
@@ -442,6 +464,14 @@ async fn measure_on(
     cfg.daemon.poll_interval = Duration::from_millis(100);
     cfg.daemon.window = 20000;
     cfg.daemon.expand_batch = 2000;
+    cfg.log.format =
+        crate::journal::LogFormat::parse(&opts.log_format).map_err(|e| anyhow::anyhow!(e))?;
+    if let Some(size) = &opts.log_max_size {
+        let size = crate::journal::parse_size(size).map_err(|e| anyhow::anyhow!(e))?;
+        cfg.log.max_size = size;
+        cfg.log.account_max_size = size;
+    }
+    cfg.log.gzip = opts.log_gzip;
     cfg.validate()?;
     let store: Store = crate::daemon::open_store(&cfg).await?;
     for n in 1..=opts.nas.max(1) {

@@ -19,6 +19,10 @@ pub struct Config {
     pub daemon: DaemonConfig,
     /// `[api]`: the HTTP server. `None` (no `[api]` section) runs no HTTP server.
     pub api: Option<ApiConfig>,
+    /// `[alerts]`: webhook and Telegram notifications. `None`: no alerts are sent.
+    pub alerts: Option<crate::alerts::AlertsConfig>,
+    /// `[log]`: format and rotation of the log files under `daemon.log_dir`.
+    pub log: crate::journal::LogConfig,
 }
 
 /// `[api]`: the REST API, `/status` and `/metrics`.
@@ -99,6 +103,8 @@ pub struct DaemonConfig {
     pub shutdown_grace: Duration,
     pub exec_timeout: Duration,
     pub transport: TransportConfig,
+    /// `[breaker]`: the per-NAS circuit breaker.
+    pub breaker: crate::breaker::BreakerConfig,
 }
 
 /// `[transport]`: settings shared by every NAS of a protocol.
@@ -113,6 +119,10 @@ pub struct TransportConfig {
     /// RADIUS: wait per try, and tries (the first send plus retransmits).
     pub radius_timeout: Duration,
     pub radius_tries: u32,
+    /// RouterOS API over TLS: CA certificates (PEM) that NAS with `host_key_policy`
+    /// strict are verified against (chain and name); without it strict needs a recorded
+    /// fingerprint.
+    pub api_tls_ca: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -142,9 +152,13 @@ impl Default for Config {
                     radius_dictionaries: Vec::new(),
                     radius_timeout: Duration::from_secs(1),
                     radius_tries: 3,
+                    api_tls_ca: None,
                 },
+                breaker: crate::breaker::BreakerConfig::default(),
             },
             api: None,
+            alerts: None,
+            log: crate::journal::LogConfig::default(),
         }
     }
 }
@@ -159,6 +173,122 @@ struct RawConfig {
     #[serde(default)]
     transport: RawTransport,
     api: Option<RawApi>,
+    #[serde(default)]
+    breaker: RawBreaker,
+    alerts: Option<crate::alerts::RawAlerts>,
+    #[serde(default)]
+    log: RawLog,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    format: Option<String>,
+    /// A string such as "10MB" or an integer number of bytes.
+    max_size: Option<toml::Value>,
+    account_max_size: Option<toml::Value>,
+    backups: Option<toml::Value>,
+    gzip: Option<toml::Value>,
+    stderr_format: Option<String>,
+}
+
+fn size_key(
+    key: &'static str,
+    raw: Option<&toml::Value>,
+    default: u64,
+) -> Result<u64, ConfigError> {
+    let message = match raw {
+        None => return Ok(default),
+        Some(toml::Value::Integer(n)) => match u64::try_from(*n) {
+            Ok(n) => return Ok(n),
+            Err(_) => format!("{n} is negative"),
+        },
+        Some(toml::Value::String(text)) => match crate::journal::parse_size(text) {
+            Ok(n) => return Ok(n),
+            Err(message) => message,
+        },
+        Some(other) => format!("expected a size such as \"10MB\", got {other}"),
+    };
+    Err(ConfigError::Key { key, message })
+}
+
+fn log_section(raw: RawLog) -> Result<crate::journal::LogConfig, ConfigError> {
+    use crate::journal::{LogConfig, LogFormat};
+    let d = LogConfig::default();
+    let format = |key: &'static str, raw: Option<String>, default: LogFormat| match raw {
+        None => Ok(default),
+        Some(text) => LogFormat::parse(&text).map_err(|message| ConfigError::Key { key, message }),
+    };
+    let cfg = LogConfig {
+        format: format("log.format", raw.format, d.format)?,
+        max_size: size_key("log.max_size", raw.max_size.as_ref(), d.max_size)?,
+        account_max_size: size_key(
+            "log.account_max_size",
+            raw.account_max_size.as_ref(),
+            d.account_max_size,
+        )?,
+        backups: match raw.backups {
+            None => d.backups,
+            Some(v) => v
+                .as_integer()
+                .and_then(|n| u32::try_from(n).ok())
+                .filter(|n| *n <= 1000)
+                .ok_or_else(|| ConfigError::Key {
+                    key: "log.backups",
+                    message: format!("{v} is not a number from 0 to 1000"),
+                })?,
+        },
+        gzip: match raw.gzip {
+            None => d.gzip,
+            Some(v) => v.as_bool().ok_or_else(|| ConfigError::Key {
+                key: "log.gzip",
+                message: format!("{v} is not true or false"),
+            })?,
+        },
+        stderr_format: format("log.stderr_format", raw.stderr_format, d.stderr_format)?,
+    };
+    for (key, size) in [
+        ("log.max_size", cfg.max_size),
+        ("log.account_max_size", cfg.account_max_size),
+    ] {
+        if size != 0 && size < 1024 {
+            return Err(ConfigError::Key {
+                key,
+                message: format!("{size} bytes is too small: use 0 (no rotation) or at least 1KB"),
+            });
+        }
+    }
+    Ok(cfg)
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawBreaker {
+    failures: Option<u32>,
+    probe_first: Option<String>,
+    probe_max: Option<String>,
+    hold_attempts: Option<bool>,
+}
+
+fn breaker_section(raw: RawBreaker) -> Result<crate::breaker::BreakerConfig, ConfigError> {
+    let d = crate::breaker::BreakerConfig::default();
+    let cfg = crate::breaker::BreakerConfig {
+        failures: raw.failures.unwrap_or(d.failures),
+        probe_first: duration_key(
+            "breaker.probe_first",
+            raw.probe_first.as_ref(),
+            d.probe_first,
+        )?,
+        probe_max: duration_key("breaker.probe_max", raw.probe_max.as_ref(), d.probe_max)?,
+        hold_attempts: raw.hold_attempts.unwrap_or(d.hold_attempts),
+    };
+    if cfg.probe_first.is_zero() || cfg.probe_max < cfg.probe_first {
+        return Err(ConfigError::Key {
+            key: "breaker.probe_max",
+            message: "probe_first must be above 0 and probe_max at least probe_first".into(),
+        });
+    }
+    Ok(cfg)
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -218,6 +348,7 @@ struct RawTransport {
     radius_dictionaries: Option<Vec<PathBuf>>,
     radius_timeout: Option<String>,
     radius_tries: Option<u32>,
+    api_tls_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -253,7 +384,7 @@ pub enum ConfigError {
     Key { key: &'static str, message: String },
 }
 
-fn duration_key(
+pub(crate) fn duration_key(
     key: &'static str,
     raw: Option<&String>,
     default: Duration,
@@ -360,9 +491,13 @@ impl Config {
                         .transport
                         .radius_tries
                         .unwrap_or(d.daemon.transport.radius_tries),
+                    api_tls_ca: raw.transport.api_tls_ca,
                 },
+                breaker: breaker_section(raw.breaker)?,
             },
             api: raw.api.map(api_section).transpose()?,
+            alerts: raw.alerts.map(crate::alerts::alerts_section).transpose()?,
+            log: log_section(raw.log)?,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -463,6 +598,11 @@ impl Config {
                 &format!("{} does not exist", k.display()),
             );
         }
+        if let Some(ca) = &d.transport.api_tls_ca
+            && let Err(e) = crate::transport::routeros_api::load_ca_file(ca)
+        {
+            return key("transport.api_tls_ca", &e);
+        }
         Ok(())
     }
 }
@@ -512,6 +652,93 @@ mod tests {
     }
 
     #[test]
+    fn log_section_table() {
+        use crate::journal::{LogConfig, LogFormat};
+        let d = Config::from_toml("").unwrap().log;
+        assert_eq!(d, LogConfig::default());
+        assert_eq!(d.format, LogFormat::Text);
+        assert_eq!((d.max_size, d.account_max_size), (50 << 20, 1 << 20));
+        let cases = [
+            (
+                "format = \"json\"",
+                LogConfig {
+                    format: LogFormat::Json,
+                    ..d.clone()
+                },
+            ),
+            (
+                "max_size = \"10MB\"",
+                LogConfig {
+                    max_size: 10 << 20,
+                    ..d.clone()
+                },
+            ),
+            (
+                "max_size = 4096",
+                LogConfig {
+                    max_size: 4096,
+                    ..d.clone()
+                },
+            ),
+            (
+                "max_size = 0\naccount_max_size = \"0\"",
+                LogConfig {
+                    max_size: 0,
+                    account_max_size: 0,
+                    ..d.clone()
+                },
+            ),
+            (
+                "account_max_size = \"512KB\"",
+                LogConfig {
+                    account_max_size: 512 << 10,
+                    ..d.clone()
+                },
+            ),
+            (
+                "backups = 0\ngzip = true",
+                LogConfig {
+                    backups: 0,
+                    gzip: true,
+                    ..d.clone()
+                },
+            ),
+            (
+                "stderr_format = \"json\"",
+                LogConfig {
+                    stderr_format: LogFormat::Json,
+                    ..d.clone()
+                },
+            ),
+        ];
+        for (text, want) in cases {
+            let got = Config::from_toml(&format!("[log]\n{text}\n")).unwrap().log;
+            assert_eq!(got, want, "{text:?}");
+        }
+        let bad = [
+            ("format = \"xml\"", "log.format"),
+            ("stderr_format = \"yaml\"", "log.stderr_format"),
+            ("max_size = \"ten\"", "log.max_size"),
+            ("max_size = -1", "log.max_size"),
+            ("max_size = 100", "log.max_size"),
+            ("max_size = true", "log.max_size"),
+            ("account_max_size = \"1.5MB\"", "log.account_max_size"),
+            ("account_max_size = 10", "log.account_max_size"),
+            ("backups = -1", "log.backups"),
+            ("backups = 5000", "log.backups"),
+            ("gzip = \"yes\"", "log.gzip"),
+            ("backups = \"5\"", "log.backups"),
+            ("rotate = 3", "rotate"),
+        ];
+        for (text, needle) in bad {
+            let err = Config::from_toml(&format!("[log]\n{text}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{text:?} gave {err:?}");
+        }
+    }
+
+    #[test]
     fn errors_name_the_key() {
         let cases = [
             (
@@ -532,6 +759,10 @@ mod tests {
             ("[api]\nnas_down_after = \"soon\"", "api.nas_down_after"),
             ("[api]\nmax_body = 10", "api.max_body"),
             ("[api]\ntoken = []", "token"),
+            (
+                "[transport]\napi_tls_ca = \"/nonexistent/ca.pem\"",
+                "transport.api_tls_ca",
+            ),
         ];
         for (text, needle) in cases {
             let err = Config::from_toml(text).unwrap_err().to_string();

@@ -58,7 +58,7 @@ impl Running {
 /// returned), then runs everything in the background until `shutdown` fires.
 pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Running> {
     let store = open_store(&cfg).await?;
-    let journal = Journal::open(&cfg.daemon.log_dir)
+    let journal = Journal::open_with(&cfg.daemon.log_dir, &cfg.log)
         .with_context(|| format!("opening log_dir {}", cfg.daemon.log_dir.display()))?;
     let listener = match &cfg.api {
         Some(api) => Some(crate::api::bind(api.listen).await?),
@@ -74,11 +74,25 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         api_addr.map_or("off".to_string(), |a| format!("on http://{a}"))
     ));
     let stats = crate::stats::Stats::new();
+    let (alerts, alerts_join) = match &cfg.alerts {
+        Some(alerts_cfg) => {
+            let (alerts, join) = crate::alerts::start(
+                alerts_cfg.clone(),
+                store.clone(),
+                stats.clone(),
+                journal.clone(),
+                shutdown.clone(),
+            );
+            (alerts, Some(join))
+        }
+        None => (crate::alerts::Alerts::off(), None),
+    };
     let shared = Arc::new(Shared {
         store: store.clone(),
         journal: journal.clone(),
         cfg: cfg.daemon.clone(),
         stats: stats.clone(),
+        alerts,
     });
     let api = match (listener, &cfg.api) {
         (Some(listener), Some(api_cfg)) => {
@@ -109,6 +123,9 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         let _ = expander.await;
         if let Some(api) = api {
             let _ = api.await;
+        }
+        if let Some(alerts) = alerts_join {
+            let _ = alerts.await;
         }
         journal.daemon("nasd stopped");
         let flushing = journal.clone();

@@ -8,7 +8,9 @@ use crate::config::TransportConfig;
 use crate::scheme::{Scheme, TransportKind};
 use crate::store::Nas;
 use crate::transport::radius::{Dictionary, RadiusClient, RadiusOptions};
-use crate::transport::routeros_api::{ApiOptions, ApiPool};
+use crate::transport::routeros_api::{
+    ApiOptions, ApiPool, ApiTls, CertPolicy, known_certs_path, load_ca_file, normalize_fingerprint,
+};
 use crate::transport::ssh::{HostKeyPolicy, SshMode, SshOptions, SshPool};
 use crate::transport::telnet::{TelnetOptions, TelnetPool};
 use crate::transport::{Reply, Target, Verdict};
@@ -44,22 +46,38 @@ pub fn device_key(nas: &Nas, scheme: &Scheme) -> DeviceKey {
     DeviceKey {
         nas: nas.clone(),
         scheme: format!(
-            "{}|{}|{:?}|{}|{:?}|{}",
+            "{}|{}|{:?}|{}|{:?}|{}|{}",
             scheme.name,
             scheme.transport,
             scheme.cli.prompt.as_ref().map(|r| r.as_str()),
             scheme.cli.shell,
             scheme.cli.setup,
             scheme.cli.enable,
+            scheme.tls,
         ),
     }
 }
 
 pub fn target(nas: &Nas, kind: TransportKind) -> Target {
+    target_on(nas, kind.default_port())
+}
+
+/// The port a scheme talks to when the NAS row does not set one (API over TLS: 8729).
+fn scheme_port(scheme: &Scheme) -> Option<u16> {
+    match scheme.transport {
+        TransportKind::Api if scheme.tls => Some(API_TLS_PORT),
+        kind => kind.default_port(),
+    }
+}
+
+/// RouterOS' `api-ssl` service port.
+pub const API_TLS_PORT: u16 = 8729;
+
+fn target_on(nas: &Nas, default_port: Option<u16>) -> Target {
     let port = nas
         .port
         .and_then(|p| u16::try_from(p).ok())
-        .or(kind.default_port())
+        .or(default_port)
         .unwrap_or(22);
     Target {
         nas_id: nas.id,
@@ -75,7 +93,7 @@ pub fn target(nas: &Nas, kind: TransportKind) -> Target {
 
 /// Builds the device for a NAS whose scheme talks to a device (None for exec and null).
 pub fn build(nas: &Nas, scheme: &Scheme, cfg: &TransportConfig) -> Result<Option<Device>, String> {
-    let target = target(nas, scheme.transport);
+    let target = target_on(nas, scheme_port(scheme));
     Ok(Some(match scheme.transport {
         TransportKind::Exec | TransportKind::Null => return Ok(None),
         TransportKind::Ssh => {
@@ -108,7 +126,13 @@ pub fn build(nas: &Nas, scheme: &Scheme, cfg: &TransportConfig) -> Result<Option
             opts.setup = scheme.cli.setup.clone();
             Device::Telnet(Arc::new(TelnetPool::new(target, opts)))
         }
-        TransportKind::Api => Device::Api(Arc::new(ApiPool::new(target, ApiOptions::default()))),
+        TransportKind::Api => {
+            let mut opts = ApiOptions::default();
+            if scheme.tls {
+                opts.tls = Some(api_tls(nas, cfg)?);
+            }
+            Device::Api(Arc::new(ApiPool::new(target, opts)))
+        }
         TransportKind::Radius => {
             let mut dictionary = Dictionary::builtin();
             for path in &cfg.radius_dictionaries {
@@ -126,6 +150,28 @@ pub fn build(nas: &Nas, scheme: &Scheme, cfg: &TransportConfig) -> Result<Option
             )))
         }
     }))
+}
+
+/// How an API-over-TLS NAS checks its device's certificate, from the same columns as
+/// SSH host keys: a `host_key` pins the certificate's fingerprint; `accept-new` trusts
+/// on first use; `strict` verifies against `transport.api_tls_ca` when it is set, else
+/// needs a fingerprint recorded in the known certificates file.
+fn api_tls(nas: &Nas, cfg: &TransportConfig) -> Result<ApiTls, String> {
+    let policy = match (&nas.host_key, nas.host_key_policy.as_str(), &cfg.api_tls_ca) {
+        (Some(fp), _, _) => CertPolicy::Pinned(
+            normalize_fingerprint(fp).map_err(|e| format!("nas {} host_key: {e}", nas.id))?,
+        ),
+        (None, "accept-new", _) => CertPolicy::AcceptNew,
+        (None, _, Some(file)) => CertPolicy::Ca {
+            roots: load_ca_file(file).map_err(|e| format!("transport.api_tls_ca: {e}"))?,
+            file: file.clone(),
+        },
+        (None, _, None) => CertPolicy::Strict,
+    };
+    Ok(ApiTls {
+        policy,
+        known_certs: known_certs_path(&cfg.known_hosts),
+    })
 }
 
 impl Device {

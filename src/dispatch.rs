@@ -18,6 +18,7 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
+use crate::breaker::{Admit, Breaker, Reach, Transition};
 use crate::config::DaemonConfig;
 use crate::journal::{AccountTarget, Attempt, Journal, NasTarget};
 use crate::retry::{Next, next_step};
@@ -48,6 +49,8 @@ pub struct Shared {
     pub cfg: DaemonConfig,
     /// Figures per NAS for `/status`, `/metrics` and the API.
     pub stats: Arc<crate::stats::Stats>,
+    /// Where NAS down / up transitions are announced (a no-op without `[alerts]`).
+    pub alerts: crate::alerts::Alerts,
 }
 
 /// The supervisor's handle on a running owner.
@@ -258,6 +261,7 @@ struct Owner {
     stats_generation: u64,
     /// Highest event id counted as enqueued (not reset by a reload).
     counted_max_id: i64,
+    breaker: Breaker,
 }
 
 impl Owner {
@@ -272,6 +276,7 @@ impl Owner {
         let stats = shared.stats.nas(runtime.nas.id);
         let stats_generation = stats.start();
         record_runtime(&stats, &runtime);
+        let breaker = Breaker::new(shared.cfg.breaker.clone());
         Owner {
             shared,
             config_rx,
@@ -295,6 +300,7 @@ impl Owner {
             stats,
             stats_generation,
             counted_max_id: 0,
+            breaker,
         }
     }
 
@@ -355,6 +361,9 @@ impl Owner {
             if let Some(t) = self.db_retry_at {
                 deadline = deadline.min(t);
             }
+            if let Some(t) = self.breaker.wake_at() {
+                deadline = deadline.min(t);
+            }
             if let Some(since) = stopping_since {
                 deadline = deadline.min(since + cfg.shutdown_grace);
             }
@@ -372,6 +381,8 @@ impl Owner {
                     if changed.is_ok() {
                         self.runtime = self.config_rx.borrow_and_update().clone();
                         record_runtime(&self.stats, &self.runtime);
+                        // New settings may be the fix: a down NAS is probed at once.
+                        self.breaker.probe_now(Instant::now());
                     }
                 }
                 _ = self.wake.notified() => { self.want_refill = true; }
@@ -520,7 +531,12 @@ impl Owner {
             return;
         }
         let cap = self.runtime.nas.n_workers.max(1) as usize;
-        let free = cap.saturating_sub(self.in_flight.len());
+        let admit = self.breaker.admit(Instant::now());
+        let free = match admit {
+            Admit::All => cap.saturating_sub(self.in_flight.len()),
+            Admit::Probe => 1,
+            Admit::Wait(_) => 0,
+        };
         if free == 0 || self.ready.is_empty() {
             return;
         }
@@ -596,6 +612,10 @@ impl Owner {
             let event = head.event.clone();
             self.in_flight.insert(id, token);
             self.busy_users.insert(user_id);
+            if admit == Admit::Probe {
+                self.breaker.probe_started();
+                tracing::info!(nas_id = self.nas_id(), event_id = id, "probing the NAS");
+            }
             let runtime = self.runtime.clone();
             let tx = self.results_tx.clone();
             let exec_timeout = self.shared.cfg.exec_timeout;
@@ -612,7 +632,9 @@ impl Owner {
                         )),
                     }
                 } else {
-                    send_event(&runtime, &event, exec_timeout).await
+                    send_event(&runtime, &event, exec_timeout)
+                        .await
+                        .redacted(&[runtime.nas.password.as_ref(), runtime.nas.secret.as_ref()])
                 };
                 let _ = tx.send(AttemptResult {
                     user_id,
@@ -626,6 +648,93 @@ impl Owner {
         self.stats.set_load(self.in_flight.len(), self.loaded);
     }
 
+    /// Feeds one result to the circuit breaker and announces a transition: the daemon
+    /// and NAS logs, the figures, an alert. Returns true when the NAS came back up.
+    fn breaker_record(&mut self, r: &AttemptResult) -> bool {
+        let reach = match &r.reply.verdict {
+            Verdict::Unreachable(why) => Reach::Unreachable(why.clone()),
+            _ if self.runtime.device.is_some() && !r.reply.commands.is_empty() => Reach::Reached,
+            _ => Reach::Unknown,
+        };
+        let Some(transition) = self.breaker.record(Instant::now(), &reach) else {
+            return false;
+        };
+        let nas = &self.runtime.nas;
+        let (line, alert) = match &transition {
+            Transition::Down { reason, failures } => {
+                self.stats.set_down(Some((Utc::now(), reason.clone())));
+                let mut fields = std::collections::BTreeMap::new();
+                fields.insert("reason".to_string(), reason.clone().into());
+                fields.insert("failures".to_string(), (*failures).into());
+                (
+                    format!(
+                        "NAS down nasid={} ip={}: {failures} attempts in a row did not reach it \
+                         (last: {reason}); its events wait, probing every {} at most",
+                        nas.id,
+                        nas.ip,
+                        crate::duration::format_duration(self.shared.cfg.breaker.probe_max)
+                    ),
+                    (crate::alerts::AlertKind::NasDown, fields),
+                )
+            }
+            Transition::Up { down_for, probes } => {
+                self.stats.set_down(None);
+                let mut fields = std::collections::BTreeMap::new();
+                fields.insert(
+                    "down_for".to_string(),
+                    crate::duration::format_duration(*down_for).into(),
+                );
+                fields.insert("down_for_seconds".to_string(), down_for.as_secs().into());
+                fields.insert("probes".to_string(), (*probes).into());
+                (
+                    format!(
+                        "NAS up nasid={} ip={}: reached again after {} down ({probes} failed probes)",
+                        nas.id,
+                        nas.ip,
+                        crate::duration::format_duration(*down_for)
+                    ),
+                    (crate::alerts::AlertKind::NasUp, fields),
+                )
+            }
+        };
+        tracing::warn!(nas_id = nas.id, "{line}");
+        self.shared.journal.daemon(&line);
+        self.shared.alerts.send(crate::alerts::Alert {
+            kind: alert.0,
+            nas_id: nas.id,
+            nas_name: nas.name.clone(),
+            nas_ip: nas.ip.clone(),
+            at: Utc::now(),
+            fields: alert.1,
+        });
+        matches!(transition, Transition::Up { .. })
+    }
+
+    /// The NAS is reachable again: every account whose head waits for a retry starts
+    /// now instead of sitting out the delay it got while the NAS was away (a retry
+    /// delay that ran up during an outage says nothing about the device). Attempts are
+    /// still counted, so an event that fails for its own reasons still gives up.
+    /// Heads held by another owner's lease keep waiting for it.
+    fn release_waiting_heads(&mut self) {
+        let now = Instant::now();
+        let mut released = Vec::new();
+        for (user_id, lane) in &mut self.lanes {
+            if lane.busy || lane.queued {
+                continue;
+            }
+            if let Some(head) = lane.events.front_mut()
+                && head.event.state == "ready"
+                && head.not_before.is_some_and(|t| t > now)
+            {
+                head.not_before = None;
+                released.push(*user_id);
+            }
+        }
+        for user_id in released {
+            self.schedule(user_id);
+        }
+    }
+
     async fn complete(&mut self, results: Vec<AttemptResult>) {
         let cfg = &self.shared.cfg;
         let now = Utc::now();
@@ -634,12 +743,22 @@ impl Owner {
         // Per result: the outcome text for the logs and, for a retry, the delay.
         let mut plans: Vec<(String, Option<Duration>)> = Vec::with_capacity(results.len());
         let mut kinds: Vec<AttemptKind> = Vec::with_capacity(results.len());
+        let hold = cfg.breaker.enabled() && cfg.breaker.hold_attempts;
         for r in &results {
             let duration_ms = r.duration.as_millis() as i64;
+            let mut refund = false;
             let (outcome, error, delay) = match &r.reply.verdict {
                 Verdict::Done => (Outcome::Done, None, None),
                 Verdict::Failed(why) => (Outcome::Failed, Some(why.clone()), None),
-                Verdict::Retry(why) => {
+                Verdict::Unreachable(why) if hold => {
+                    // The device was not reached: the attempt is not counted and the
+                    // event waits; the breaker decides when the NAS is tried again.
+                    refund = true;
+                    let unit: f64 = rand::rng().random();
+                    let d = cfg.retry_base.mul_f64(0.8 + 0.4 * unit);
+                    (Outcome::Done, Some(why.clone()), Some(d))
+                }
+                Verdict::Retry(why) | Verdict::Unreachable(why) => {
                     let unit: f64 = rand::rng().random();
                     match next_step(
                         r.event.try_count,
@@ -665,8 +784,8 @@ impl Owner {
                 (Verdict::Failed(_), _) => AttemptKind::Failed {
                     reached: !r.reply.commands.is_empty(),
                 },
-                (Verdict::Retry(_), Some(_)) => AttemptKind::Retry,
-                (Verdict::Retry(_), None) => AttemptKind::GaveUp,
+                (Verdict::Retry(_) | Verdict::Unreachable(_), Some(_)) => AttemptKind::Retry,
+                (Verdict::Retry(_) | Verdict::Unreachable(_), None) => AttemptKind::GaveUp,
             });
             match delay {
                 Some(d) => {
@@ -675,10 +794,16 @@ impl Owner {
                         claim_token: r.token,
                         retry_at: now + d,
                         error: error.clone().unwrap_or_default(),
+                        refund,
                     });
+                    let note = if refund {
+                        " (NAS unreachable, attempt not counted)"
+                    } else {
+                        ""
+                    };
                     plans.push((
                         format!(
-                            "retry in {}: {}",
+                            "retry in {}{note}: {}",
                             crate::duration::format_duration(d),
                             error.unwrap_or_default()
                         ),
@@ -720,12 +845,22 @@ impl Owner {
         self.db_retry_at = None;
         self.stats
             .attempts(results.iter().zip(&kinds).map(|(r, kind)| {
-                let error = match &r.reply.verdict {
-                    Verdict::Done => None,
-                    Verdict::Failed(why) | Verdict::Retry(why) => Some(why.as_str()),
-                };
-                (r.event.cmd.as_str(), *kind, r.duration, error)
+                (
+                    r.event.cmd.as_str(),
+                    *kind,
+                    r.duration,
+                    r.reply.verdict.reason(),
+                )
             }));
+        let refunded: HashSet<i64> = reschedules
+            .iter()
+            .filter(|r| r.refund)
+            .map(|r| r.id)
+            .collect();
+        let mut came_up = false;
+        for r in &results {
+            came_up |= self.breaker_record(r);
+        }
         let nas_target = NasTarget {
             id: self.runtime.nas.id,
             name: self.runtime.nas.name.clone(),
@@ -781,12 +916,16 @@ impl Owner {
                     if let Some(head) = lane.events.iter_mut().find(|p| p.event.id == r.event.id) {
                         head.event.state = "ready".into();
                         head.event.claim_token = None;
-                        head.event.try_count = r.event.try_count;
+                        head.event.try_count =
+                            r.event.try_count - i32::from(refunded.contains(&r.event.id));
                         head.not_before = Some(Instant::now() + d);
                     }
                 }
             }
             self.schedule(r.user_id);
+        }
+        if came_up {
+            self.release_waiting_heads();
         }
         self.stats.set_load(self.in_flight.len(), self.loaded);
     }

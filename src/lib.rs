@@ -2,9 +2,11 @@
 //!
 //! See ARCHITECTURE.md for the map of the modules.
 
+pub mod alerts;
 pub mod answer;
 pub mod api;
 pub mod bench;
+pub mod breaker;
 pub mod config;
 pub mod daemon;
 pub mod demo;
@@ -19,4 +21,5 @@ pub mod sim;
 pub mod stats;
 pub mod store;
 pub mod supervisor;
+pub mod systemd;
 pub mod transport;

@@ -239,13 +239,6 @@ enum StackCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("NASD_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cfg = match Config::load(cli.config.as_deref()) {
         Ok(cfg) => cfg,
         Err(e) => {
@@ -253,6 +246,16 @@ fn main() -> ExitCode {
             return ExitCode::from(64);
         }
     };
+    let stderr_log = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("NASD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr);
+    match cfg.log.stderr_format {
+        nasd::journal::LogFormat::Text => stderr_log.init(),
+        nasd::journal::LogFormat::Json => stderr_log.json().init(),
+    }
     let mut cli = cli;
     if let Command::Demo(opts) = &mut cli.command {
         let dir = nasd::demo::choose_dir(opts);
@@ -648,17 +651,25 @@ async fn send_now(
             }
             (None, None) => vec![],
         };
+        // A template may put the NAS password or secret into a command: never print it.
+        let secrets: Vec<&str> = [&nas.password, &nas.secret]
+            .into_iter()
+            .flatten()
+            .map(|s| s.expose())
+            .collect();
         for l in lines {
-            println!("{l}");
+            println!("{}", nasd::transport::mask_secrets(&l, &secrets));
         }
         return Ok(ExitCode::SUCCESS);
     }
     let started = Instant::now();
-    let reply = nasd::dispatch::send_event(&runtime, &event, cfg.daemon.exec_timeout).await;
+    let reply = nasd::dispatch::send_event(&runtime, &event, cfg.daemon.exec_timeout)
+        .await
+        .redacted(&[nas.password.as_ref(), nas.secret.as_ref()]);
     let took = started.elapsed();
     // A manual send is logged like the daemon's attempts, so the NAS and account logs
     // stay the full story of what reached the device (event=0 marks it as manual).
-    if let Ok(journal) = nasd::journal::Journal::open(&cfg.daemon.log_dir) {
+    if let Ok(journal) = nasd::journal::Journal::open_with(&cfg.daemon.log_dir, &cfg.log) {
         journal.attempt(
             &nasd::journal::NasTarget {
                 id: nas.id,
@@ -677,7 +688,10 @@ async fn send_now(
                 answer: reply.answer.clone(),
                 outcome: match &reply.verdict {
                     nasd::transport::Verdict::Done => "done (manual send)".to_string(),
-                    nasd::transport::Verdict::Retry(w) => format!("manual send, would retry: {w}"),
+                    nasd::transport::Verdict::Retry(w)
+                    | nasd::transport::Verdict::Unreachable(w) => {
+                        format!("manual send, would retry: {w}")
+                    }
                     nasd::transport::Verdict::Failed(w) => format!("manual send failed: {w}"),
                 },
                 duration: took,
@@ -693,7 +707,9 @@ async fn send_now(
     }
     let (text, code) = match &reply.verdict {
         nasd::transport::Verdict::Done => ("done".to_string(), ExitCode::SUCCESS),
-        nasd::transport::Verdict::Retry(why) => (format!("would retry: {why}"), ExitCode::from(2)),
+        nasd::transport::Verdict::Retry(why) | nasd::transport::Verdict::Unreachable(why) => {
+            (format!("would retry: {why}"), ExitCode::from(2))
+        }
         nasd::transport::Verdict::Failed(why) => (format!("failed: {why}"), ExitCode::FAILURE),
     };
     println!("outcome: {text} ({} ms)", took.as_millis());

@@ -194,6 +194,9 @@ struct SchemeFile {
     setup: Vec<String>,
     #[serde(default)]
     answers: AnswersFile,
+    /// api: speak TLS (RouterOS `api-ssl`, default port 8729).
+    #[serde(default)]
+    tls: bool,
 }
 
 /// `[answers]`: how device output is judged, per command.
@@ -261,6 +264,8 @@ pub struct Scheme {
     pub answers: AnswerPatterns,
     /// ssh / telnet session settings.
     pub cli: CliSettings,
+    /// api: TLS (RouterOS `api-ssl`) instead of plain TCP.
+    pub tls: bool,
     /// Holds every template compiled, named `cmd[index]`.
     env: Environment<'static>,
 }
@@ -395,10 +400,14 @@ impl Scheme {
             enable: file.enable,
             setup: file.setup,
         };
+        if file.tls && file.transport != TransportKind::Api {
+            return Err(invalid("tls = true is for transport api".to_string()));
+        }
         let env = build_env(file.dialect, &name, &commands)?;
         Ok(Scheme {
             answers,
             cli,
+            tls: file.tls,
             name,
             dir: dir.to_path_buf(),
             description: file.description,
@@ -463,10 +472,44 @@ impl Scheme {
                 .map_err(|e| self.template_error(cmd, index, error_text(&e)))?;
             let text = template
                 .render(&ctx)
-                .map_err(|e| self.render_error(cmd, index, &template, vars, &e))?;
+                .map_err(|e| self.error_without_secrets(cmd, index, &template, vars, &e))?;
             out.push(text);
         }
         Ok(out)
+    }
+
+    /// `render_error`, with nothing of a secret variable's value in it. minijinja
+    /// repeats values in some messages (`unable to calculate <a> - <b>`, an `include`
+    /// name), quoted, escaped or filtered in ways no search for the value would find;
+    /// so the failing template is rendered again with the secrets replaced by `***`,
+    /// and that error is reported. `Unsafe` errors never carry values and stay.
+    fn error_without_secrets(
+        &self,
+        cmd: &str,
+        index: usize,
+        template: &minijinja::Template<'_, '_>,
+        vars: &Vars,
+        err: &minijinja::Error,
+    ) -> RenderError {
+        let error = self.render_error(cmd, index, template, vars, err);
+        if !matches!(error, RenderError::Template { .. })
+            || !SECRET_VARS.iter().any(|name| vars.contains_key(*name))
+        {
+            return error;
+        }
+        let mut masked = vars.clone();
+        for name in SECRET_VARS {
+            if let Some(value) = masked.get_mut(name) {
+                *value = "***".into();
+            }
+        }
+        match template.render(Value::from_serialize(&masked)) {
+            Err(e) => match self.render_error(cmd, index, template, &masked, &e) {
+                masked_error @ RenderError::Template { .. } => masked_error,
+                _ => self.template_error(cmd, index, SECRET_WITHHELD.to_string()),
+            },
+            Ok(_) => self.template_error(cmd, index, SECRET_WITHHELD.to_string()),
+        }
     }
 
     fn template_error(&self, cmd: &str, index: usize, message: String) -> RenderError {
@@ -783,6 +826,9 @@ fn build_env(
     env.set_undefined_behavior(UndefinedBehavior::Strict);
     // Debug mode keeps the span of a failing expression, which names it in errors.
     env.set_debug(true);
+    // `debug()` prints the whole context, secrets included, into a command or (as an
+    // `include` name) into an error message; no scheme needs it.
+    env.remove_global("debug");
     // Every `{{ }}` output goes through here. Safe-marking (`|safe`, `|e`) is ignored on
     // purpose: values come from billing data and must never escape their argument.
     env.set_formatter(move |out, _state, value| {
@@ -828,6 +874,14 @@ fn build_env(
     }
     Ok(env)
 }
+
+/// Variables that hold secrets (see `dispatch::attempt_vars`). Templates may use them;
+/// render errors never show their values (`Scheme::error_without_secrets`).
+pub const SECRET_VARS: [&str; 3] = ["nas_password", "telnet_password", "coa_psw"];
+
+/// The message of a render error that only the real value of a secret causes.
+const SECRET_WITHHELD: &str =
+    "fails on the value of a secret variable (message withheld: it would show the value)";
 
 /// Unique per (cmd, index): the suffix is always one `[n]`.
 fn template_name(cmd: &str, index: usize) -> String {
@@ -1412,6 +1466,10 @@ user_del = ["/c {{ ip }}"]
                 "scheme x: mode = \"shell\" is for transport ssh",
             ),
             (
+                "transport = \"ssh\"\ntls = true\n[commands]\nuser_add = [\"x\"]\n",
+                "scheme x: tls = true is for transport api",
+            ),
+            (
                 "transport = \"ssh\"\n[answers]\nfailure = [\"(\"]\n[commands]\nuser_add = [\"x\"]\n",
                 "scheme x: answers.failure: bad regex `(`",
             ),
@@ -1586,6 +1644,27 @@ user_del = ["/c {{ ip }}"]
             err.to_string(),
             "scheme x: template user_add[2]: undefined value in {{ ip.x }}"
         );
+    }
+
+    #[test]
+    fn render_errors_never_show_secret_values() {
+        // Found by tests/fuzz.rs: `debug()` dumped the context (secrets included) into an
+        // `include` error, and minijinja repeats values in some messages, escaped or
+        // filtered (`pprint` quotes twice).
+        let s = null_scheme(
+            "plain",
+            "c = [\"{{ nas_password - 1 }}\", \"{% include coa_psw %}\", \"{{ debug() }}\", \
+             \"{% include nas_password|pprint %}\", \"{% include nas_password|tojson|upper %}\"]\n",
+        );
+        let secrets = vars(json!({"nas_password": "pw\"S3cret'", "coa_psw": "coa-S3cret"}));
+        for index in 0..5 {
+            let only = null_scheme(
+                "plain",
+                &format!("c = [{:?}]\n", s.templates("c").expect("c")[index]),
+            );
+            let err = only.render("c", &secrets).expect_err("fails").to_string();
+            assert!(!err.to_lowercase().contains("s3cret"), "{err}");
+        }
     }
 
     #[test]

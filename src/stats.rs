@@ -90,6 +90,7 @@ struct Inner {
     failing_since: Option<DateTime<Utc>>,
     unavailable: Option<String>,
     device: Option<Device>,
+    down: Option<(DateTime<Utc>, String)>,
 }
 
 /// The figures of one NAS.
@@ -125,6 +126,9 @@ pub struct NasSnapshot {
     pub failing_since: Option<DateTime<Utc>>,
     /// Why the owner cannot send now (e.g. its scheme is missing).
     pub unavailable: Option<String>,
+    /// The circuit breaker marked the NAS down: since when, and the last error.
+    pub down_since: Option<DateTime<Utc>>,
+    pub down_reason: Option<String>,
     pub by_cmd: Vec<(String, CmdCounters)>,
     pub latency: Histogram,
 }
@@ -166,7 +170,14 @@ impl NasStats {
         self.running.store(false, Ordering::Relaxed);
         self.in_flight.store(0, Ordering::Relaxed);
         self.window.store(0, Ordering::Relaxed);
-        self.lock().device = None;
+        let mut inner = self.lock();
+        inner.device = None;
+        inner.down = None;
+    }
+
+    /// The circuit breaker opened (`Some`: since when, why) or closed (`None`).
+    pub fn set_down(&self, down: Option<(DateTime<Utc>, String)>) {
+        self.lock().down = down;
     }
 
     pub fn set_load(&self, in_flight: usize, window: usize) {
@@ -237,6 +248,8 @@ impl NasStats {
             consecutive_failures: inner.consecutive_failures,
             failing_since: inner.failing_since,
             unavailable: inner.unavailable.clone(),
+            down_since: inner.down.as_ref().map(|d| d.0),
+            down_reason: inner.down.as_ref().map(|d| d.1.clone()),
             by_cmd: inner.by_cmd.iter().map(|(k, v)| (k.clone(), *v)).collect(),
             latency: inner.latency.clone(),
         }

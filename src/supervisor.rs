@@ -270,15 +270,38 @@ impl Supervisor {
         }
     }
 
+    /// Resyncs every `resync_interval` until `shutdown`. Under systemd it sends
+    /// `READY=1` after the first resync (migrations done, pools up) and `WATCHDOG=1`
+    /// from this loop, so a stuck supervisor gets the daemon restarted.
     pub async fn run(mut self, shutdown: CancellationToken) {
         let interval = self.shared.cfg.resync_interval;
+        let watchdog = crate::systemd::watchdog_interval();
+        let mut next_resync = tokio::time::Instant::now();
+        let mut ready = false;
         loop {
-            self.resync().await;
+            let now = tokio::time::Instant::now();
+            if now >= next_resync {
+                self.resync().await;
+                next_resync = tokio::time::Instant::now() + interval;
+                if !ready {
+                    ready = true;
+                    crate::systemd::notify_or_log(&format!(
+                        "READY=1\nSTATUS=serving {} NAS",
+                        self.owners.len()
+                    ));
+                }
+            }
+            let mut wake = next_resync;
+            if let Some(every) = watchdog {
+                crate::systemd::notify_or_log("WATCHDOG=1");
+                wake = wake.min(tokio::time::Instant::now() + every);
+            }
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = tokio::time::sleep(interval) => {}
+                _ = tokio::time::sleep_until(wake) => {}
             }
         }
+        crate::systemd::notify_or_log("STOPPING=1\nSTATUS=stopping: finishing commands in flight");
         self.shutdown().await;
     }
 }

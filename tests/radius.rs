@@ -151,14 +151,14 @@ async fn naks_map_to_verdicts_by_error_cause() {
 }
 
 #[tokio::test]
-async fn silence_is_retried_with_the_same_packet_then_retry() {
+async fn silence_is_retransmitted_as_the_same_packet_then_unreachable() {
     let nas = Nas::start();
     let client = nas.client(Some(SECRET), 200, 3);
     let started = std::time::Instant::now();
     let reply = client.send("coa User-Name = silent").await;
     assert_eq!(
         reply.verdict,
-        Verdict::Retry(format!(
+        Verdict::Unreachable(format!(
             "no answer from 127.0.0.1:{} after 3 tries",
             nas.port
         ))
@@ -178,7 +178,7 @@ async fn wrong_secret_gets_no_answer() {
     let reply = client.send("coa User-Name = user1").await;
     assert_eq!(
         reply.verdict,
-        Verdict::Retry(format!(
+        Verdict::Unreachable(format!(
             "no answer from 127.0.0.1:{} after 2 tries",
             nas.port
         ))
@@ -195,7 +195,7 @@ async fn forged_and_foreign_replies_are_ignored() {
     let reply = client.send("coa User-Name = bad-ma").await;
     assert_eq!(
         reply.verdict,
-        Verdict::Retry(format!(
+        Verdict::Unreachable(format!(
             "no answer from 127.0.0.1:{} after 2 tries",
             nas.port
         ))

@@ -850,7 +850,10 @@ async fn nasd_radius_client_accepts_the_sim_replies() {
     // A wrong secret gets no answer at all: the client times out.
     let wrong = radius_client(&sim, "wrong", Duration::from_millis(300));
     let reply = wrong.send(r#"coa User-Name = "u8""#).await;
-    assert!(matches!(reply.verdict, Verdict::Retry(_)), "{reply:?}");
+    assert!(
+        matches!(reply.verdict, Verdict::Unreachable(_)),
+        "{reply:?}"
+    );
     assert!(sim.device.session("u8").is_none());
     assert_eq!(sim.device.counters().coa_dropped, 1);
     sim.stop().await;
@@ -868,7 +871,10 @@ async fn coa_hang_fault_applies_without_answering_and_latency_delays() {
     let reply = client
         .send(r#"coa User-Name = "h1", Mikrotik-Rate-Limit = "1M/1M""#)
         .await;
-    assert!(matches!(reply.verdict, Verdict::Retry(_)), "{reply:?}");
+    assert!(
+        matches!(reply.verdict, Verdict::Unreachable(_)),
+        "{reply:?}"
+    );
     let session = sim.device.session("h1").expect("applied");
     assert_eq!(session.rate_limit, "1M/1M");
     sim.stop().await;

@@ -273,6 +273,9 @@ pub fn nas_info(
         "consecutive_failures": s.consecutive_failures,
         "failing_since": s.failing_since,
         "unavailable": s.unavailable,
+        "down": s.down_since.is_some(),
+        "down_since": s.down_since,
+        "down_reason": s.down_reason,
     })
 }
 

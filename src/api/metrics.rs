@@ -152,7 +152,7 @@ pub fn render(
         );
     }
     type Gauge = fn(&NasSnapshot) -> f64;
-    let gauges: [(&str, &str, Gauge); 6] = [
+    let gauges: [(&str, &str, Gauge); 7] = [
         (
             "nasd_nas_up",
             "1 while the NAS has a running owner that can send (enabled, scheme found).",
@@ -170,6 +170,11 @@ pub fn render(
             "nasd_open_sessions",
             "Open connections to the device, by NAS.",
             |s| s.open_sessions as f64,
+        ),
+        (
+            "nasd_nas_reachable",
+            "0 while the circuit breaker holds the NAS down (its events wait), else 1.",
+            |s| if s.down_since.is_some() { 0.0 } else { 1.0 },
         ),
         (
             "nasd_consecutive_failures",

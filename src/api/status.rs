@@ -102,6 +102,15 @@ pub fn nas_problem(
     if let Some(why) = &snap.unavailable {
         return Some(format!("{who} cannot be served: {why}"));
     }
+    if let (Some(since), Some(why)) = (snap.down_since, &snap.down_reason)
+        && let Ok(down_for) = (now - since).to_std()
+        && down_for >= down_after
+    {
+        return Some(format!(
+            "{who} down for {} (circuit breaker; its events wait): {why}",
+            human(down_for)
+        ));
+    }
     let since = snap.failing_since?;
     let down_for = (now - since).to_std().ok()?;
     if snap.consecutive_failures == 0 || down_for < down_after {

@@ -1,6 +1,7 @@
-//! The simulator's RouterOS API side (TCP, the port-8728 protocol): sentences in the
-//! transport's codec, the plaintext login of RouterOS 6.43+ (and the older MD5
-//! challenge), and the same menus as the CLI acting on the same `RouterState`.
+//! The simulator's RouterOS API side (TCP, the port-8728 protocol, and the same over TLS
+//! as the `api-ssl` service on 8729): sentences in the transport's codec, the plaintext
+//! login of RouterOS 6.43+ (and the older MD5 challenge), and the same menus as the CLI
+//! acting on the same `RouterState`.
 //!
 //! `add`, `set`, `remove`, `enable` and `disable` are translated into one CLI line with
 //! every value quoted, and run by the CLI interpreter: the API then validates, numbers
@@ -8,24 +9,111 @@
 //! become a second command. `print` reads the state directly, since API rows and queries
 //! (`?key=value`, `?#|&!` stack operations, `=.proplist=`) have no CLI counterpart.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use rand::Rng as _;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::routeros::{Protocol, RouterState, execute};
 use super::{Fate, Shared};
-use crate::transport::routeros_api::{SentenceDecoder, encode_sentence, md5_login_response};
+use crate::transport::routeros_api::{
+    SentenceDecoder, cert_fingerprint, encode_sentence, md5_login_response,
+};
 
 /// An idle connection is closed after this long, so abandoned clients free their slot.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// A client that has not finished the TLS handshake by then is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The api-ssl listener's TLS identity and the SHA-256 fingerprint of its certificate.
+///
+/// With `--tls-cert` and `--tls-key` both files are read (PEM); when neither exists yet
+/// a self-signed certificate is generated and written there (the key with mode 0600), so
+/// a demo keeps its fingerprint across restarts. Without them it lives in memory only.
+/// Generated certificates name `localhost`, 127.0.0.1 and the listen address.
+pub(crate) fn tls_acceptor(
+    cert: Option<&Path>,
+    key: Option<&Path>,
+    listen: &str,
+) -> anyhow::Result<(TlsAcceptor, String)> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    let files = match (cert, key) {
+        (None, None) => None,
+        (Some(cert), Some(key)) => Some((cert, key)),
+        _ => anyhow::bail!("sim: --tls-cert and --tls-key go together"),
+    };
+    let (chain, private_key) = match files {
+        Some((cert, key)) if cert.exists() || key.exists() => {
+            let chain = CertificateDer::pem_file_iter(cert)
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .with_context(|| format!("sim: reading --tls-cert {}", cert.display()))?;
+            anyhow::ensure!(
+                !chain.is_empty(),
+                "sim: --tls-cert {}: no PEM certificate in it",
+                cert.display()
+            );
+            let private_key = PrivateKeyDer::from_pem_file(key)
+                .with_context(|| format!("sim: reading --tls-key {}", key.display()))?;
+            (chain, private_key)
+        }
+        _ => {
+            let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+            let unspecified = listen
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_unspecified());
+            if !unspecified && !names.iter().any(|n| n == listen) {
+                names.push(listen.to_string());
+            }
+            let generated = rcgen::generate_simple_self_signed(names)
+                .context("sim: generating the api-ssl certificate")?;
+            let key_der = generated.signing_key.serialize_der();
+            if let Some((cert, key)) = files {
+                write_new(cert, generated.cert.pem().as_bytes(), 0o644)?;
+                write_new(key, generated.signing_key.serialize_pem().as_bytes(), 0o600)?;
+            }
+            let private_key = PrivateKeyDer::try_from(key_der)
+                .map_err(|e| anyhow::anyhow!("sim: encoding the api-ssl key: {e}"))?;
+            (vec![generated.cert.der().clone()], private_key)
+        }
+    };
+    let fingerprint = cert_fingerprint(&chain[0]);
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("sim: TLS setup")?
+        .with_no_client_auth()
+        .with_single_cert(chain, private_key)
+        .context("sim: the api-ssl certificate and key do not fit together")?;
+    Ok((TlsAcceptor::from(Arc::new(config)), fingerprint))
+}
+
+fn write_new(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .with_context(|| format!("sim: creating {}", path.display()))?;
+    file.write_all(bytes)
+        .with_context(|| format!("sim: writing {}", path.display()))
+}
+
+/// Serves the API on `listener`: plain TCP, or TLS when `tls` is given.
 pub(crate) async fn serve(
     listener: TcpListener,
+    tls: Option<TlsAcceptor>,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
@@ -48,36 +136,59 @@ pub(crate) async fn serve(
         let _ = socket.set_nodelay(true);
         let shared = shared.clone();
         let cancel = shutdown.child_token();
+        let tls = tls.clone();
         tasks.spawn(async move {
-            let Some(guard) = shared
-                .device
-                .try_open_session(Protocol::Api, shared.max_sessions)
-            else {
-                tracing::info!(%peer, "sim: api session refused (max sessions reached)");
-                let mut socket = socket;
-                let words = ["!fatal".to_string(), "too many sessions".to_string()];
-                let _ = socket.write_all(&encode_sentence(&words)).await;
-                let _ = socket.shutdown().await;
-                return;
+            let Some(acceptor) = tls else {
+                return session(socket, peer, shared, cancel).await;
             };
-            let mut connection = Connection {
-                socket,
-                decoder: SentenceDecoder::new(),
-                shared,
-                cancel,
-                logged_in: false,
-                challenge: None,
+            let handshake = tokio::select! {
+                _ = cancel.cancelled() => return,
+                handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(socket)) => handshake,
             };
-            if let Err(error) = connection.run().await {
-                tracing::debug!(%error, "sim: api session ended with an error");
+            match handshake {
+                Ok(Ok(stream)) => session(stream, peer, shared, cancel).await,
+                Ok(Err(error)) => tracing::info!(%peer, %error, "sim: api-ssl handshake failed"),
+                Err(_) => tracing::info!(%peer, "sim: api-ssl handshake timed out"),
             }
-            drop(guard);
         });
     }
 }
 
-struct Connection {
-    socket: TcpStream,
+/// One API session on an accepted (and, for api-ssl, handshaken) connection.
+async fn session<S>(
+    mut socket: S,
+    peer: std::net::SocketAddr,
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let Some(guard) = shared
+        .device
+        .try_open_session(Protocol::Api, shared.max_sessions)
+    else {
+        tracing::info!(%peer, "sim: api session refused (max sessions reached)");
+        let words = ["!fatal".to_string(), "too many sessions".to_string()];
+        let _ = socket.write_all(&encode_sentence(&words)).await;
+        let _ = socket.shutdown().await;
+        return;
+    };
+    let mut connection = Connection {
+        socket,
+        decoder: SentenceDecoder::new(),
+        shared,
+        cancel,
+        logged_in: false,
+        challenge: None,
+    };
+    if let Err(error) = connection.run().await {
+        tracing::debug!(%error, "sim: api session ended with an error");
+    }
+    drop(guard);
+}
+
+struct Connection<S> {
+    socket: S,
     decoder: SentenceDecoder,
     shared: Arc<Shared>,
     cancel: CancellationToken,
@@ -86,7 +197,7 @@ struct Connection {
     challenge: Option<String>,
 }
 
-impl Connection {
+impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     async fn run(&mut self) -> std::io::Result<()> {
         while let Some(sentence) = self.read_sentence().await? {
             let Some(command) = sentence.first().cloned() else {
@@ -120,6 +231,7 @@ impl Connection {
                         return Ok(());
                     }
                     let replies = self.shared.device.apply(|state| run(state, &words));
+                    self.shared.record("api", &words.join(" "));
                     tracing::debug!(?words, ?replies, "sim: api command");
                     if fate == Fate::Hang {
                         tracing::debug!(command, "sim: fault hangs the api session");
@@ -175,7 +287,9 @@ impl Connection {
             }
             bytes.extend_from_slice(&encode_sentence(&words));
         }
-        self.socket.write_all(&bytes).await
+        self.socket.write_all(&bytes).await?;
+        // TLS holds records until flushed; for TCP this does nothing.
+        self.socket.flush().await
     }
 
     /// The next sentence; `None` on end of input, shutdown or idle timeout.

@@ -46,6 +46,17 @@ pub struct SimOptions {
     /// RouterOS API TCP port; 0 picks a free port (printed at start).
     #[arg(long, default_value_t = 0)]
     pub api_port: u16,
+    /// RouterOS API over TLS (api-ssl) TCP port; 0 picks a free port (printed at start
+    /// with the certificate's SHA-256 fingerprint).
+    #[arg(long, default_value_t = 0)]
+    pub api_tls_port: u16,
+    /// api-ssl certificate (PEM), given with --tls-key; when neither file exists a
+    /// self-signed pair is generated there; without both, a self-signed one in memory.
+    #[arg(long)]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// api-ssl private key (PEM), given with --tls-cert.
+    #[arg(long)]
+    pub tls_key: Option<std::path::PathBuf>,
     /// RADIUS shared secret the CoA server verifies requests and signs replies with.
     #[arg(long, default_value = "testing123")]
     pub secret: String,
@@ -78,6 +89,11 @@ pub struct SimOptions {
     /// when not given.
     #[arg(long)]
     pub host_key: Option<std::path::PathBuf>,
+    /// Appends one line per applied command to this file, `<unix ms> <kind> <command>`
+    /// (kind `cli`, `api`, `coa` or `disconnect`), so a harness can count what reached
+    /// the device: losses, repeats and order.
+    #[arg(long)]
+    pub record: Option<std::path::PathBuf>,
 }
 
 impl Default for SimOptions {
@@ -88,6 +104,9 @@ impl Default for SimOptions {
             telnet_port: 0,
             coa_port: 0,
             api_port: 0,
+            api_tls_port: 0,
+            tls_cert: None,
+            tls_key: None,
             secret: "testing123".to_string(),
             auto_sessions: true,
             user: "admin".to_string(),
@@ -97,6 +116,7 @@ impl Default for SimOptions {
             fault: Vec::new(),
             identity: "sim".to_string(),
             host_key: None,
+            record: None,
         }
     }
 }
@@ -168,11 +188,51 @@ pub(crate) struct Shared {
     pub latency: Duration,
     pub faults: Faults,
     pub max_sessions: usize,
+    /// `--record`: the file applied commands are appended to.
+    pub record: Option<Recorder>,
+}
+
+/// Appends applied commands to the `--record` file, one `write` per line (O_APPEND), so
+/// the lines survive the simulator being killed.
+pub(crate) struct Recorder {
+    file: std::sync::Mutex<std::fs::File>,
+}
+
+impl Recorder {
+    fn open(path: &Path) -> anyhow::Result<Recorder> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("sim: opening the record file {}", path.display()))?;
+        Ok(Recorder {
+            file: std::sync::Mutex::new(file),
+        })
+    }
+
+    fn line(&self, kind: &str, command: &str) {
+        use std::io::Write as _;
+        let ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        let line = format!("{ms} {kind} {}\n", command.replace('\n', "\\n"));
+        let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(error) = file.write_all(line.as_bytes()) {
+            tracing::warn!(%error, "sim: writing the record file");
+        }
+    }
 }
 
 impl Shared {
     pub fn credentials_ok(&self, user: &str, password: &str) -> bool {
         !self.faults.refuse_auth && user == self.user && password == self.password
+    }
+
+    /// Records one applied command (with `--record`).
+    pub fn record(&self, kind: &str, command: &str) {
+        if let Some(recorder) = &self.record {
+            recorder.line(kind, command);
+        }
     }
 
     pub fn prompt(&self) -> String {
@@ -195,6 +255,7 @@ impl Shared {
             return Outcome::Drop;
         }
         let answer = self.device.execute(line);
+        self.record("cli", line);
         tracing::debug!(command = line, answer = answer.as_str(), "sim: command");
         if fate == Fate::Hang {
             tracing::debug!(command = line, "sim: fault hangs the session");
@@ -339,6 +400,10 @@ pub struct Sim {
     pub coa_addr: SocketAddr,
     /// The RouterOS API server (TCP).
     pub api_addr: SocketAddr,
+    /// The RouterOS API over TLS (api-ssl) and its certificate's fingerprint
+    /// (`SHA256:...`, for pinning).
+    pub api_tls_addr: SocketAddr,
+    pub api_tls_fingerprint: String,
     pub device: Device,
     /// The SSH host public key in OpenSSH form (`ssh-ed25519 AAAA...`), for pinning.
     pub host_public_key: String,
@@ -384,12 +449,26 @@ pub async fn start(opts: &SimOptions, shutdown: CancellationToken) -> anyhow::Re
     let api_listener = TcpListener::bind((opts.listen.as_str(), opts.api_port))
         .await
         .with_context(|| format!("sim: binding api on {}:{}", opts.listen, opts.api_port))?;
+    let api_tls_listener = TcpListener::bind((opts.listen.as_str(), opts.api_tls_port))
+        .await
+        .with_context(|| {
+            format!(
+                "sim: binding api-ssl on {}:{}",
+                opts.listen, opts.api_tls_port
+            )
+        })?;
+    let (api_tls, api_tls_fingerprint) = api_server::tls_acceptor(
+        opts.tls_cert.as_deref(),
+        opts.tls_key.as_deref(),
+        &opts.listen,
+    )?;
     let coa_socket = UdpSocket::bind((opts.listen.as_str(), opts.coa_port))
         .await
         .with_context(|| format!("sim: binding coa on {}:{}", opts.listen, opts.coa_port))?;
     let ssh_addr = ssh_listener.local_addr()?;
     let telnet_addr = telnet_listener.local_addr()?;
     let api_addr = api_listener.local_addr()?;
+    let api_tls_addr = api_tls_listener.local_addr()?;
     let coa_addr = coa_socket.local_addr()?;
 
     let device = Device::new(&opts.identity);
@@ -400,6 +479,7 @@ pub async fn start(opts: &SimOptions, shutdown: CancellationToken) -> anyhow::Re
         latency,
         faults,
         max_sessions: opts.max_sessions,
+        record: opts.record.as_deref().map(Recorder::open).transpose()?,
     });
     let tasks = TaskTracker::new();
     tasks.spawn(ssh_server::serve(
@@ -417,6 +497,14 @@ pub async fn start(opts: &SimOptions, shutdown: CancellationToken) -> anyhow::Re
     ));
     tasks.spawn(api_server::serve(
         api_listener,
+        None,
+        shared.clone(),
+        shutdown.clone(),
+        tasks.clone(),
+    ));
+    tasks.spawn(api_server::serve(
+        api_tls_listener,
+        Some(api_tls),
         shared.clone(),
         shutdown.clone(),
         tasks.clone(),
@@ -439,6 +527,8 @@ pub async fn start(opts: &SimOptions, shutdown: CancellationToken) -> anyhow::Re
         telnet_addr,
         coa_addr,
         api_addr,
+        api_tls_addr,
+        api_tls_fingerprint,
         device,
         host_public_key,
         shutdown,
@@ -462,6 +552,10 @@ pub async fn run(opts: SimOptions) -> anyhow::Result<()> {
         if opts.auto_sessions { "on" } else { "off" }
     );
     println!("sim: host key {}", sim.host_public_key);
+    println!(
+        "sim: api-ssl on {}, certificate {}",
+        sim.api_tls_addr, sim.api_tls_fingerprint
+    );
     wait_for_signal().await?;
     let counters = sim.device.counters();
     shutdown.cancel();
@@ -591,5 +685,34 @@ mod tests {
         assert_eq!(editor.next_line(), (Vec::new(), Some("secret".to_string())));
         editor.feed(b"\n");
         assert_eq!(editor.next_line(), (Vec::new(), None));
+    }
+
+    #[test]
+    fn recorder_appends_one_line_per_command() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("record");
+        std::fs::write(&path, "kept\n").expect("earlier content");
+        let recorder = Recorder::open(&path).expect("open");
+        recorder.line(
+            "cli",
+            "/ip firewall address-list add list=ev1 address=10.0.0.1",
+        );
+        recorder.line("api", "two\nlines");
+        let text = std::fs::read_to_string(&path).expect("read");
+        let lines: Vec<(&str, &str)> = text
+            .lines()
+            .skip(1)
+            .map(|l| l.split_once(' ').expect("time first"))
+            .collect();
+        assert!(text.starts_with("kept\n"), "appends: {text}");
+        assert!(lines.iter().all(|(ms, _)| ms.parse::<u128>().is_ok()));
+        let rest: Vec<&str> = lines.iter().map(|(_, rest)| *rest).collect();
+        assert_eq!(
+            rest,
+            [
+                "cli /ip firewall address-list add list=ev1 address=10.0.0.1",
+                "api two\\nlines"
+            ]
+        );
     }
 }

@@ -156,6 +156,12 @@ fn respond(shared: &Shared, settings: &Settings, datagram: &[u8]) -> Option<Vec<
         CoaOutcome::Nak
     };
     shared.device.record_coa(outcome);
+    let kind = if code == COA_REQUEST {
+        "coa"
+    } else {
+        "disconnect"
+    };
+    shared.record(kind, &request.record_text());
     tracing::debug!(id, ?request, reply_code, ?cause, "sim: coa request");
     if fate == Fate::Hang {
         tracing::debug!(id, "sim: fault leaves the coa request unanswered");
@@ -178,6 +184,25 @@ fn respond(shared: &Shared, settings: &Settings, datagram: &[u8]) -> Option<Vec<
         &attributes,
         &settings.secret,
     )
+}
+
+impl CoaRequest {
+    /// The attributes it carries as `name=value` words, for `--record`.
+    fn record_text(&self) -> String {
+        [
+            ("user", &self.user),
+            ("acct_session_id", &self.acct_session_id),
+            ("ip", &self.ip),
+            ("rate_limit", &self.rate_limit),
+            ("address_list", &self.address_list),
+            ("filter_id", &self.filter_id),
+            ("cisco_avpair", &self.cisco_avpair),
+        ]
+        .iter()
+        .filter_map(|(name, value)| value.as_ref().map(|v| format!("{name}={v}")))
+        .collect::<Vec<_>>()
+        .join(" ")
+    }
 }
 
 /// The attributes the simulator understands; others are ignored, as a NAS ignores what
@@ -366,6 +391,20 @@ mod tests {
         let dict = Dictionary::builtin();
         let parsed = parse_request(text, &dict).expect("request parses");
         encode_request(&parsed, id, secret).expect("request encodes")
+    }
+
+    #[test]
+    fn record_text_names_the_attributes_present() {
+        let (packet, _) = request(
+            "coa User-Name = u1, Acct-Session-Id = s1, Filter-Id = ev7",
+            1,
+            b"s",
+        );
+        assert_eq!(
+            parse_attributes(&packet).record_text(),
+            "user=u1 acct_session_id=s1 filter_id=ev7"
+        );
+        assert_eq!(CoaRequest::default().record_text(), "");
     }
 
     #[test]

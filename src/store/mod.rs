@@ -237,6 +237,9 @@ pub struct Reschedule {
     pub claim_token: i64,
     pub retry_at: DateTime<Utc>,
     pub error: String,
+    /// The attempt is not counted (the device was unreachable and the breaker holds
+    /// attempts): the try count goes back down by one.
+    pub refund: bool,
 }
 
 /// What `claim` took: the event id and its try count after the increment.

@@ -400,16 +400,19 @@ impl PgStore {
             let tokens: Vec<i64> = reschedules.iter().map(|r| r.claim_token).collect();
             let retry_at: Vec<DateTime<Utc>> = reschedules.iter().map(|r| r.retry_at).collect();
             let errors: Vec<&str> = reschedules.iter().map(|r| r.error.as_str()).collect();
+            let refunds: Vec<i32> = reschedules.iter().map(|r| i32::from(r.refund)).collect();
             let done: Vec<i64> = sqlx::query_scalar(
                 "UPDATE events_stack s SET state = 'ready', retry_at = f.retry_at, last_error = f.error, \
-                 claim_token = NULL, lease_until = NULL FROM unnest($1::bigint[], $2::bigint[], \
-                 $3::timestamptz[], $4::text[]) AS f(id, tok, retry_at, error) \
+                 claim_token = NULL, lease_until = NULL, try_count = s.try_count - f.refund \
+                 FROM unnest($1::bigint[], $2::bigint[], \
+                 $3::timestamptz[], $4::text[], $5::int[]) AS f(id, tok, retry_at, error, refund) \
                  WHERE s.id = f.id AND s.claim_token = f.tok RETURNING s.id",
             )
             .bind(&ids)
             .bind(&tokens)
             .bind(&retry_at)
             .bind(&errors)
+            .bind(&refunds)
             .fetch_all(&mut *tx)
             .await
             .ctx("reschedule events")?;

@@ -440,12 +440,14 @@ impl SqliteStore {
         for r in reschedules {
             let done = sqlx::query(
                 "UPDATE events_stack SET state = 'ready', retry_at = ?3, last_error = ?4, \
-                 claim_token = NULL, lease_until = NULL WHERE id = ?1 AND claim_token = ?2",
+                 claim_token = NULL, lease_until = NULL, try_count = try_count - ?5 \
+                 WHERE id = ?1 AND claim_token = ?2",
             )
             .bind(r.id)
             .bind(r.claim_token)
             .bind(ms(r.retry_at))
             .bind(&r.error)
+            .bind(i32::from(r.refund))
             .execute(&mut *tx)
             .await
             .ctx("reschedule events")?;

@@ -89,6 +89,19 @@ pub enum Verdict {
     Retry(String),
     /// Will not succeed by repeating it: the event fails with this reason.
     Failed(String),
+    /// Nothing reached the device (connection refused or timed out, login rejected, no
+    /// RADIUS answer): retried like `Retry`, and counted by the NAS's circuit breaker.
+    Unreachable(String),
+}
+
+impl Verdict {
+    /// The reason of a verdict that is not `Done`.
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            Verdict::Done => None,
+            Verdict::Retry(why) | Verdict::Failed(why) | Verdict::Unreachable(why) => Some(why),
+        }
+    }
 }
 
 /// The result of sending one event.
@@ -99,6 +112,50 @@ pub struct Reply {
     /// What the device answered (stdout and stderr for scripts).
     pub answer: String,
     pub verdict: Verdict,
+}
+
+/// Secrets shorter than this are not masked: replacing every `1` or `ab` would garble
+/// the text, and such a value protects nothing.
+pub const MIN_MASKED_SECRET: usize = 4;
+
+/// `text` with each of `secrets` (of at least [`MIN_MASKED_SECRET`] characters)
+/// replaced by `***`, longest first so a secret inside another is not half-masked.
+pub fn mask_secrets(text: &str, secrets: &[&str]) -> String {
+    let mut secrets: Vec<&str> = secrets
+        .iter()
+        .copied()
+        .filter(|s| s.chars().count() >= MIN_MASKED_SECRET)
+        .collect();
+    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    let mut text = text.to_string();
+    for secret in secrets {
+        if text.contains(secret) {
+            text = text.replace(secret, "***");
+        }
+    }
+    text
+}
+
+impl Reply {
+    /// The reply with `secrets` (the NAS's password and RADIUS secret) masked as `***`
+    /// in the commands, the answer and the verdict's reason. A template that puts a
+    /// password into a command, a script that prints its environment or a device that
+    /// echoes a secret would otherwise carry it into the logs, the history and the API.
+    /// The verdict was judged before, on the real text.
+    pub fn redacted(self, secrets: &[Option<&Secret>]) -> Reply {
+        let secrets: Vec<&str> = secrets.iter().flatten().map(|s| s.expose()).collect();
+        let mask = |text: &str| mask_secrets(text, &secrets);
+        Reply {
+            commands: self.commands.iter().map(|c| mask(c)).collect(),
+            answer: mask(&self.answer),
+            verdict: match &self.verdict {
+                Verdict::Done => Verdict::Done,
+                Verdict::Retry(why) => Verdict::Retry(mask(why)),
+                Verdict::Failed(why) => Verdict::Failed(mask(why)),
+                Verdict::Unreachable(why) => Verdict::Unreachable(mask(why)),
+            },
+        }
+    }
 }
 
 /// Keeps at most `max` bytes of device output, cut at a character boundary, so one
@@ -118,6 +175,32 @@ pub fn truncate_answer(mut text: String, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secrets_are_masked_in_commands_answers_and_reasons() {
+        let password = Secret::new("S3cr3t-pw");
+        let secret = Secret::new("S3cr3t-pw-and-more");
+        let short = Secret::new("ab");
+        let reply = Reply {
+            commands: vec!["/user set password=S3cr3t-pw".into(), "x ab".into()],
+            answer: "echo S3cr3t-pw-and-more and S3cr3t-pw".into(),
+            verdict: Verdict::Failed("exit 1: S3cr3t-pw".into()),
+        };
+        let masked = reply.redacted(&[Some(&password), None, Some(&secret), Some(&short)]);
+        assert_eq!(
+            masked,
+            Reply {
+                commands: vec!["/user set password=***".into(), "x ab".into()],
+                answer: "echo *** and ***".into(),
+                verdict: Verdict::Failed("exit 1: ***".into()),
+            }
+        );
+        assert_eq!(
+            mask_secrets("no secret here", &["S3cr3t"]),
+            "no secret here"
+        );
+        assert_eq!(mask_secrets("", &[""]), "");
+    }
 
     #[test]
     fn truncates_on_char_boundary() {

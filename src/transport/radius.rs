@@ -1068,7 +1068,9 @@ impl RadiusClient {
         };
         let channel = match self.channel.get_or_try_init(|| self.open()).await {
             Ok(channel) => channel.clone(),
-            Err(e) => return (String::new(), Verdict::Retry(format!("{label}: {e}"))),
+            Err(e) => {
+                return (String::new(), Verdict::Unreachable(format!("{label}: {e}")));
+            }
         };
         // The semaphore is never closed; an error would only mean a bug, so it is
         // reported as a retry rather than a panic.
@@ -1126,7 +1128,7 @@ impl RadiusClient {
         };
         (
             String::new(),
-            Verdict::Retry(format!(
+            Verdict::Unreachable(format!(
                 "no answer from {host}:{} after {tries} tries",
                 self.target.port
             )),

@@ -1,4 +1,5 @@
-//! The MikroTik RouterOS API transport (plain TCP, port 8728).
+//! The MikroTik RouterOS API transport: plain TCP (service `api`, port 8728) or TLS
+//! (service `api-ssl`, port 8729).
 //!
 //! Three layers, the first two pure and table-tested:
 //! - the wire codec: a sentence is a list of length-prefixed words ended by an empty
@@ -15,20 +16,39 @@
 //! patterns written for SSH work unchanged: `!re` becomes a line of `key=value` pairs,
 //! `!trap` a line `failure: <message>`, `!done =ret=X` a line `ret=X`.
 //!
-//! Not supported yet: the TLS API on port 8729 (no TLS crate in the build). The
-//! plaintext login (RouterOS 6.43+) therefore sends the password in clear; keep the API
-//! service restricted to the billing host's address on the router.
+//! TLS ([`ApiOptions::tls`]; rustls with the ring provider) wraps the same codec, login
+//! and pool. The device's certificate is checked the way SSH host keys are
+//! ([`CertPolicy`]): a pinned SHA-256 fingerprint of the leaf certificate, trust on first
+//! use recorded in nasd's own file ([`known_certs_path`]: `[host]:port SHA256:...`
+//! lines beside the SSH known_hosts), a recorded fingerprint, or a CA bundle (chain
+//! and name). The fingerprint is checked after the handshake and before any API word is
+//! sent, so a refused device never sees the login. RouterOS' `api-ssl` without a
+//! certificate (anonymous Diffie-Hellman) cannot be spoken: rustls has no anonymous
+//! cipher suites; give the service a certificate (a self-signed one is fine).
+//!
+//! Over plain TCP the login (RouterOS 6.43+) sends the password in clear; use TLS, or
+//! keep the API service restricted to the billing host's address on the router.
 
 use std::collections::VecDeque;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use md5::{Digest, Md5};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio::time::{Instant, sleep_until, timeout_at};
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
 
 use super::{CliResult, Exchange, SessionError, Target};
 
@@ -384,15 +404,407 @@ fn re_line(sentence: &[String]) -> String {
 }
 
 // ---------------------------------------------------------------------------------
+// TLS: certificate fingerprints and policies
+// ---------------------------------------------------------------------------------
+
+/// Which device certificates a TLS connection accepts (the NAS's `host_key_policy` and
+/// `host_key`, as for SSH host keys).
+#[derive(Clone, Debug)]
+pub enum CertPolicy {
+    /// Only the certificate with this fingerprint (canonical form, see
+    /// [`normalize_fingerprint`]).
+    Pinned(String),
+    /// Trust on first use: an unknown device's fingerprint is recorded in the known
+    /// certificates file; a device whose recorded fingerprint differs is refused.
+    AcceptNew,
+    /// The fingerprint must already be recorded in the known certificates file.
+    Strict,
+    /// The chain must lead to one of these CAs and the certificate must be valid for the
+    /// host nasd connects to (DNS name or IP address); `file` names them in errors.
+    Ca {
+        roots: Arc<RootCertStore>,
+        file: PathBuf,
+    },
+}
+
+/// TLS settings of an API pool.
+#[derive(Clone, Debug)]
+pub struct ApiTls {
+    pub policy: CertPolicy,
+    /// nasd's file of recorded certificate fingerprints ([`known_certs_path`]).
+    pub known_certs: PathBuf,
+}
+
+/// The file where API certificate fingerprints are recorded, beside the SSH known_hosts
+/// file (`var/known_hosts` -> `var/known_hosts.tls`), so OpenSSH tools never see its
+/// lines. One line per fingerprint: `[host]:port SHA256:<base64>`; `#` starts a comment.
+pub fn known_certs_path(known_hosts: &Path) -> PathBuf {
+    let mut name = known_hosts
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_else(|| "known_hosts".into());
+    name.push(".tls");
+    known_hosts.with_file_name(name)
+}
+
+/// The fingerprint of a DER certificate as nasd prints and records it: `SHA256:` and the
+/// unpadded base64 of its SHA-256, the form `ssh-keygen -l` uses for host keys.
+pub fn cert_fingerprint(der: &[u8]) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, der);
+    format!("SHA256:{}", base64_unpadded(digest.as_ref()))
+}
+
+fn base64_unpadded(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let byte = |i: usize| u32::from(chunk.get(i).copied().unwrap_or(0));
+        let n = (byte(0) << 16) | (byte(1) << 8) | byte(2);
+        for i in 0..=chunk.len() {
+            out.push(char::from(ALPHABET[(n >> (18 - 6 * i)) as usize & 63]));
+        }
+    }
+    out
+}
+
+/// A certificate fingerprint as an operator may paste it, in the form nasd prints:
+/// `SHA256:` + base64 (padded or not), or 64 hex digits with or without colons (as
+/// `openssl x509 -noout -fingerprint -sha256` prints them, its `sha256 Fingerprint=`
+/// included); the `SHA256:` prefix is optional.
+pub fn normalize_fingerprint(text: &str) -> Result<String, String> {
+    let trimmed = text.trim();
+    let mut body = trimmed;
+    if let Some(at) = body.to_ascii_lowercase().find("fingerprint=") {
+        body = &body[at + "fingerprint=".len()..];
+    }
+    if body.len() >= 7 && body.is_char_boundary(7) && body[..7].eq_ignore_ascii_case("sha256:") {
+        body = &body[7..];
+    }
+    let hex: Vec<u8> = body.bytes().filter(|b| *b != b':').collect();
+    if hex.len() == 64 && hex.iter().all(u8::is_ascii_hexdigit) {
+        let digit = |b: u8| (b as char).to_digit(16).unwrap_or(0) as u8;
+        let bytes: Vec<u8> = hex
+            .chunks(2)
+            .map(|pair| (digit(pair[0]) << 4) | digit(pair[1]))
+            .collect();
+        return Ok(format!("SHA256:{}", base64_unpadded(&bytes)));
+    }
+    let b64 = body.trim_end_matches('=');
+    if b64.len() == 43
+        && b64
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
+    {
+        return Ok(format!("SHA256:{b64}"));
+    }
+    Err(format!(
+        "`{trimmed}` is not a SHA-256 certificate fingerprint (SHA256:<base64> or 64 hex digits)"
+    ))
+}
+
+/// How a device is named in the known certificates file.
+fn host_entry(host: &str, port: u16) -> String {
+    format!("[{host}]:{port}")
+}
+
+/// The fingerprints recorded for `entry` in the text of a known certificates file; a
+/// line for it that does not hold a fingerprint is an error naming the line.
+fn recorded_fingerprints(text: &str, entry: &str) -> Result<Vec<String>, String> {
+    let mut found = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let mut fields = line.split_whitespace();
+        match (fields.next(), fields.next()) {
+            (Some(host), _) if host.starts_with('#') || host != entry => {}
+            (Some(_), Some(fp)) => {
+                found.push(normalize_fingerprint(fp).map_err(|e| format!("line {}: {e}", n + 1))?)
+            }
+            (Some(_), None) => return Err(format!("line {}: no fingerprint after {entry}", n + 1)),
+            (None, _) => {}
+        }
+    }
+    Ok(found)
+}
+
+/// What a fingerprint policy says about an offered certificate.
+#[derive(Debug, PartialEq, Eq)]
+enum CertDecision {
+    Accept,
+    /// Accept and record it (accept-new, nothing recorded yet).
+    Learn,
+    Changed {
+        known: String,
+    },
+    Unknown,
+}
+
+/// Pure: the policy applied to the fingerprints recorded for the device and the offered
+/// one. A recorded fingerprint that differs refuses under every policy but `Pinned`
+/// (a pin is the operator's explicit word).
+fn decide(policy: &CertPolicy, recorded: &[String], offered: &str) -> CertDecision {
+    match policy {
+        CertPolicy::Ca { .. } => CertDecision::Accept,
+        CertPolicy::Pinned(pin) if pin == offered => CertDecision::Accept,
+        CertPolicy::Pinned(pin) => CertDecision::Changed { known: pin.clone() },
+        CertPolicy::AcceptNew | CertPolicy::Strict => {
+            if recorded.iter().any(|r| r == offered) {
+                CertDecision::Accept
+            } else if let Some(known) = recorded.first() {
+                CertDecision::Changed {
+                    known: known.clone(),
+                }
+            } else if matches!(policy, CertPolicy::AcceptNew) {
+                CertDecision::Learn
+            } else {
+                CertDecision::Unknown
+            }
+        }
+    }
+}
+
+/// One reader-or-writer of known certificates files at a time in this process, so two
+/// connections learning the same device do not record it twice.
+static KNOWN_CERTS_LOCK: Mutex<()> = Mutex::new(());
+
+enum Refusal {
+    Changed { known: String },
+    Unknown,
+    File(String),
+}
+
+/// The I/O shell around [`decide`]: reads the known certificates file and appends what
+/// accept-new learns.
+fn check_fingerprint(tls: &ApiTls, host: &str, port: u16, offered: &str) -> Result<(), Refusal> {
+    if matches!(tls.policy, CertPolicy::Ca { .. }) {
+        return Ok(());
+    }
+    let _lock = lock(&KNOWN_CERTS_LOCK);
+    let entry = host_entry(host, port);
+    let recorded = if matches!(tls.policy, CertPolicy::Pinned(_)) {
+        Vec::new()
+    } else {
+        let text = match std::fs::read_to_string(&tls.known_certs) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(Refusal::File(e.to_string())),
+        };
+        recorded_fingerprints(&text, &entry).map_err(Refusal::File)?
+    };
+    match decide(&tls.policy, &recorded, offered) {
+        CertDecision::Accept => Ok(()),
+        CertDecision::Changed { known } => Err(Refusal::Changed { known }),
+        CertDecision::Unknown => Err(Refusal::Unknown),
+        CertDecision::Learn => {
+            learn(&tls.known_certs, &entry, offered)
+                .map_err(|e| Refusal::File(format!("cannot record the certificate: {e}")))?;
+            tracing::info!(device = %entry, fingerprint = offered, "learned RouterOS API certificate");
+            Ok(())
+        }
+    }
+}
+
+fn learn(path: &Path, entry: &str, fingerprint: &str) -> std::io::Result<()> {
+    if let Some(dir) = path.parent()
+        && !dir.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(dir)?;
+    }
+    let new = !path.exists();
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    if new {
+        file.write_all(
+            b"# nasd: RouterOS API TLS certificates, SHA-256 of the leaf certificate\n",
+        )?;
+    }
+    file.write_all(format!("{entry} {fingerprint}\n").as_bytes())
+}
+
+/// Loads a PEM bundle of CA certificates for [`CertPolicy::Ca`].
+pub fn load_ca_file(path: &Path) -> Result<Arc<RootCertStore>, String> {
+    use rustls::pki_types::pem::PemObject as _;
+    let mut roots = RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    for cert in certs {
+        let cert = cert.map_err(|e| format!("{}: {e}", path.display()))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("{}: not usable as a CA certificate: {e}", path.display()))?;
+    }
+    if roots.is_empty() {
+        return Err(format!(
+            "{}: no PEM certificate (-----BEGIN CERTIFICATE-----) in it",
+            path.display()
+        ));
+    }
+    Ok(Arc::new(roots))
+}
+
+/// Accepts any certificate during the handshake, but still checks the handshake
+/// signatures, so the peer does hold the certificate's key. The fingerprint policy is
+/// applied right after the handshake, before any API word is sent.
+#[derive(Debug)]
+struct FingerprintChecksFollow {
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for FingerprintChecksFollow {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// The rustls client settings for a policy: TLS 1.2 and 1.3 with the ring provider.
+fn client_config(policy: &CertPolicy) -> Result<Arc<ClientConfig>, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let algorithms = provider.signature_verification_algorithms;
+    let builder = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS setup: {e}"))?;
+    let config = match policy {
+        CertPolicy::Ca { roots, .. } => builder
+            .with_root_certificates(roots.clone())
+            .with_no_client_auth(),
+        _ => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(FingerprintChecksFollow { algorithms }))
+            .with_no_client_auth(),
+    };
+    Ok(Arc::new(config))
+}
+
+/// Why a TLS handshake failed, with a hint at the usual cause.
+fn handshake_failure(error: &std::io::Error, policy: &CertPolicy, port: u16) -> String {
+    let not_tls = format!(
+        "the device does not speak TLS on port {port} (the plain API listens on 8728, api-ssl on 8729)"
+    );
+    match error
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        Some(e @ rustls::Error::InvalidCertificate(_)) => match policy {
+            CertPolicy::Ca { file, .. } => format!(
+                "TLS handshake failed: {e} (checked against the CA certificates in {})",
+                file.display()
+            ),
+            _ => format!("TLS handshake failed: {e}"),
+        },
+        Some(
+            e @ (rustls::Error::InvalidMessage(_)
+            | rustls::Error::InappropriateMessage { .. }
+            | rustls::Error::InappropriateHandshakeMessage { .. }),
+        ) => format!("TLS handshake failed: {e}; {not_tls}"),
+        Some(e @ rustls::Error::AlertReceived(rustls::AlertDescription::HandshakeFailure)) => {
+            format!(
+                "TLS handshake failed: {e}; no cipher in common (a RouterOS api-ssl service \
+                 without a certificate offers only anonymous ciphers, which nasd cannot use: \
+                 give the service a certificate, a self-signed one will do)"
+            )
+        }
+        Some(e) => format!("TLS handshake failed: {e}"),
+        None if error.kind() == std::io::ErrorKind::UnexpectedEof => {
+            format!("the device closed the connection during the TLS handshake; {not_tls}")
+        }
+        None => format!("TLS handshake failed: {error}"),
+    }
+}
+
+/// Whether the first bytes a plaintext connection received are a TLS record (an alert
+/// or handshake of TLS 1.x): a real API reply starts with a word such as `!done`.
+fn looks_like_tls(bytes: &[u8]) -> bool {
+    matches!(bytes, [0x15 | 0x16, 0x03, 0x00..=0x04, ..])
+}
+
+/// A connection's byte stream: plain TCP or TLS over TCP.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------
 // Client
 // ---------------------------------------------------------------------------------
 
 #[derive(Clone, Debug)]
 pub struct ApiOptions {
-    /// Deadline for the TCP connect alone (login runs under the command timeout).
+    /// Deadline for the TCP connect, and then for the TLS handshake (login runs under
+    /// the command timeout).
     pub connect_timeout: Duration,
     /// Use the pre-6.43 MD5 challenge login instead of sending the password.
     pub legacy_login: bool,
+    /// Speak TLS (RouterOS `api-ssl`) with this certificate check; plain TCP when `None`.
+    pub tls: Option<ApiTls>,
 }
 
 impl Default for ApiOptions {
@@ -400,6 +812,7 @@ impl Default for ApiOptions {
         ApiOptions {
             connect_timeout: Duration::from_secs(5),
             legacy_login: false,
+            tls: None,
         }
     }
 }
@@ -415,7 +828,7 @@ impl Drop for OpenGuard {
 
 /// One logged-in API connection.
 struct Connection {
-    stream: TcpStream,
+    stream: Stream,
     decoder: SentenceDecoder,
     /// Total bytes read, to tell "died before answering" from "died mid-answer".
     received: u64,
@@ -433,7 +846,12 @@ enum IoFailure {
 impl Connection {
     async fn send(&mut self, words: &[String], deadline: Instant) -> Result<(), IoFailure> {
         let bytes = encode_sentence(words);
-        match timeout_at(deadline, self.stream.write_all(&bytes)).await {
+        // TLS buffers records until flushed; for TCP the flush is a no-op.
+        let write = async {
+            self.stream.write_all(&bytes).await?;
+            self.stream.flush().await
+        };
+        match timeout_at(deadline, write).await {
             Err(_) => Err(IoFailure::Timeout),
             Ok(Err(e)) => Err(IoFailure::Closed(format!("write failed: {e}"))),
             Ok(Ok(())) => Ok(()),
@@ -459,6 +877,16 @@ impl Connection {
                     return Err(IoFailure::Closed("connection closed by the device".into()));
                 }
                 Ok(Ok(n)) => {
+                    if self.received == 0
+                        && matches!(self.stream, Stream::Plain(_))
+                        && looks_like_tls(&buf[..n])
+                    {
+                        return Err(IoFailure::Protocol(
+                            "the device answered with TLS: this port serves api-ssl; set \
+                             `tls = true` in the scheme (e.g. use mikrotik-api-ssl)"
+                                .into(),
+                        ));
+                    }
                     self.received += n as u64;
                     self.decoder.push(&buf[..n]);
                 }
@@ -467,15 +895,18 @@ impl Connection {
     }
 
     /// Whether an idle connection still looks usable: not closed by the device and
-    /// with nothing unsolicited (such as `!fatal`) waiting. Checked without blocking.
+    /// with nothing unsolicited (such as `!fatal`) waiting. Checked without blocking:
+    /// one poll with a waker that does nothing (TLS may first have records to decrypt).
     fn looks_alive(&mut self) -> bool {
         let mut buf = [0u8; 1024];
+        let mut cx = Context::from_waker(Waker::noop());
         loop {
-            match self.stream.try_read(&mut buf) {
-                Ok(0) => return false,
-                Ok(n) => self.decoder.push(&buf[..n]),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(_) => return false,
+            let mut read = ReadBuf::new(&mut buf);
+            match Pin::new(&mut self.stream).poll_read(&mut cx, &mut read) {
+                Poll::Pending => break,
+                Poll::Ready(Err(_)) => return false,
+                Poll::Ready(Ok(())) if read.filled().is_empty() => return false,
+                Poll::Ready(Ok(())) => self.decoder.push(read.filled()),
             }
         }
         self.decoder.pending() == 0
@@ -505,12 +936,17 @@ struct Backoff {
 pub struct ApiPool {
     target: Target,
     options: ApiOptions,
+    /// The TLS client settings, built once so sessions can be resumed; an error here
+    /// (reported by every run) means TLS cannot be set up at all.
+    tls: Option<Result<TlsConnector, String>>,
     label: String,
     limit: usize,
     permits: Semaphore,
     idle: Mutex<VecDeque<Connection>>,
     open: Arc<AtomicUsize>,
     backoff: Mutex<Backoff>,
+    /// Woken when a connection succeeds, so callers waiting out the back-off go at once.
+    reconnected: tokio::sync::Notify,
     next_tag: AtomicU64,
     closed: AtomicBool,
 }
@@ -524,15 +960,21 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl ApiPool {
     pub fn new(target: Target, options: ApiOptions) -> ApiPool {
         let limit = target.max_sessions.max(1);
+        let tls = options
+            .tls
+            .as_ref()
+            .map(|tls| client_config(&tls.policy).map(TlsConnector::from));
         ApiPool {
             label: target.label(),
             target,
             options,
+            tls,
             limit,
             permits: Semaphore::new(limit),
             idle: Mutex::new(VecDeque::new()),
             open: Arc::new(AtomicUsize::new(0)),
             backoff: Mutex::new(Backoff::default()),
+            reconnected: tokio::sync::Notify::new(),
             next_tag: AtomicU64::new(1),
             closed: AtomicBool::new(false),
         }
@@ -702,11 +1144,15 @@ impl ApiPool {
                     &format!("not retrying for another {} ms", wait.as_millis()),
                 ));
             }
-            sleep_until(at).await;
+            tokio::select! {
+                _ = sleep_until(at) => {}
+                _ = self.reconnected.notified() => {}
+            }
         }
         match self.connect_and_login(deadline).await {
             Ok(conn) => {
                 *lock(&self.backoff) = Backoff::default();
+                self.reconnected.notify_waiters();
                 Ok(conn)
             }
             Err(e) => {
@@ -747,6 +1193,7 @@ impl ApiPool {
         };
         // Commands are single small writes answered at once; Nagle would only delay.
         let _ = stream.set_nodelay(true);
+        let stream = self.secure(stream, deadline).await?;
         self.open.fetch_add(1, Ordering::SeqCst);
         let mut conn = Connection {
             stream,
@@ -757,6 +1204,85 @@ impl ApiPool {
         self.login(&mut conn, user, deadline).await?;
         tracing::debug!(nas = %label, user, "RouterOS API session opened");
         Ok(conn)
+    }
+
+    /// Plain TCP as it is, or the TLS handshake and the certificate check. On any
+    /// refusal the connection is dropped before a word of the API is sent.
+    async fn secure(&self, tcp: TcpStream, deadline: Instant) -> Result<Stream, SessionError> {
+        let (Some(connector), Some(settings)) = (&self.tls, &self.options.tls) else {
+            return Ok(Stream::Plain(tcp));
+        };
+        let label = &self.label;
+        let connector = connector
+            .clone()
+            .map_err(|e| SessionError::Connect(label.clone(), e))?;
+        let host = self.target.host.as_str();
+        let port = self.target.port;
+        let name = ServerName::try_from(host.to_string()).map_err(|_| {
+            SessionError::Connect(
+                label.clone(),
+                format!("`{host}` is neither a DNS name nor an IP address, as TLS needs"),
+            )
+        })?;
+        let limit = self.options.connect_timeout;
+        let handshake_deadline = deadline.min(Instant::now() + limit);
+        let stream = match timeout_at(handshake_deadline, connector.connect(name, tcp)).await {
+            Err(_) => {
+                return Err(SessionError::Connect(
+                    label.clone(),
+                    format!(
+                        "TLS handshake not finished in time; the device does not speak TLS \
+                         on port {port}? (the plain API listens on 8728, api-ssl on 8729)"
+                    ),
+                ));
+            }
+            Ok(Err(e)) => {
+                return Err(SessionError::Connect(
+                    label.clone(),
+                    handshake_failure(&e, &settings.policy, port),
+                ));
+            }
+            Ok(Ok(stream)) => stream,
+        };
+        let Some(leaf) = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+        else {
+            return Err(SessionError::Connect(
+                label.clone(),
+                "the device presented no TLS certificate".into(),
+            ));
+        };
+        let offered = cert_fingerprint(leaf);
+        if let Err(refusal) = check_fingerprint(settings, host, port, &offered) {
+            let known_certs = settings.known_certs.display().to_string();
+            let error = match refusal {
+                Refusal::Changed { known } => SessionError::HostKeyChanged {
+                    label: label.clone(),
+                    known: format!("TLS certificate {known}"),
+                    offered: format!("TLS certificate {offered}"),
+                },
+                Refusal::Unknown => SessionError::HostKeyUnknown {
+                    label: label.clone(),
+                    offered: format!("TLS certificate {offered}"),
+                    known_hosts: known_certs,
+                },
+                Refusal::File(problem) => {
+                    SessionError::Connect(label.clone(), format!("{known_certs}: {problem}"))
+                }
+            };
+            tracing::warn!(nas = %label, %error, "RouterOS API certificate refused");
+            return Err(error);
+        }
+        tracing::debug!(
+            nas = %label,
+            certificate = %offered,
+            version = ?stream.get_ref().1.protocol_version(),
+            "RouterOS API TLS session established"
+        );
+        Ok(Stream::Tls(Box::new(stream)))
     }
 
     async fn login(
@@ -832,7 +1358,25 @@ impl ApiPool {
         };
         conn.send(&words, deadline).await.map_err(io)?;
         loop {
-            let reply = conn.read_sentence(deadline).await.map_err(io)?;
+            let reply = match conn.read_sentence(deadline).await {
+                Ok(reply) => reply,
+                // Plain TCP hung up on without a byte: what a TLS-only port does (and
+                // a RouterOS API service limited to other addresses).
+                Err(IoFailure::Closed(m))
+                    if conn.received == 0 && matches!(conn.stream, Stream::Plain(_)) =>
+                {
+                    return Err(SessionError::Closed(
+                        label.clone(),
+                        format!(
+                            "during login: {m} without a word; if port {} serves api-ssl \
+                             (TLS), use a scheme with `tls = true` such as mikrotik-api-ssl; \
+                             else check the API service's allowed addresses",
+                            self.target.port
+                        ),
+                    ));
+                }
+                Err(f) => return Err(io(f)),
+            };
             match reply[0].as_str() {
                 "!done" => return Ok(reply),
                 "!trap" => {
@@ -1260,6 +1804,168 @@ mod tests {
         assert_eq!(fatal_message(&fatal), "session terminated on request");
         assert_eq!(attribute(&words(&["!done", "=ret=*5"]), "ret"), Some("*5"));
         assert_eq!(attribute(&words(&["!done", "=return=x"]), "ret"), None);
+    }
+
+    const EMPTY_SHA256: &str = "SHA256:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU";
+    const EMPTY_SHA256_HEX: &str =
+        "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+    #[test]
+    fn fingerprints_are_sha256_base64_like_ssh_keygen() {
+        for (input, out) in [
+            ("", ""),
+            ("f", "Zg"),
+            ("fo", "Zm8"),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg"),
+            ("fooba", "Zm9vYmE"),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(base64_unpadded(input.as_bytes()), out, "{input}");
+        }
+        // `printf '' | sha256sum` / `| openssl dgst -sha256 -binary | base64`
+        assert_eq!(cert_fingerprint(b""), EMPTY_SHA256);
+    }
+
+    #[test]
+    fn normalize_fingerprint_table() {
+        let colons: String = EMPTY_SHA256_HEX
+            .as_bytes()
+            .chunks(2)
+            .map(|p| std::str::from_utf8(p).unwrap_or("").to_ascii_uppercase())
+            .collect::<Vec<_>>()
+            .join(":");
+        let ok = [
+            EMPTY_SHA256.to_string(),
+            format!("{EMPTY_SHA256}="),
+            format!("  {EMPTY_SHA256}\n"),
+            format!("sha256:{}", &EMPTY_SHA256[7..]),
+            EMPTY_SHA256[7..].to_string(),
+            EMPTY_SHA256_HEX.to_string(),
+            format!("SHA256:{EMPTY_SHA256_HEX}"),
+            colons.clone(),
+            format!("sha256 Fingerprint={colons}"),
+        ];
+        for text in &ok {
+            assert_eq!(
+                normalize_fingerprint(text).as_deref(),
+                Ok(EMPTY_SHA256),
+                "{text}"
+            );
+        }
+        let bad = [
+            "",
+            "SHA256:",
+            "SHA256:abc",
+            &EMPTY_SHA256[..EMPTY_SHA256.len() - 1],
+            &EMPTY_SHA256_HEX[1..],
+            "MD5:00:11:22",
+            "SHA256:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSu*U",
+            "g3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+            "SHA256:ЖDEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU",
+        ];
+        for text in bad {
+            let err = normalize_fingerprint(text).expect_err(text);
+            assert!(
+                err.contains("not a SHA-256 certificate fingerprint"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn known_certs_file_lines() {
+        assert_eq!(
+            known_certs_path(Path::new("var/known_hosts")),
+            PathBuf::from("var/known_hosts.tls")
+        );
+        let other = "SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+        let text = format!(
+            "# comment\n\n[10.0.0.1]:8729 {EMPTY_SHA256}\n[10.0.0.1]:8728 {other}\n\
+             [10.0.0.10]:8729 {other}\n[10.0.0.1]:8729 {EMPTY_SHA256_HEX}\n"
+        );
+        assert_eq!(
+            recorded_fingerprints(&text, &host_entry("10.0.0.1", 8729)),
+            Ok(vec![EMPTY_SHA256.to_string(), EMPTY_SHA256.to_string()])
+        );
+        assert_eq!(
+            recorded_fingerprints(&text, "[10.0.0.2]:8729"),
+            Ok(Vec::new())
+        );
+        let broken = format!("[10.0.0.1]:8729 {EMPTY_SHA256}\n[10.0.0.1]:8729 junk\n");
+        let err = recorded_fingerprints(&broken, "[10.0.0.1]:8729").expect_err("junk");
+        assert!(err.starts_with("line 2: "), "{err}");
+        assert!(recorded_fingerprints("[10.0.0.1]:8729\n", "[10.0.0.1]:8729").is_err());
+        // Other devices' broken lines are not this device's problem.
+        assert_eq!(
+            recorded_fingerprints("[10.0.0.9]:8729 junk\n", "[10.0.0.1]:8729"),
+            Ok(Vec::new())
+        );
+    }
+
+    #[test]
+    fn certificate_policy_table() {
+        let a = "SHA256:a".to_string();
+        let b = "SHA256:b".to_string();
+        let ca = CertPolicy::Ca {
+            roots: Arc::new(RootCertStore::empty()),
+            file: "ca.pem".into(),
+        };
+        use CertDecision::*;
+        let cases: Vec<(CertPolicy, Vec<String>, &str, CertDecision)> = vec![
+            (CertPolicy::Pinned(a.clone()), vec![], "SHA256:a", Accept),
+            (
+                CertPolicy::Pinned(a.clone()),
+                vec![b.clone()],
+                "SHA256:a",
+                Accept,
+            ),
+            (
+                CertPolicy::Pinned(a.clone()),
+                vec![b.clone()],
+                "SHA256:b",
+                Changed { known: a.clone() },
+            ),
+            (CertPolicy::AcceptNew, vec![], "SHA256:a", Learn),
+            (CertPolicy::AcceptNew, vec![a.clone()], "SHA256:a", Accept),
+            (
+                CertPolicy::AcceptNew,
+                vec![b.clone(), a.clone()],
+                "SHA256:a",
+                Accept,
+            ),
+            (
+                CertPolicy::AcceptNew,
+                vec![b.clone()],
+                "SHA256:a",
+                Changed { known: b.clone() },
+            ),
+            (CertPolicy::Strict, vec![], "SHA256:a", Unknown),
+            (CertPolicy::Strict, vec![a.clone()], "SHA256:a", Accept),
+            (
+                CertPolicy::Strict,
+                vec![b.clone()],
+                "SHA256:a",
+                Changed { known: b.clone() },
+            ),
+            (ca, vec![b.clone()], "SHA256:a", Accept),
+        ];
+        for (policy, recorded, offered, want) in cases {
+            assert_eq!(
+                decide(&policy, &recorded, offered),
+                want,
+                "{policy:?} {recorded:?} {offered}"
+            );
+        }
+    }
+
+    #[test]
+    fn tls_records_are_told_from_api_replies() {
+        assert!(looks_like_tls(&[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x46]));
+        assert!(looks_like_tls(&[0x16, 0x03, 0x01, 0x00]));
+        assert!(!looks_like_tls(&encode_sentence(&words(&["!done"]))));
+        assert!(!looks_like_tls(&[0x16]));
+        assert!(!looks_like_tls(&[0x16, 0x03, 0x09]));
     }
 
     #[test]

@@ -123,6 +123,9 @@ pub struct SshPool {
     idle: Mutex<Vec<Conn>>,
     open: Arc<AtomicUsize>,
     backoff: Mutex<Backoff>,
+    /// Woken when a connection succeeds, so runs waiting out the backoff go at once
+    /// instead of sleeping on after the NAS is back.
+    reconnected: tokio::sync::Notify,
     closed: AtomicBool,
 }
 
@@ -178,6 +181,7 @@ impl SshPool {
             idle: Mutex::new(Vec::new()),
             open: Arc::new(AtomicUsize::new(0)),
             backoff: Mutex::new(Backoff::default()),
+            reconnected: tokio::sync::Notify::new(),
             closed: AtomicBool::new(false),
         }
     }
@@ -337,7 +341,10 @@ impl SshPool {
             }
         };
         if let Some(until) = wait_until {
-            tokio::time::sleep_until(until).await;
+            tokio::select! {
+                _ = tokio::time::sleep_until(until) => {}
+                _ = self.reconnected.notified() => {}
+            }
         }
         let outcome = match tokio::time::timeout_at(deadline, self.connect()).await {
             Ok(outcome) => outcome,
@@ -351,7 +358,10 @@ impl SshPool {
         };
         let mut backoff = self.backoff.lock().unwrap_or_else(|p| p.into_inner());
         match &outcome {
-            Ok(_) => *backoff = Backoff::default(),
+            Ok(_) => {
+                *backoff = Backoff::default();
+                self.reconnected.notify_waiters();
+            }
             Err(error) => {
                 backoff.failures = backoff.failures.saturating_add(1);
                 backoff.not_before = Some(Instant::now() + backoff_delay(backoff.failures));

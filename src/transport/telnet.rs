@@ -286,14 +286,14 @@ fn clean(text: &str) -> String {
 }
 
 /// The text after the last newline, cleaned: what prompts are matched against.
-fn last_line(text: &str) -> String {
+pub fn last_line(text: &str) -> String {
     let start = text.rfind('\n').map_or(0, |i| i + 1);
     clean(&text[start..])
 }
 
 /// What the device printed for `command`: the echoed command line and the prompt line
 /// removed, escapes and `\r` removed, blank lines around trimmed.
-fn command_output(raw: &str, command: &str) -> String {
+pub fn command_output(raw: &str, command: &str) -> String {
     let cleaned = clean(raw);
     let mut lines: Vec<&str> = cleaned.split('\n').collect();
     // The last line is the prompt that ended the read.
@@ -634,6 +634,8 @@ pub struct TelnetPool {
     idle: Mutex<Vec<Session>>,
     open: Arc<AtomicUsize>,
     backoff: Mutex<Backoff>,
+    /// Woken when a connection succeeds, so sessions waiting out the backoff go at once.
+    reconnected: tokio::sync::Notify,
     closed: AtomicBool,
 }
 
@@ -656,6 +658,7 @@ impl TelnetPool {
             idle: Mutex::new(Vec::new()),
             open: Arc::new(AtomicUsize::new(0)),
             backoff: Mutex::new(Backoff::default()),
+            reconnected: tokio::sync::Notify::new(),
             closed: AtomicBool::new(false),
         }
     }
@@ -799,7 +802,10 @@ impl TelnetPool {
                     ),
                 ));
             }
-            tokio::time::sleep_until(not_before).await;
+            tokio::select! {
+                _ = tokio::time::sleep_until(not_before) => {}
+                _ = self.reconnected.notified() => {}
+            }
         }
         let address = (self.target.host.as_str(), self.target.port);
         let stream =
@@ -816,6 +822,7 @@ impl TelnetPool {
                 }
             };
         *self.lock_backoff() = Backoff::default();
+        self.reconnected.notify_waiters();
         // Commands are small writes; do not let Nagle hold them back.
         let _ = stream.set_nodelay(true);
         let mut session = Session {

@@ -5,7 +5,7 @@ The wire format is read and written only with librouteros's own encoder and deco
 implementation nobody on this project wrote.
 
 Usage: fake_api.py --port PORT --log FILE [--user U --password P] [--legacy]
-                   [--delay-ms N] [--max-conn FILE]
+                   [--delay-ms N] [--max-conn FILE] [--tls-cert PEM --tls-key PEM]
 
 Prints READY once listening on 127.0.0.1:PORT. Every received sentence is appended to
 --log as a JSON line {"conn": N, "words": [...]}; connection opens/closes as
@@ -14,6 +14,9 @@ connections seen open at once. --hangup-once closes one connection, the first ti
 second command arrives on it, without answering (an idle connection gone stale).
 --legacy uses the pre-6.43 challenge login (a
 plaintext login is answered with a challenge, as those versions did).
+--tls-cert/--tls-key serve the API over TLS (RouterOS api-ssl) with Python's own ssl
+module (OpenSSL), so nasd's rustls client is checked against a TLS stack it did not
+bring; the connection is logged as "open" once the handshake is done.
 """
 
 import argparse
@@ -21,6 +24,7 @@ import asyncio
 import binascii
 import json
 import os
+import ssl
 import sys
 
 from librouteros.connections import AsyncSocketTransport
@@ -163,7 +167,13 @@ async def serve(state, reader, writer):
                 await reply("!done")
             else:
                 await trap("no such command prefix")
-    except (ConnectionClosed, ConnectionError, asyncio.IncompleteReadError, ProtocolError):
+    except (
+        ConnectionClosed,
+        ConnectionError,
+        asyncio.IncompleteReadError,
+        ProtocolError,
+        ssl.SSLError,
+    ):
         pass
     finally:
         state.note_open(-1)
@@ -181,10 +191,20 @@ async def main():
     p.add_argument("--delay-ms", type=int, default=0)
     p.add_argument("--max-conn", default=None)
     p.add_argument("--hangup-once", action="store_true")
+    p.add_argument("--tls-cert", default=None)
+    p.add_argument("--tls-key", default=None)
     args = p.parse_args()
     state = State(args)
+    context = None
+    if args.tls_cert:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(args.tls_cert, args.tls_key)
     server = await asyncio.start_server(
-        lambda r, w: serve(state, r, w), "127.0.0.1", args.port, reuse_address=True
+        lambda r, w: serve(state, r, w),
+        "127.0.0.1",
+        args.port,
+        reuse_address=True,
+        ssl=context,
     )
     print("READY", flush=True)
     async with server:
