@@ -56,6 +56,11 @@ pub struct BenchOptions {
     /// `[log] format`: text or json.
     #[arg(long, default_value = "text")]
     pub log_format: String,
+    /// Write the NAS and account logs here and keep them (default: a temporary
+    /// directory, removed afterwards). A second run into the same directory measures
+    /// with the account log directories and files already there, as in production.
+    #[arg(long)]
+    pub log_dir: Option<std::path::PathBuf>,
 }
 
 pub struct BenchResult {
@@ -457,7 +462,7 @@ async fn measure_on(
     let mut cfg = Config::default();
     cfg.database.url = url.to_string();
     cfg.database.max_connections = 16;
-    cfg.daemon.log_dir = tmp.join("log");
+    cfg.daemon.log_dir = opts.log_dir.clone().unwrap_or_else(|| tmp.join("log"));
     cfg.daemon.schemes_dir = setup.schemes_dir.clone();
     cfg.daemon.transport.known_hosts = tmp.join("known_hosts");
     cfg.daemon.resync_interval = Duration::from_secs(5);
