@@ -1,8 +1,8 @@
 //! `nasd demo`: a fresh embedded SQLite database in its own directory, the NAS simulator
-//! started in-process (a RouterOS-like router on loopback SSH and telnet ports), two NAS
-//! that reach it over SSH and over telnet, one NAS on a shipped local script, a few
-//! hundred accounts and a burst of events; shows progress and a summary, and exits when
-//! the stack is drained.
+//! started in-process (RouterOS-like routers on loopback addresses), four NAS that reach
+//! them over SSH, telnet, RADIUS CoA/Disconnect and the RouterOS API, one NAS on a
+//! shipped local script, a few hundred accounts and a burst of events; shows progress and
+//! a summary, and exits when the stack is drained.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -65,6 +65,20 @@ const LIFE: &[&str] = &[
     "user_rate_set_cancel",
 ];
 
+/// The same for a NAS driven by RADIUS (`mikrotik-coa` knows speed, redirect and drop).
+const COA_LIFE: &[&str] = &[
+    "user_rate_set",
+    "user_redirect",
+    "user_redirect_cancel",
+    "user_rate_set",
+    "user_rate_set_cancel",
+    "user_drop",
+];
+
+/// NAS ids of the demo, in the order accounts are spread over them.
+const DEMO_NAS: i64 = 5;
+const COA_NAS_ID: i64 = 4;
+
 pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     let dir = choose_dir(&opts);
     if dir.join("nasd.db").exists() {
@@ -96,8 +110,12 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     };
     let ssh_opts = sim_opts("127.0.0.1", "router-ssh", "sim1_host_key");
     let telnet_opts = sim_opts("127.0.0.2", "router-telnet", "sim2_host_key");
+    let coa_opts = sim_opts("127.0.0.3", "router-coa", "sim3_host_key");
+    let api_opts = sim_opts("127.0.0.4", "router-api", "sim4_host_key");
     let sim_ssh = crate::sim::start(&ssh_opts, CancellationToken::new()).await?;
     let sim_telnet = crate::sim::start(&telnet_opts, CancellationToken::new()).await?;
+    let sim_coa = crate::sim::start(&coa_opts, CancellationToken::new()).await?;
+    let sim_api = crate::sim::start(&api_opts, CancellationToken::new()).await?;
     let sim_nas =
         |id: i64, name: &str, scheme: &str, addr: std::net::SocketAddr, sessions: i32| Nas {
             scheme: Some(scheme.into()),
@@ -131,7 +149,21 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         password: Some(crate::store::Secret::new("demo-password")),
         ..Nas::new(3, "Legacy_Script", "10.255.0.3")
     };
-    for nas in [&ssh_nas, &telnet_nas, &exec_nas] {
+    // RADIUS needs no session: requests run in parallel up to the workers.
+    let coa_nas = Nas {
+        login: None,
+        password: None,
+        secret: Some(crate::store::Secret::new(coa_opts.secret.clone())),
+        ..sim_nas(
+            COA_NAS_ID,
+            "Sim_CoA",
+            "mikrotik-coa",
+            sim_coa.coa_addr,
+            opts.workers.clamp(1, 100),
+        )
+    };
+    let api_nas = sim_nas(5, "Sim_API", "mikrotik-api", sim_api.api_addr, 4);
+    for nas in [&ssh_nas, &telnet_nas, &exec_nas, &coa_nas, &api_nas] {
         store.nas_upsert(nas).await?;
     }
     let headers: Vec<String> = [
@@ -151,7 +183,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         let values = vec![
             i.to_string(),
             (1000 + i).to_string(),
-            (1 + i % 3).to_string(),
+            (1 + i % DEMO_NAS).to_string(),
             format!("user{i}"),
             format!("10.88.{}.{}", i / 250, i % 250 + 1),
             "10240".to_string(),
@@ -163,10 +195,22 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     let mut events = Vec::new();
     for round in 0..opts.events_per_account {
         for user_id in 1..=opts.accounts {
-            let cmd = LIFE[(round as usize + user_id as usize) % LIFE.len()];
+            let at = round as usize + user_id as usize;
+            let on_coa = 1 + user_id % DEMO_NAS == COA_NAS_ID;
+            let (cmd, session) = if on_coa {
+                // A RADIUS event names the subscriber's session, as billing's radius
+                // service does.
+                (
+                    COA_LIFE[at % COA_LIFE.len()],
+                    Some(format!("demo-{user_id}")),
+                )
+            } else {
+                (LIFE[at % LIFE.len()], None)
+            };
             events.push(CompactEvent {
                 cmd: cmd.into(),
                 user_id,
+                acct_session_id: session,
                 ..Default::default()
             });
         }
@@ -184,7 +228,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     });
     let total = events.len() as i64;
     println!(
-        "nasd demo: {} accounts on 3 NAS, {} events ({} workers each):",
+        "nasd demo: {} accounts on {DEMO_NAS} NAS, {} events ({} workers each):",
         opts.accounts, total, opts.workers
     );
     println!(
@@ -196,6 +240,14 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         sim_telnet.telnet_addr
     );
     println!("  NAS 3 Legacy_Script demo-exec    -> schemes/demo-exec/bin/session, a local script");
+    println!(
+        "  NAS 4 Sim_CoA      mikrotik-coa    -> simulated RouterOS, RADIUS CoA/Disconnect {}",
+        sim_coa.coa_addr
+    );
+    println!(
+        "  NAS 5 Sim_API      mikrotik-api    -> simulated RouterOS, API {} (4 sessions)",
+        sim_api.api_addr
+    );
     println!("  database {}", cfg.database.url);
     let started = Instant::now();
     for chunk in events.chunks(1000) {
@@ -257,7 +309,11 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
             );
         }
     }
-    for (name, sim) in [("router-ssh", &sim_ssh), ("router-telnet", &sim_telnet)] {
+    for (name, sim) in [
+        ("router-ssh", &sim_ssh),
+        ("router-telnet", &sim_telnet),
+        ("router-api", &sim_api),
+    ] {
         let counters = sim.device.counters();
         let state = sim.device.state();
         println!(
@@ -269,6 +325,14 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
             state.queues.len()
         );
     }
+    let coa = sim_coa.device.counters();
+    println!(
+        "  simulated router-coa answered {} CoA/Disconnect requests: {} ACK, {} NAK (a Disconnect for a session already gone is done); it now holds {} sessions",
+        coa.coa_acks + coa.coa_naks,
+        coa.coa_acks,
+        coa.coa_naks,
+        sim_coa.device.state().sessions.len()
+    );
     let device_log = dir.join("device.log");
     if let Ok(text) = std::fs::read_to_string(&device_log) {
         println!(
@@ -288,6 +352,6 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         logs.join("abonents/1003/event_3.log").display()
     );
     // The simulators' tasks end with the process.
-    drop((sim_ssh, sim_telnet));
+    drop((sim_ssh, sim_telnet, sim_coa, sim_api));
     Ok(())
 }

@@ -223,3 +223,66 @@ fn operator_workflow() {
     assert!(nas_log.contains("cmd=user_drop try=1 answer: applied user_drop to 10.88.0.1"));
     assert!(!nas_log.contains("topsecret"));
 }
+
+/// The newcomer's first command (`cargo run --release -- demo`), smaller: five NAS over
+/// SSH, telnet, a local script, RADIUS CoA and the RouterOS API, each reaching a
+/// simulated router (or the script) over real sockets.
+#[test]
+fn demo_drives_every_transport_and_reports_the_mistakes() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = nasd(
+        dir.path(),
+        &[
+            "demo",
+            "--dir",
+            "demo",
+            "--accounts",
+            "50",
+            "--events-per-account",
+            "3",
+            "--workers",
+            "4",
+        ],
+    );
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    // 50 accounts x 3 events plus the two deliberate mistakes.
+    assert!(
+        stdout.contains("50 accounts on 5 NAS, 152 events"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("150 done, 2 failed"), "{stdout}");
+    assert!(
+        stdout
+            .contains("failed: event for user_id=1050 cmd=user_add: unknown account user_id=1050"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("scheme mikrotik-telnet does not define cmd user_frobnicate"),
+        "{stdout}"
+    );
+    // Accounts are spread over the NAS by user_id % 5: ten accounts, 30 events each.
+    assert!(
+        stdout.contains("router-coa answered 30 CoA/Disconnect requests"),
+        "{stdout}"
+    );
+    let logs = dir.path().join("demo/log/nas_event_daemon");
+    for (file, proof) in [
+        ("Sim_SSH_127.0.0.1.log", "send: /ip firewall"),
+        ("Sim_Telnet_127.0.0.2.log", "send: /ip firewall"),
+        ("Legacy_Script_10.255.0.3.log", "send: "),
+        ("Sim_CoA_127.0.0.3.log", "radclient -x 127.0.0.3:"),
+        ("Sim_API_127.0.0.4.log", "send: /ip/firewall/address-list/"),
+    ] {
+        let log =
+            std::fs::read_to_string(logs.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert_eq!(log.matches("outcome: done").count(), 30, "{file}:\n{log}");
+        assert!(log.contains(proof), "{file}:\n{log}");
+    }
+    let coa = std::fs::read_to_string(logs.join("Sim_CoA_127.0.0.3.log")).unwrap();
+    assert!(coa.contains("answer: CoA-ACK"), "{coa}");
+    assert!(
+        !coa.contains("testing123"),
+        "the RADIUS secret must not be logged"
+    );
+}
