@@ -121,8 +121,15 @@ pub fn env_pairs(vars: &Vars) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Sends one event the way its NAS is configured. Pure of the database.
+/// Sends one event the way its NAS is configured, and returns the reply with the NAS's
+/// password and secret masked (see [`Reply::redacted`]). Pure of the database.
 pub async fn send_event(runtime: &NasRuntime, event: &StackEvent, exec_timeout: Duration) -> Reply {
+    send_unmasked(runtime, event, exec_timeout)
+        .await
+        .redacted(&[runtime.nas.password.as_ref(), runtime.nas.secret.as_ref()])
+}
+
+async fn send_unmasked(runtime: &NasRuntime, event: &StackEvent, exec_timeout: Duration) -> Reply {
     let (vars, secrets) = attempt_vars(event, &runtime.nas);
     if let Some(script) = &runtime.nas.script_name {
         return exec::run(
@@ -632,9 +639,7 @@ impl Owner {
                         )),
                     }
                 } else {
-                    send_event(&runtime, &event, exec_timeout)
-                        .await
-                        .redacted(&[runtime.nas.password.as_ref(), runtime.nas.secret.as_ref()])
+                    send_event(&runtime, &event, exec_timeout).await
                 };
                 let _ = tx.send(AttemptResult {
                     user_id,

@@ -663,9 +663,7 @@ async fn send_now(
         return Ok(ExitCode::SUCCESS);
     }
     let started = Instant::now();
-    let reply = nasd::dispatch::send_event(&runtime, &event, cfg.daemon.exec_timeout)
-        .await
-        .redacted(&[nas.password.as_ref(), nas.secret.as_ref()]);
+    let reply = nasd::dispatch::send_event(&runtime, &event, cfg.daemon.exec_timeout).await;
     let took = started.elapsed();
     // A manual send is logged like the daemon's attempts, so the NAS and account logs
     // stay the full story of what reached the device (event=0 marks it as manual).

@@ -1,6 +1,7 @@
 //! Ways of reaching a device. Each protocol is one file; the dispatcher sees only
 //! `Reply` and its `Verdict`. Nothing here touches the database.
 
+pub mod backoff;
 pub mod exec;
 pub mod null;
 pub mod radius;
@@ -144,6 +145,13 @@ impl Reply {
     /// The verdict was judged before, on the real text.
     pub fn redacted(self, secrets: &[Option<&Secret>]) -> Reply {
         let secrets: Vec<&str> = secrets.iter().flatten().map(|s| s.expose()).collect();
+        if secrets
+            .iter()
+            .all(|s| s.chars().count() < MIN_MASKED_SECRET)
+        {
+            // Nothing would be masked: keep the reply without copying it (the send path).
+            return self;
+        }
         let mask = |text: &str| mask_secrets(text, &secrets);
         Reply {
             commands: self.commands.iter().map(|c| mask(c)).collect(),

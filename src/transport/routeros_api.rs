@@ -46,10 +46,11 @@ use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
-use tokio::time::{Instant, sleep_until, timeout_at};
+use tokio::time::{Instant, timeout_at};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
+use super::backoff::ConnectBackoff;
 use super::{CliResult, Exchange, SessionError, Target};
 
 /// Longest word accepted from a device. Real replies are a few KiB at most; the cap
@@ -59,10 +60,6 @@ pub const MAX_WORD_LEN: usize = 16 * 1024 * 1024;
 /// Longest word accepted in command text: far beyond any real value, and it keeps
 /// `encode_length`'s saturation below unreachable from a command line.
 const MAX_COMMAND_WORD_LEN: usize = 1024 * 1024;
-
-/// First delay after a failed connect or login, doubled per failure up to the cap.
-const BACKOFF_FIRST: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// How long `close` waits per connection for the polite `/quit` to be written.
 const QUIT_TIMEOUT: Duration = Duration::from_millis(500);
@@ -920,13 +917,6 @@ struct CommandFailure {
     nothing_received: bool,
 }
 
-#[derive(Default)]
-struct Backoff {
-    failures: u32,
-    retry_at: Option<Instant>,
-    last: Option<SessionError>,
-}
-
 /// Logged-in connections to one NAS, shared by its workers (`Arc<ApiPool>`).
 ///
 /// Connections are opened lazily, reused, and dropped after any error. At most
@@ -944,9 +934,8 @@ pub struct ApiPool {
     permits: Semaphore,
     idle: Mutex<VecDeque<Connection>>,
     open: Arc<AtomicUsize>,
-    backoff: Mutex<Backoff>,
-    /// Woken when a connection succeeds, so callers waiting out the back-off go at once.
-    reconnected: tokio::sync::Notify,
+    /// After a failed connect or login, the next waits (see [`ConnectBackoff`]).
+    backoff: ConnectBackoff<SessionError>,
     next_tag: AtomicU64,
     closed: AtomicBool,
 }
@@ -973,8 +962,7 @@ impl ApiPool {
             permits: Semaphore::new(limit),
             idle: Mutex::new(VecDeque::new()),
             open: Arc::new(AtomicUsize::new(0)),
-            backoff: Mutex::new(Backoff::default()),
-            reconnected: tokio::sync::Notify::new(),
+            backoff: ConnectBackoff::default(),
             next_tag: AtomicU64::new(1),
             closed: AtomicBool::new(false),
         }
@@ -1129,40 +1117,22 @@ impl ApiPool {
     /// Connects and logs in, honouring the back-off left by earlier failures: waits
     /// for it if it ends before `deadline`, else fails at once with the last error.
     async fn open_connection(&self, deadline: Instant) -> Result<Connection, SessionError> {
-        let pending = {
-            let b = lock(&self.backoff);
-            match (b.retry_at, &b.last) {
-                (Some(at), Some(last)) if at > Instant::now() => Some((at, last.clone())),
-                _ => None,
-            }
-        };
-        if let Some((at, last)) = pending {
-            if at > deadline {
-                let wait = at.saturating_duration_since(Instant::now());
-                return Err(with_note(
-                    last,
-                    &format!("not retrying for another {} ms", wait.as_millis()),
-                ));
-            }
-            tokio::select! {
-                _ = sleep_until(at) => {}
-                _ = self.reconnected.notified() => {}
-            }
+        if let Err(blocked) = self.backoff.wait(deadline).await {
+            return Err(with_note(
+                blocked.last_error,
+                &format!(
+                    "not retrying for another {} ms",
+                    blocked.remaining.as_millis()
+                ),
+            ));
         }
         match self.connect_and_login(deadline).await {
             Ok(conn) => {
-                *lock(&self.backoff) = Backoff::default();
-                self.reconnected.notify_waiters();
+                self.backoff.succeeded();
                 Ok(conn)
             }
             Err(e) => {
-                let mut b = lock(&self.backoff);
-                b.failures = b.failures.saturating_add(1);
-                let delay = BACKOFF_FIRST
-                    .saturating_mul(1u32 << (b.failures - 1).min(16))
-                    .min(BACKOFF_MAX);
-                b.retry_at = Some(Instant::now() + delay);
-                b.last = Some(e.clone());
+                self.backoff.failed(e.clone());
                 Err(e)
             }
         }

@@ -14,6 +14,7 @@ use russh::{Channel, ChannelMsg, Disconnect, MethodKind, Preferred, cipher, kex,
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
+use super::backoff::ConnectBackoff;
 use super::{CliResult, Exchange, SessionError, Target};
 
 /// How commands are sent over a connection.
@@ -92,25 +93,8 @@ pub fn fingerprint(key: &PublicKey) -> String {
     key.fingerprint(HashAlg::Sha256).to_string()
 }
 
-/// First delay after a failed connect; doubled per further failure.
-const BACKOFF_START: Duration = Duration::from_millis(100);
-/// Longest delay between connect attempts.
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How long a discarded connection may take to say goodbye before it is just dropped.
 const DISCONNECT_GRACE: Duration = Duration::from_secs(1);
-
-/// Connection-attempt bookkeeping for the backoff.
-#[derive(Default)]
-struct Backoff {
-    failures: u32,
-    not_before: Option<Instant>,
-    last_error: Option<SessionError>,
-}
-
-fn backoff_delay(failures: u32) -> Duration {
-    let shift = failures.saturating_sub(1).min(16);
-    BACKOFF_START.saturating_mul(1 << shift).min(BACKOFF_MAX)
-}
 
 /// A pool of SSH connections to one NAS, shared by all its workers.
 pub struct SshPool {
@@ -122,10 +106,7 @@ pub struct SshPool {
     slots: Arc<Semaphore>,
     idle: Mutex<Vec<Conn>>,
     open: Arc<AtomicUsize>,
-    backoff: Mutex<Backoff>,
-    /// Woken when a connection succeeds, so runs waiting out the backoff go at once
-    /// instead of sleeping on after the NAS is back.
-    reconnected: tokio::sync::Notify,
+    backoff: ConnectBackoff<SessionError>,
     closed: AtomicBool,
 }
 
@@ -180,8 +161,7 @@ impl SshPool {
             slots,
             idle: Mutex::new(Vec::new()),
             open: Arc::new(AtomicUsize::new(0)),
-            backoff: Mutex::new(Backoff::default()),
-            reconnected: tokio::sync::Notify::new(),
+            backoff: ConnectBackoff::default(),
             closed: AtomicBool::new(false),
         }
     }
@@ -324,28 +304,12 @@ impl SshPool {
     /// Opens a connection, honouring the backoff after failures; bounded by `deadline`.
     async fn open_conn(&self, deadline: Instant) -> Result<Conn, SessionError> {
         let label = self.target.label();
-        let wait_until = {
-            let backoff = self.backoff.lock().unwrap_or_else(|p| p.into_inner());
-            match backoff.not_before {
-                Some(not_before) if not_before > Instant::now() => {
-                    if not_before > deadline {
-                        // Waiting would overrun the deadline: report the failure that
-                        // caused the backoff, so it is classified as that failure.
-                        return Err(backoff.last_error.clone().unwrap_or_else(|| {
-                            SessionError::Connect(label, "backing off after failures".into())
-                        }));
-                    }
-                    Some(not_before)
-                }
-                _ => None,
-            }
-        };
-        if let Some(until) = wait_until {
-            tokio::select! {
-                _ = tokio::time::sleep_until(until) => {}
-                _ = self.reconnected.notified() => {}
-            }
-        }
+        // Waiting would overrun the deadline: report the failure that caused the
+        // backoff, so it is classified as that failure.
+        self.backoff
+            .wait(deadline)
+            .await
+            .map_err(|blocked| blocked.last_error)?;
         let outcome = match tokio::time::timeout_at(deadline, self.connect()).await {
             Ok(outcome) => outcome,
             Err(_) => Err(SessionError::Connect(
@@ -356,17 +320,11 @@ impl SshPool {
                 ),
             )),
         };
-        let mut backoff = self.backoff.lock().unwrap_or_else(|p| p.into_inner());
         match &outcome {
-            Ok(_) => {
-                *backoff = Backoff::default();
-                self.reconnected.notify_waiters();
-            }
+            Ok(_) => self.backoff.succeeded(),
             Err(error) => {
-                backoff.failures = backoff.failures.saturating_add(1);
-                backoff.not_before = Some(Instant::now() + backoff_delay(backoff.failures));
-                backoff.last_error = Some(error.clone());
-                tracing::warn!(nas = %label, %error, failures = backoff.failures, "SSH connect failed");
+                let failures = self.backoff.failed(error.clone());
+                tracing::warn!(nas = %label, %error, failures, "SSH connect failed");
             }
         }
         outcome
@@ -1046,14 +1004,6 @@ mod tests {
         for bad in ["show run", "% Invalid input", ""] {
             assert!(!prompt.is_match(bad), "{bad}");
         }
-    }
-
-    #[test]
-    fn backoff_doubles_and_caps() {
-        assert_eq!(backoff_delay(1), Duration::from_millis(100));
-        assert_eq!(backoff_delay(2), Duration::from_millis(200));
-        assert_eq!(backoff_delay(7), Duration::from_millis(5000));
-        assert_eq!(backoff_delay(100), Duration::from_millis(5000));
     }
 
     #[test]

@@ -21,6 +21,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
+use super::backoff::ConnectBackoff;
 use super::{CliResult, Exchange, SessionError, Target};
 
 /// Window size announced when the server asks for NAWS: wide, so that devices with their
@@ -45,10 +46,6 @@ const MAX_PENDING: usize = 4 * 1024 * 1024;
 /// A subnegotiation longer than this is a server bug (or a lost `IAC SE`); give up on it
 /// rather than swallowing all later output as subnegotiation data.
 const MAX_SUBNEGOTIATION: usize = 4096;
-
-/// First delay after a failed connect, doubled per consecutive failure up to the cap.
-const BACKOFF_START: Duration = Duration::from_millis(100);
-const BACKOFF_CAP: Duration = Duration::from_secs(5);
 
 /// Words devices print when they reject a login or an enable password.
 static AUTH_FAILURE: LazyLock<Regex> = LazyLock::new(|| {
@@ -616,14 +613,6 @@ fn classify_login(text: &str, options: &TelnetOptions, after_password: bool) -> 
     }
 }
 
-/// Consecutive connect failures, so a dead device is not hammered by every worker.
-#[derive(Debug, Default)]
-struct Backoff {
-    failures: u32,
-    not_before: Option<Instant>,
-    last_error: String,
-}
-
 /// The telnet sessions to one NAS, shared by its workers: at most `max_sessions` open at
 /// once, opened lazily, kept open and reused; a session that failed is dropped.
 pub struct TelnetPool {
@@ -633,9 +622,8 @@ pub struct TelnetPool {
     permits: Arc<Semaphore>,
     idle: Mutex<Vec<Session>>,
     open: Arc<AtomicUsize>,
-    backoff: Mutex<Backoff>,
-    /// Woken when a connection succeeds, so sessions waiting out the backoff go at once.
-    reconnected: tokio::sync::Notify,
+    /// Consecutive connect failures, so a dead device is not hammered by every worker.
+    backoff: ConnectBackoff<String>,
     closed: AtomicBool,
 }
 
@@ -657,8 +645,7 @@ impl TelnetPool {
             permits: Arc::new(Semaphore::new(max)),
             idle: Mutex::new(Vec::new()),
             open: Arc::new(AtomicUsize::new(0)),
-            backoff: Mutex::new(Backoff::default()),
-            reconnected: tokio::sync::Notify::new(),
+            backoff: ConnectBackoff::default(),
             closed: AtomicBool::new(false),
         }
     }
@@ -765,12 +752,6 @@ impl TelnetPool {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn lock_backoff(&self) -> MutexGuard<'_, Backoff> {
-        self.backoff
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
     async fn take_idle(&self) -> Option<Session> {
         loop {
             let mut session = self.lock_idle().pop()?;
@@ -785,27 +766,16 @@ impl TelnetPool {
     /// never waiting past `timeout`.
     async fn connect(&self, timeout: Duration) -> Result<Session, SessionError> {
         let deadline = Instant::now() + timeout;
-        let wait = {
-            let backoff = self.lock_backoff();
-            backoff
-                .not_before
-                .filter(|t| *t > Instant::now())
-                .map(|t| (t, backoff.failures, backoff.last_error.clone()))
-        };
-        if let Some((not_before, failures, last_error)) = wait {
-            if not_before > deadline {
-                return Err(SessionError::Connect(
-                    self.label.clone(),
-                    format!(
-                        "{last_error} (after {failures} failed attempts; next attempt in {} ms)",
-                        (not_before - Instant::now()).as_millis()
-                    ),
-                ));
-            }
-            tokio::select! {
-                _ = tokio::time::sleep_until(not_before) => {}
-                _ = self.reconnected.notified() => {}
-            }
+        if let Err(blocked) = self.backoff.wait(deadline).await {
+            return Err(SessionError::Connect(
+                self.label.clone(),
+                format!(
+                    "{} (after {} failed attempts; next attempt in {} ms)",
+                    blocked.last_error,
+                    blocked.failures,
+                    blocked.remaining.as_millis()
+                ),
+            ));
         }
         let address = (self.target.host.as_str(), self.target.port);
         let stream =
@@ -821,8 +791,7 @@ impl TelnetPool {
                     )));
                 }
             };
-        *self.lock_backoff() = Backoff::default();
-        self.reconnected.notify_waiters();
+        self.backoff.succeeded();
         // Commands are small writes; do not let Nagle hold them back.
         let _ = stream.set_nodelay(true);
         let mut session = Session {
@@ -853,14 +822,8 @@ impl TelnetPool {
     }
 
     fn connect_failed(&self, error: String) -> SessionError {
-        let mut backoff = self.lock_backoff();
-        backoff.failures = backoff.failures.saturating_add(1);
-        let delay = BACKOFF_START
-            .saturating_mul(1u32 << (backoff.failures - 1).min(16))
-            .min(BACKOFF_CAP);
-        backoff.not_before = Some(Instant::now() + delay);
-        backoff.last_error = error.clone();
-        tracing::debug!(nas = %self.label, failures = backoff.failures, %error, "telnet connect failed");
+        let failures = self.backoff.failed(error.clone());
+        tracing::debug!(nas = %self.label, failures, %error, "telnet connect failed");
         SessionError::Connect(self.label.clone(), error)
     }
 }
