@@ -879,30 +879,14 @@ pub fn parse_status(head: &[u8]) -> Result<u16, String> {
 /// The TLS client settings for https destinations: the system's CA store plus
 /// `alerts.ca_file`. Built once at start.
 pub fn tls_config(ca_file: Option<&std::path::Path>) -> Result<Arc<rustls::ClientConfig>, String> {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject as _;
     let mut roots = rustls::RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
     for cert in native.certs {
         let _ = roots.add(cert);
     }
     if let Some(path) = ca_file {
-        let certs = CertificateDer::pem_file_iter(path)
-            .map_err(|e| format!("alerts.ca_file {}: {e}", path.display()))?;
-        let mut added = 0;
-        for cert in certs {
-            let cert = cert.map_err(|e| format!("alerts.ca_file {}: {e}", path.display()))?;
-            roots
-                .add(cert)
-                .map_err(|e| format!("alerts.ca_file {}: {e}", path.display()))?;
-            added += 1;
-        }
-        if added == 0 {
-            return Err(format!(
-                "alerts.ca_file {}: no PEM certificate in it",
-                path.display()
-            ));
-        }
+        let extra = crate::transport::routeros_api::load_ca_file(path)?;
+        roots.extend(extra.roots.iter().cloned());
     }
     if roots.is_empty() {
         return Err(
