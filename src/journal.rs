@@ -936,10 +936,15 @@ impl Writer {
             self.report(path, "flush", &err);
         }
         if !self.files.contains_key(path) {
-            let opened = path
-                .parent()
-                .map_or(Ok(()), fs::create_dir_all)
-                .and_then(|()| open_append(path));
+            // Most opens are reopens after an eviction: try the file first and make
+            // its directories only when they are missing.
+            let opened = match open_append(path) {
+                Err(err) if err.kind() == io::ErrorKind::NotFound => path
+                    .parent()
+                    .map_or(Ok(()), fs::create_dir_all)
+                    .and_then(|()| open_append(path)),
+                other => other,
+            };
             match opened {
                 Ok(file) => self.insert(path.to_path_buf(), file),
                 Err(err) => {
