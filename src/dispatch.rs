@@ -341,11 +341,7 @@ impl Owner {
             }
             if now >= next_heartbeat {
                 next_heartbeat = now + cfg.lease / 3;
-                let ids: Vec<i64> = self.in_flight.keys().copied().collect();
-                let until = Utc::now() + cfg.lease;
-                if let Err(e) = self.shared.store.extend_leases(&ids, until).await {
-                    tracing::warn!(nas_id = self.nas_id(), "extending leases: {e}");
-                }
+                self.heartbeat().await;
             }
             if !self.uncommitted.is_empty() && self.db_retry_at.is_none_or(|t| t <= now) {
                 let results = std::mem::take(&mut self.uncommitted);
@@ -398,6 +394,29 @@ impl Owner {
         }
         self.workers.abort_all();
         self.stats.stopped(self.stats_generation);
+    }
+
+    /// Extends the leases of the attempts in flight, each under its claim token. A claim
+    /// that is no longer ours is not extended; its result will be discarded by the same
+    /// fence when it arrives.
+    async fn heartbeat(&mut self) {
+        let claims: Vec<(i64, i64)> = self.in_flight.iter().map(|(id, t)| (*id, *t)).collect();
+        let until = Utc::now() + self.shared.cfg.lease;
+        match self.shared.store.extend_leases(&claims, until).await {
+            Ok(extended) => {
+                if extended.len() < claims.len() {
+                    let extended: HashSet<i64> = extended.into_iter().collect();
+                    for (id, _) in claims.iter().filter(|(id, _)| !extended.contains(id)) {
+                        tracing::warn!(
+                            nas_id = self.nas_id(),
+                            event_id = id,
+                            "lease not extended: the claim went stale; its result will be discarded"
+                        );
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(nas_id = self.nas_id(), "extending leases: {e}"),
+        }
     }
 
     /// Shutdown grace ran out: the attempts still running are released (back to ready,
@@ -755,6 +774,14 @@ impl Owner {
             let (outcome, error, delay) = match &r.reply.verdict {
                 Verdict::Done => (Outcome::Done, None, None),
                 Verdict::Failed(why) => (Outcome::Failed, Some(why.clone()), None),
+                Verdict::Requeue(why) => {
+                    // Nothing was attempted: back to the lane, the attempt not counted,
+                    // whatever the breaker settings.
+                    refund = true;
+                    let unit: f64 = rand::rng().random();
+                    let d = cfg.retry_base.mul_f64(0.8 + 0.4 * unit);
+                    (Outcome::Done, Some(why.clone()), Some(d))
+                }
                 Verdict::Unreachable(why) if hold => {
                     // The device was not reached: the attempt is not counted and the
                     // event waits; the breaker decides when the NAS is tried again.
@@ -789,8 +816,12 @@ impl Owner {
                 (Verdict::Failed(_), _) => AttemptKind::Failed {
                     reached: !r.reply.commands.is_empty(),
                 },
-                (Verdict::Retry(_) | Verdict::Unreachable(_), Some(_)) => AttemptKind::Retry,
-                (Verdict::Retry(_) | Verdict::Unreachable(_), None) => AttemptKind::GaveUp,
+                (Verdict::Retry(_) | Verdict::Unreachable(_) | Verdict::Requeue(_), Some(_)) => {
+                    AttemptKind::Retry
+                }
+                (Verdict::Retry(_) | Verdict::Unreachable(_) | Verdict::Requeue(_), None) => {
+                    AttemptKind::GaveUp
+                }
             });
             match delay {
                 Some(d) => {
@@ -801,10 +832,10 @@ impl Owner {
                         error: error.clone().unwrap_or_default(),
                         refund,
                     });
-                    let note = if refund {
-                        " (NAS unreachable, attempt not counted)"
-                    } else {
-                        ""
+                    let note = match (&r.reply.verdict, refund) {
+                        (Verdict::Requeue(_), _) => " (nothing was sent, attempt not counted)",
+                        (_, true) => " (NAS unreachable, attempt not counted)",
+                        _ => "",
                     };
                     plans.push((
                         format!(
@@ -848,22 +879,29 @@ impl Owner {
             }
         };
         self.db_retry_at = None;
-        self.stats
-            .attempts(results.iter().zip(&kinds).map(|(r, kind)| {
-                (
-                    r.event.cmd.as_str(),
-                    *kind,
-                    r.duration,
-                    r.reply.verdict.reason(),
-                )
-            }));
+        // A result the fence discarded is no outcome: it is neither counted nor fed to
+        // the breaker nor journaled as one.
+        self.stats.attempts(
+            results
+                .iter()
+                .zip(&kinds)
+                .filter(|(r, _)| applied.contains(&r.event.id))
+                .map(|(r, kind)| {
+                    (
+                        r.event.cmd.as_str(),
+                        *kind,
+                        r.duration,
+                        r.reply.verdict.reason(),
+                    )
+                }),
+        );
         let refunded: HashSet<i64> = reschedules
             .iter()
             .filter(|r| r.refund)
             .map(|r| r.id)
             .collect();
         let mut came_up = false;
-        for r in &results {
+        for r in results.iter().filter(|r| applied.contains(&r.event.id)) {
             came_up |= self.breaker_record(r);
         }
         let nas_target = NasTarget {
@@ -874,22 +912,34 @@ impl Owner {
         for (r, (outcome_text, delay)) in results.into_iter().zip(plans) {
             self.in_flight.remove(&r.event.id);
             self.busy_users.remove(&r.user_id);
-            self.shared.journal.attempt(
-                &nas_target,
-                &AccountTarget {
-                    abonent_id: r.event.abonent_id,
-                    user_id: r.user_id,
-                },
-                &Attempt {
-                    event_id: r.event.id,
-                    cmd: r.event.cmd.clone(),
-                    try_count: r.event.try_count,
-                    commands: r.reply.commands.clone(),
-                    answer: r.reply.answer.clone(),
-                    outcome: outcome_text,
-                    duration: r.duration,
-                },
-            );
+            let stale = !applied.contains(&r.event.id);
+            let account = AccountTarget {
+                abonent_id: r.event.abonent_id,
+                user_id: r.user_id,
+            };
+            let attempt = Attempt {
+                event_id: r.event.id,
+                cmd: r.event.cmd.clone(),
+                try_count: r.event.try_count,
+                commands: r.reply.commands.clone(),
+                answer: r.reply.answer.clone(),
+                outcome: outcome_text,
+                duration: r.duration,
+            };
+            if stale {
+                // The claim went stale (another owner took the event): our result is
+                // discarded, and the NAS log says so instead of showing an outcome.
+                tracing::warn!(
+                    nas_id = self.runtime.nas.id,
+                    event_id = r.event.id,
+                    "claim went stale; result discarded"
+                );
+                self.shared
+                    .journal
+                    .discarded(&nas_target, &account, &attempt);
+            } else {
+                self.shared.journal.attempt(&nas_target, &account, &attempt);
+            }
             let Some(lane) = self.lanes.get_mut(&r.user_id) else {
                 continue;
             };
@@ -898,13 +948,7 @@ impl Owner {
                 .events
                 .front()
                 .is_some_and(|p| p.event.id == r.event.id);
-            if !applied.contains(&r.event.id) {
-                // The claim went stale (another owner took the event): discard our result.
-                tracing::warn!(
-                    nas_id = self.runtime.nas.id,
-                    event_id = r.event.id,
-                    "claim went stale; result discarded"
-                );
+            if stale {
                 self.want_reload = true;
                 continue;
             }

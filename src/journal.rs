@@ -300,6 +300,28 @@ impl Journal {
         );
     }
 
+    /// Appends to the NAS log (only there) that the result of `attempt` was discarded
+    /// because its claim went stale: another owner holds the event, so this result is
+    /// not an outcome (see [`format_discarded`], or one [`discarded_json`] line).
+    pub fn discarded(&self, nas: &NasTarget, account: &AccountTarget, attempt: &Attempt) {
+        let now = Local::now();
+        let text = match self.inner.format {
+            LogFormat::Text => format!(
+                "{} {}\n",
+                now.format(TIME_FORMAT),
+                format_discarded(nas, account, attempt)
+            ),
+            LogFormat::Json => discarded_json(&now, nas, account, attempt) + "\n",
+        };
+        self.send(
+            vec![Target {
+                path: self.nas_log_path(nas),
+                max_size: self.inner.max_size,
+            }],
+            text,
+        );
+    }
+
     /// Blocks until everything queued before the call is written and flushed to the OS
     /// (not fsynced) and every rotated file is compressed. Used by tests and at shutdown;
     /// from async code call it through
@@ -394,6 +416,64 @@ pub fn format_attempt(nas: &NasTarget, account: &AccountTarget, attempt: &Attemp
     }
     lines.push(outcome_line(&prefix, attempt));
     lines
+}
+
+/// Why a discarded result is not recorded (the text after `discarded:`).
+pub const DISCARDED_REASON: &str =
+    "the claim went stale (another owner holds the event); the result was not recorded";
+
+/// The NAS-log line (without timestamp) for a result discarded by the claim fence:
+/// `nas=N event=E user_id=U cmd=C try=T discarded: the claim went stale ... (D ms)`.
+pub fn format_discarded(nas: &NasTarget, account: &AccountTarget, attempt: &Attempt) -> String {
+    format!(
+        "{} discarded: {DISCARDED_REASON} ({} ms)",
+        attempt_prefix(nas, account, attempt),
+        attempt.duration.as_millis()
+    )
+}
+
+/// One JSON record for a discarded result (no trailing newline).
+#[derive(Serialize)]
+struct DiscardedRecord<'a> {
+    ts: String,
+    kind: &'static str,
+    level: &'static str,
+    nas_id: i64,
+    nas_name: &'a str,
+    nas_ip: &'a str,
+    abonent_id: Option<i64>,
+    user_id: i64,
+    event_id: i64,
+    cmd: String,
+    #[serde(rename = "try")]
+    try_count: i32,
+    reason: &'static str,
+    message: String,
+}
+
+/// A discarded result as JSON: `kind` = `discarded`, `level` = `warn`, the NAS, account
+/// and event fields of an attempt record, `reason`, and the text line as `message`.
+pub fn discarded_json(
+    ts: &DateTime<Local>,
+    nas: &NasTarget,
+    account: &AccountTarget,
+    attempt: &Attempt,
+) -> String {
+    to_json(&DiscardedRecord {
+        ts: rfc3339(ts),
+        kind: "discarded",
+        level: "warn",
+        nas_id: nas.id,
+        nas_name: &nas.name,
+        nas_ip: &nas.ip,
+        abonent_id: account.abonent_id,
+        user_id: account.user_id,
+        event_id: attempt.event_id,
+        cmd: one_line(&attempt.cmd),
+        try_count: attempt.try_count,
+        reason: DISCARDED_REASON,
+        message: format_discarded(nas, account, attempt),
+    })
 }
 
 /// What an outcome text says, for the JSON `outcome` field and its reason (`error`):
@@ -777,14 +857,14 @@ impl Writer {
                 None
             },
             recheck: RECHECK_INTERVAL,
-            now: Instant::now(),
+            now: thread_now(),
         })
     }
 
     fn run(mut self, rx: Receiver<Msg>) {
         // `recv` fails once every `Journal` clone is gone: then flush and exit.
         while let Ok(first) = rx.recv() {
-            self.now = Instant::now();
+            self.now = thread_now();
             let mut touched = HashSet::new();
             let mut waiters = Vec::new();
             self.handle(first, &mut touched, &mut waiters);
@@ -1006,6 +1086,13 @@ impl Writer {
     }
 }
 
+/// The writer thread's clock: an OS thread outside the runtime, whose recheck timing
+/// tests drive through `Writer::now` directly, not through tokio's paused time.
+#[allow(clippy::disallowed_methods)]
+fn thread_now() -> Instant {
+    Instant::now()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1050,6 +1137,32 @@ mod tests {
                     .to_owned()
             })
             .collect()
+    }
+
+    #[test]
+    fn discarded_goes_to_the_nas_log_only_and_names_the_event() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let journal = Journal::open(dir.path()).expect("journal");
+        let n = nas(7, "Test NAS", "10.20.11.15");
+        let acc = AccountTarget {
+            abonent_id: Some(3),
+            user_id: 42,
+        };
+        journal.discarded(&n, &acc, &attempt(99, &["/ip x"], "ok", "done"));
+        journal.flush();
+        assert_eq!(
+            read_lines(&journal.nas_log_path(&n)),
+            vec![
+                "nas=7 event=99 user_id=42 cmd=user_add try=1 discarded: the claim went stale \
+                 (another owner holds the event); the result was not recorded (42 ms)"
+            ]
+        );
+        assert!(!journal.account_log_path(&acc).exists());
+        let json = discarded_json(&Local::now(), &n, &acc, &attempt(99, &[], "", "done"));
+        let v: serde_json::Value = serde_json::from_str(&json).expect("json");
+        assert_eq!(v["kind"], "discarded");
+        assert_eq!(v["event_id"], 99);
+        assert_eq!(v["level"], "warn");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Instant;
+use tokio::time::Instant;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
@@ -262,7 +262,10 @@ fn main() -> ExitCode {
         // SAFETY: no other thread exists yet (the runtime starts below), so changing the
         // environment cannot race a reader. The demo's device script records what it
         // receives in this file.
-        unsafe { std::env::set_var("NASD_DEMO_STATE", dir.join("device.log")) };
+        #[allow(clippy::disallowed_methods)] // single-threaded here, see SAFETY above
+        unsafe {
+            std::env::set_var("NASD_DEMO_STATE", dir.join("device.log"))
+        };
         opts.dir = Some(dir);
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -687,7 +690,8 @@ async fn send_now(
                 outcome: match &reply.verdict {
                     nasd::transport::Verdict::Done => "done (manual send)".to_string(),
                     nasd::transport::Verdict::Retry(w)
-                    | nasd::transport::Verdict::Unreachable(w) => {
+                    | nasd::transport::Verdict::Unreachable(w)
+                    | nasd::transport::Verdict::Requeue(w) => {
                         format!("manual send, would retry: {w}")
                     }
                     nasd::transport::Verdict::Failed(w) => format!("manual send failed: {w}"),
@@ -705,7 +709,9 @@ async fn send_now(
     }
     let (text, code) = match &reply.verdict {
         nasd::transport::Verdict::Done => ("done".to_string(), ExitCode::SUCCESS),
-        nasd::transport::Verdict::Retry(why) | nasd::transport::Verdict::Unreachable(why) => {
+        nasd::transport::Verdict::Retry(why)
+        | nasd::transport::Verdict::Unreachable(why)
+        | nasd::transport::Verdict::Requeue(why) => {
             (format!("would retry: {why}"), ExitCode::from(2))
         }
         nasd::transport::Verdict::Failed(why) => (format!("failed: {why}"), ExitCode::FAILURE),

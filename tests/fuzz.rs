@@ -97,7 +97,7 @@ fn fuzz<S: Strategy>(
 ) {
     let tally: Mutex<BTreeMap<&'static str, u64>> = Mutex::new(BTreeMap::new());
     let cases = config.cases;
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     let mut runner = TestRunner::new(config);
     let result = runner.run(&strategy, |value| {
         let mut reach = Reach::new();
@@ -1383,6 +1383,7 @@ fn radius_client_against_a_forging_nas() {
                     Verdict::Failed(_) => "failed",
                     Verdict::Retry(_) => "retry",
                     Verdict::Unreachable(_) => "unreachable",
+                    Verdict::Requeue(_) => "requeue",
                 });
                 if forged {
                     reach.push("forgeries ignored");
@@ -1932,6 +1933,7 @@ fn answers_are_classified_without_surprises() {
                     reach.push("unreachable");
                     prop_assert!(error.is_some());
                 }
+                Verdict::Requeue(why) => prop_assert!(false, "requeue from a CLI answer: {}", why),
             }
             if error.is_none() && !matched {
                 prop_assert_eq!(&reply.verdict, &Verdict::Done);

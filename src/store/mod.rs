@@ -800,16 +800,17 @@ impl Store {
         on_backend!(self, s => s.complete(finishes, reschedules, now).await)
     }
 
-    /// Extends the lease of events still held under these claim tokens.
+    /// Extends the lease of each `(id, claim token)` still held; returns the ids
+    /// extended. A heartbeat for a stale claim changes nothing.
     pub async fn extend_leases(
         &self,
-        ids: &[i64],
+        claims: &[(i64, i64)],
         lease_until: DateTime<Utc>,
-    ) -> Result<(), StoreError> {
-        if ids.is_empty() {
-            return Ok(());
+    ) -> Result<Vec<i64>, StoreError> {
+        if claims.is_empty() {
+            return Ok(Vec::new());
         }
-        on_backend!(self, s => s.extend_leases(ids, lease_until).await)
+        on_backend!(self, s => s.extend_leases(claims, lease_until).await)
     }
 
     /// Puts claimed events back to ready (shutdown), keeping their try count.

@@ -424,18 +424,23 @@ impl PgStore {
 
     pub async fn extend_leases(
         &self,
-        ids: &[i64],
+        claims: &[(i64, i64)],
         lease_until: DateTime<Utc>,
-    ) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE events_stack SET lease_until = $2 WHERE id = ANY($1) AND state = 'running'",
+    ) -> Result<Vec<i64>, StoreError> {
+        let (ids, tokens): (Vec<i64>, Vec<i64>) = claims.iter().copied().unzip();
+        let extended: Vec<i64> = sqlx::query_scalar(
+            "UPDATE events_stack s SET lease_until = $3 \
+             FROM unnest($1::bigint[], $2::bigint[]) AS f(id, tok) \
+             WHERE s.id = f.id AND s.claim_token = f.tok AND s.state = 'running' \
+             RETURNING s.id",
         )
-        .bind(ids)
+        .bind(&ids)
+        .bind(&tokens)
         .bind(lease_until)
-        .execute(&self.pool)
+        .fetch_all(&self.pool)
         .await
         .ctx("extend leases")?;
-        Ok(())
+        Ok(extended)
     }
 
     pub async fn release(&self, ids: &[(i64, i64)]) -> Result<(), StoreError> {

@@ -461,21 +461,32 @@ impl SqliteStore {
 
     pub async fn extend_leases(
         &self,
-        ids: &[i64],
+        claims: &[(i64, i64)],
         lease_until: DateTime<Utc>,
-    ) -> Result<(), StoreError> {
-        for chunk in ids.chunks(500) {
-            let sql = format!(
-                "UPDATE events_stack SET lease_until = ?1 WHERE state = 'running' AND id IN ({})",
-                placeholders(2, chunk.len())
-            );
-            let mut q = sqlx::query(&sql).bind(ms(lease_until));
-            for id in chunk {
-                q = q.bind(id);
+    ) -> Result<Vec<i64>, StoreError> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .ctx("extend leases")?;
+        let mut extended = Vec::with_capacity(claims.len());
+        for (id, token) in claims {
+            let done = sqlx::query(
+                "UPDATE events_stack SET lease_until = ?1 \
+                 WHERE id = ?2 AND claim_token = ?3 AND state = 'running'",
+            )
+            .bind(ms(lease_until))
+            .bind(id)
+            .bind(token)
+            .execute(&mut *tx)
+            .await
+            .ctx("extend leases")?;
+            if done.rows_affected() == 1 {
+                extended.push(*id);
             }
-            q.execute(&self.pool).await.ctx("extend leases")?;
         }
-        Ok(())
+        tx.commit().await.ctx("extend leases")?;
+        Ok(extended)
     }
 
     pub async fn release(&self, ids: &[(i64, i64)]) -> Result<(), StoreError> {

@@ -93,6 +93,11 @@ pub enum Verdict {
     /// Nothing reached the device (connection refused or timed out, login rejected, no
     /// RADIUS answer): retried like `Retry`, and counted by the NAS's circuit breaker.
     Unreachable(String),
+    /// Nothing was attempted: the run never got to the device because nasd itself gave
+    /// up waiting (the session pool was closed while the run queued for a free session,
+    /// e.g. new NAS settings or a shutdown). The event goes back to its lane with the
+    /// attempt not counted, and the circuit breaker does not see it.
+    Requeue(String),
 }
 
 impl Verdict {
@@ -100,7 +105,10 @@ impl Verdict {
     pub fn reason(&self) -> Option<&str> {
         match self {
             Verdict::Done => None,
-            Verdict::Retry(why) | Verdict::Failed(why) | Verdict::Unreachable(why) => Some(why),
+            Verdict::Retry(why)
+            | Verdict::Failed(why)
+            | Verdict::Unreachable(why)
+            | Verdict::Requeue(why) => Some(why),
         }
     }
 }
@@ -161,6 +169,7 @@ impl Reply {
                 Verdict::Retry(why) => Verdict::Retry(mask(why)),
                 Verdict::Failed(why) => Verdict::Failed(mask(why)),
                 Verdict::Unreachable(why) => Verdict::Unreachable(mask(why)),
+                Verdict::Requeue(why) => Verdict::Requeue(mask(why)),
             },
         }
     }
