@@ -39,13 +39,13 @@ async fn cisco_ios_scheme_against_fake_switches() {
             .spawn()
             .expect("fake-switches (bash scripts/test-setup.sh)"),
     );
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(
-            std::time::Instant::now() < deadline,
+            tokio::time::Instant::now() < deadline,
             "fake-switches did not start"
         );
-        std::thread::sleep(Duration::from_millis(100));
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let env = TestEnv::new(Backend::Sqlite).await;
     let store = env.store().await;

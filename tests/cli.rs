@@ -56,6 +56,7 @@ fn invalid_config_is_refused_naming_the_key() {
 }
 
 #[test]
+#[allow(clippy::disallowed_methods)] // a synchronous wait on a process outside the runtime
 fn operator_workflow() {
     let dir = setup();
     let d = dir.path();
@@ -196,7 +197,7 @@ fn operator_workflow() {
         .arg("run")
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         let out = nasd(d, &["history", "--json"]);
         let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
@@ -205,7 +206,10 @@ fn operator_workflow() {
             assert_eq!(rows[0]["compact_id"], id);
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "event not delivered");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "event not delivered"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let kill = Command::new("kill")

@@ -340,9 +340,9 @@ impl SimProc {
             }
         });
         let (mut ssh, mut telnet, mut api, mut coa) = (None, None, None, None);
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         while ssh.is_none() || coa.is_none() {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let line = rx
                 .recv_timeout(left)
                 .expect("nasd sim did not print its addresses");

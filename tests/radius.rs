@@ -154,7 +154,7 @@ async fn naks_map_to_verdicts_by_error_cause() {
 async fn silence_is_retransmitted_as_the_same_packet_then_unreachable() {
     let nas = Nas::start();
     let client = nas.client(Some(SECRET), 200, 3);
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     let reply = client.send("coa User-Name = silent").await;
     assert_eq!(
         reply.verdict,

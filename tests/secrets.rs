@@ -102,11 +102,12 @@ fn collect(mut pipe: impl Read + Send + 'static) -> Arc<Mutex<Vec<u8>>> {
 }
 
 /// Polls `check` every 100 ms; panics naming `what` after `limit`.
+#[allow(clippy::disallowed_methods)] // a synchronous wait on a process outside the runtime
 fn wait_until(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + limit;
+    let deadline = tokio::time::Instant::now() + limit;
     while !check() {
         assert!(
-            std::time::Instant::now() < deadline,
+            tokio::time::Instant::now() < deadline,
             "timed out after {limit:?} waiting for {what}"
         );
         std::thread::sleep(Duration::from_millis(100));

@@ -8,7 +8,8 @@ mod common;
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use common::{Backend, TestEnv, add_accounts, event, nas};
 use sqlx::Row;
@@ -67,6 +68,7 @@ fn signal(child: &Child, name: &str) {
     assert!(ok, "kill -{name}");
 }
 
+#[allow(clippy::disallowed_methods)] // a synchronous wait on a process outside the runtime
 fn wait_exit(child: &mut Child, limit: Duration) -> (std::process::ExitStatus, Duration) {
     let started = Instant::now();
     loop {
@@ -81,6 +83,7 @@ fn wait_exit(child: &mut Child, limit: Duration) -> (std::process::ExitStatus, D
     }
 }
 
+#[allow(clippy::disallowed_methods)] // a synchronous wait on a process outside the runtime
 fn wait_lines(log: &Path, prefix: &str, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -219,7 +222,7 @@ async fn grace_running_out_releases_and_a_second_signal_exits_at_once() {
     let mut child = spawn(&config, None);
     wait_lines(&log, "start", 2);
     signal(&child, "INT");
-    std::thread::sleep(Duration::from_millis(300));
+    tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
         child.try_wait().unwrap().is_none(),
         "still waiting for the commands"

@@ -1006,11 +1006,13 @@ async fn librouteros_client_adds_prints_and_removes() {
     let sim = start(SimOptions::default()).await;
     let output = timeout(
         CLIENT_DEADLINE,
-        Command::new("/work/main/.venv-peers/bin/python")
-            .args(["-c", LIBROUTEROS_CLIENT, &sim.api_addr.port().to_string()])
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .output(),
+        Command::new(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv-peers/bin/python"),
+        )
+        .args(["-c", LIBROUTEROS_CLIENT, &sim.api_addr.port().to_string()])
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output(),
     )
     .await
     .expect("librouteros finishes in time")

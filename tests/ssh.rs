@@ -6,7 +6,8 @@ use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use nasd::store::Secret;
 use nasd::transport::ssh::{HostKeyPolicy, SshMode, SshOptions, SshPool};
@@ -19,6 +20,7 @@ fn free_port() -> u16 {
     listener.local_addr().unwrap().port()
 }
 
+#[allow(clippy::disallowed_methods)] // a synchronous wait on a process outside the runtime
 fn wait_for_port(port: u16, child: &mut Child) {
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(10) {

@@ -225,6 +225,11 @@ async fn dropped_connection_loses_nothing(backend: Backend) {
         store.history_counts().await.unwrap().0 >= 30
     })
     .await;
+    // Cut every connection while a command is provably in flight: the recorder has
+    // received it and holds its answer.
+    sshd.hold_next_command(Duration::from_secs(30)).await;
+    sshd.stop();
+    sshd.release();
     sshd.restart(false);
     wait_history(&store, n, Duration::from_secs(120)).await;
     token.cancel();

@@ -7,7 +7,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use nasd::store::Secret;
 use nasd::transport::telnet::{TelnetOptions, TelnetPool, TelnetStream};
@@ -42,6 +43,7 @@ fn free_port() -> u16 {
 }
 
 /// Waits until something accepts connections on `port`.
+#[allow(clippy::disallowed_methods)] // a synchronous wait on a process outside the runtime
 fn wait_listening(port: u16, limit: Duration) {
     let start = Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {

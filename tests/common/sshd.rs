@@ -68,12 +68,14 @@ impl Sshd {
                 "#!/bin/sh\n\
                  port=$(echo \"$SSH_CLIENT\" | cut -d' ' -f2)\n\
                  printf '%s %s\\n' \"$port\" \"$SSH_ORIGINAL_COMMAND\" >> {record}\n\
+                 if [ -e {dir}/hold ]; then : > {dir}/held.$$; while [ -e {dir}/hold ]; do sleep 0.02; done; fi\n\
                  {sleep}\n\
                  case \"$SSH_ORIGINAL_COMMAND\" in\n\
                    *dup*) echo 'failure: already have such entry' ;;\n\
                    *print*) echo 'Flags: X - disabled, D - dynamic' ;;\n\
                  esac\n",
                 record = record.display(),
+                dir = dir.display(),
                 sleep = if latency.is_empty() {
                     String::new()
                 } else {
@@ -113,6 +115,7 @@ impl Sshd {
         .expect("sshd_config");
     }
 
+    #[allow(clippy::disallowed_methods)] // a synchronous wait on a process outside the runtime
     fn spawn(&mut self) {
         let child = Command::new("/usr/sbin/sshd")
             .arg("-D")
@@ -124,9 +127,9 @@ impl Sshd {
             .spawn()
             .expect("sshd (openssh-server; bash scripts/test-setup.sh)");
         self.child = Some(child);
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(std::time::Instant::now() < deadline, "sshd did not start");
+            assert!(tokio::time::Instant::now() < deadline, "sshd did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -158,6 +161,35 @@ impl Sshd {
         }
         self.write_config(&host_key, &self.dir.join("recorder.sh"));
         self.spawn();
+    }
+
+    /// From now on every command the recorder receives is recorded and then held (not
+    /// answered) until [`Sshd::release`]; returns once one command is provably held, so
+    /// a test can cut connections while a command is in flight, as the device saw it.
+    pub async fn hold_next_command(&self, deadline: Duration) {
+        std::fs::write(self.dir.join("hold"), "").expect("hold file");
+        let until = tokio::time::Instant::now() + deadline;
+        loop {
+            let held = std::fs::read_dir(&self.dir)
+                .map(|d| {
+                    d.filter_map(Result::ok)
+                        .any(|e| e.file_name().to_string_lossy().starts_with("held."))
+                })
+                .unwrap_or(false);
+            if held {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < until,
+                "no command reached the recorder within {deadline:?} of the hold"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Ends a hold: commands are answered again.
+    pub fn release(&self) {
+        let _ = std::fs::remove_file(self.dir.join("hold"));
     }
 
     /// The `SHA256:...` fingerprint of the current host key.
