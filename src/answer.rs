@@ -21,7 +21,9 @@ pub fn answer_text(result: &CliResult) -> String {
 
 /// What a session error means for the event: errors before anything reached the device
 /// (connect, login, host key) make it `Unreachable`, which the NAS's circuit breaker
-/// counts; the others (timeout, closed mid-way, protocol) are retried.
+/// counts; the others (timeout, closed mid-way, protocol) are retried. A pool closed
+/// while the run queued for a free session says nothing about the device: the event goes
+/// back to its lane with the attempt not counted (`Requeue`).
 pub fn session_error_verdict(error: &SessionError) -> Verdict {
     match error {
         SessionError::Connect(..)
@@ -31,6 +33,7 @@ pub fn session_error_verdict(error: &SessionError) -> Verdict {
         SessionError::Timeout(..) | SessionError::Closed(..) | SessionError::Protocol(..) => {
             Verdict::Retry(error.to_string())
         }
+        SessionError::PoolClosed(..) => Verdict::Requeue(error.to_string()),
     }
 }
 
@@ -130,6 +133,10 @@ mod tests {
         let refused =
             SessionError::Connect("nas 1 (10.0.0.1:22)".into(), "Connection refused".into());
         let rejected = SessionError::Auth("nas 1 (10.0.0.1:22)".into(), "admin".into());
+        let pool_closed = SessionError::PoolClosed(
+            "nas 1 (10.0.0.1:22)".into(),
+            "the SSH session pool was closed".into(),
+        );
         let cases: Vec<(&str, CliResult, Verdict)> = vec![
             ("user_add", result(&["", ""], None), Verdict::Done),
             (
@@ -174,6 +181,11 @@ mod tests {
                 "user_add",
                 result(&[], Some(rejected.clone())),
                 Verdict::Unreachable(rejected.to_string()),
+            ),
+            (
+                "user_add",
+                result(&[], Some(pool_closed.clone())),
+                Verdict::Requeue(pool_closed.to_string()),
             ),
         ];
         for (cmd, r, want) in cases {

@@ -682,37 +682,33 @@ async fn user_mode_shell_against_the_stock_fake_switches() {
 
 #[tokio::test]
 async fn failed_connects_back_off_within_the_deadline() {
+    // The backoff's timing (the first connect at once, then after 100 ms, 200 ms, ...;
+    // a wait that would overrun the deadline fails at once with the last error) is
+    // covered with paused time in `transport::pool`'s unit tests. Here, against a port
+    // where nothing listens yet: every run fails with the connect error, and once sshd
+    // is up the pool connects.
     let mut lab = Lab::new();
     let mut options = lab.options();
     options.connect_timeout = Duration::from_millis(1000);
     let pool = SshPool::new(lab.target(1), options);
     let one = strings(&["/ping"]);
-    let mut elapsed = Vec::new();
     for _ in 0..3 {
-        let start = Instant::now();
         let result = pool.run(&one, TIMEOUT).await;
         assert!(
             matches!(result.error, Some(SessionError::Connect(..))),
             "{:?}",
             result.error
         );
-        elapsed.push(start.elapsed());
     }
-    assert!(elapsed[0] < Duration::from_millis(90), "{elapsed:?}");
-    assert!(elapsed[1] >= Duration::from_millis(90), "{elapsed:?}");
-    assert!(elapsed[2] >= Duration::from_millis(190), "{elapsed:?}");
 
-    // The next wait (400 ms) would overrun a 150 ms deadline: the run fails at once with
-    // the last connect error instead of sleeping.
+    // Inside the backoff with a deadline too short to wait it out: the same error.
     let mut options = lab.options();
     options.connect_timeout = Duration::from_millis(150);
     let short = SshPool::new(lab.target(1), options);
     for _ in 0..3 {
         let _ = short.run(&one, TIMEOUT).await;
     }
-    let start = Instant::now();
     let result = short.run(&one, TIMEOUT).await;
-    assert!(start.elapsed() < Duration::from_millis(100));
     assert!(matches!(result.error, Some(SessionError::Connect(..))));
 
     lab.start();

@@ -4,6 +4,7 @@
 pub mod backoff;
 pub mod exec;
 pub mod null;
+pub mod pool;
 pub mod radius;
 pub mod routeros_api;
 pub mod ssh;
@@ -68,6 +69,11 @@ pub enum SessionError {
     Closed(String, String),
     #[error("{0}: protocol error: {1}")]
     Protocol(String, String),
+    /// The run waited for a free session and the pool was closed meanwhile (new NAS
+    /// settings, NAS removed, shutdown): nothing was sent and nothing is known about the
+    /// device.
+    #[error("{0}: {1}")]
+    PoolClosed(String, String),
 }
 
 /// What a CLI-like transport (SSH, telnet, RouterOS API) did with a list of commands:

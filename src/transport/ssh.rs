@@ -3,18 +3,16 @@
 //! up to an anchored prompt (Cisco IOS/ISG, where `enable`/`configure` keep state).
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use regex::Regex;
 use russh::client::{self, Handle, KeyboardInteractiveAuthResponse};
 use russh::keys::{HashAlg, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate};
 use russh::{Channel, ChannelMsg, Disconnect, MethodKind, Preferred, cipher, kex, mac};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use super::backoff::ConnectBackoff;
+use super::pool::{Connector, Pool, PoolCounters, Session};
 use super::{CliResult, Exchange, SessionError, Target};
 
 /// How commands are sent over a connection.
@@ -55,8 +53,9 @@ pub struct SshOptions {
     pub enable: bool,
     /// Shell mode: sent once per new session after login/enable (e.g. `terminal length 0`).
     pub setup: Vec<String>,
-    /// Deadline for getting a usable session: waiting for a free slot, backoff, TCP, key
-    /// exchange, authentication and (shell mode) login, enable and setup.
+    /// Deadline for getting a usable session once a slot is free (`[transport]
+    /// connect_timeout`): backoff, TCP, key exchange, authentication and (shell mode)
+    /// the shell, enable and setup. Waiting for the slot itself is not bounded.
     pub connect_timeout: Duration,
     /// Keepalive interval; the connection is dropped after 4x this without traffic.
     pub keepalive: Duration,
@@ -76,7 +75,7 @@ impl SshOptions {
             prompt: default_prompt(),
             enable: false,
             setup: Vec::new(),
-            connect_timeout: Duration::from_secs(10),
+            connect_timeout: super::pool::DEFAULT_CONNECT_TIMEOUT,
             keepalive: Duration::from_secs(15),
         }
     }
@@ -96,40 +95,41 @@ pub fn fingerprint(key: &PublicKey) -> String {
 /// How long a discarded connection may take to say goodbye before it is just dropped.
 const DISCONNECT_GRACE: Duration = Duration::from_secs(1);
 
-/// A pool of SSH connections to one NAS, shared by all its workers.
+/// A pool of SSH connections to one NAS, shared by all its workers (see
+/// [`super::pool`]: slots, idle reuse, backoff and closing live there).
 pub struct SshPool {
+    pool: Pool<SshConnector>,
+}
+
+/// What opening a connection needs; also runs commands on one.
+struct SshConnector {
     target: Target,
     options: SshOptions,
     config: Arc<client::Config>,
-    /// One permit per `run` in progress. A run opens a connection only when no idle one
-    /// exists, so connections (idle + in use) never exceed `max_sessions`.
-    slots: Arc<Semaphore>,
-    idle: Mutex<Vec<Conn>>,
-    open: Arc<AtomicUsize>,
-    backoff: ConnectBackoff<SessionError>,
-    closed: AtomicBool,
 }
 
 /// One authenticated connection (and, in shell mode, its shell at a prompt).
 struct Conn {
     handle: Handle<Client>,
     shell: Option<Shell>,
-    _open: OpenGuard,
 }
 
-/// Keeps `SshPool::open` equal to the number of live `Conn`s.
-struct OpenGuard(Arc<AtomicUsize>);
+impl Session for Conn {
+    async fn usable(&mut self) -> bool {
+        // Closed by the server or by the inactivity timeout while idle.
+        !self.handle.is_closed()
+    }
 
-impl OpenGuard {
-    fn new(counter: &Arc<AtomicUsize>) -> OpenGuard {
-        counter.fetch_add(1, Ordering::SeqCst);
-        OpenGuard(counter.clone())
+    async fn goodbye(&mut self) {
+        say_goodbye(self).await;
     }
 }
 
-impl Drop for OpenGuard {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+impl Connector for SshConnector {
+    type Session = Conn;
+
+    async fn connect(&self, _deadline: Instant) -> Result<Conn, SessionError> {
+        self.open().await
     }
 }
 
@@ -153,70 +153,58 @@ impl SshPool {
     /// A pool that connects lazily, on the first `run`.
     pub fn new(target: Target, options: SshOptions) -> SshPool {
         let config = Arc::new(client_config(&options));
-        let slots = Arc::new(Semaphore::new(target.max_sessions.max(1)));
+        let label = target.label();
+        let max_sessions = target.max_sessions;
+        let connect_timeout = options.connect_timeout;
         SshPool {
-            target,
-            options,
-            config,
-            slots,
-            idle: Mutex::new(Vec::new()),
-            open: Arc::new(AtomicUsize::new(0)),
-            backoff: ConnectBackoff::default(),
-            closed: AtomicBool::new(false),
+            pool: Pool::new(
+                SshConnector {
+                    target,
+                    options,
+                    config,
+                },
+                label,
+                "SSH",
+                max_sessions,
+                connect_timeout,
+            ),
         }
     }
 
     /// Connections open now (idle and in use).
     pub fn open_sessions(&self) -> usize {
-        self.open.load(Ordering::SeqCst)
+        self.pool.open_sessions()
+    }
+
+    /// The pool's counters, for the statistics.
+    pub fn counters(&self) -> Arc<PoolCounters> {
+        self.pool.counters()
     }
 
     /// Runs the commands in order on one session (taken from the pool or opened), each
-    /// under `timeout`. Getting the session is bounded by `connect_timeout`. On any error
-    /// the session is dropped, and the command in flight is not in `exchanges`.
+    /// under `timeout`. Waiting for a free session is unbounded; getting the session once
+    /// a slot is free is bounded by `connect_timeout` (and `timeout`). On any error the
+    /// session is dropped, and the command in flight is not in `exchanges`.
     pub async fn run(&self, commands: &[String], timeout: Duration) -> CliResult {
         let mut result = CliResult::default();
-        let label = self.target.label();
-        let deadline = Instant::now() + self.options.connect_timeout;
-        let permit =
-            match tokio::time::timeout_at(deadline, self.slots.clone().acquire_owned()).await {
-                Ok(Ok(permit)) => permit,
-                Ok(Err(_)) => {
-                    result.error = Some(self.pool_closed());
-                    return result;
-                }
-                Err(_) => {
-                    result.error = Some(SessionError::Connect(
-                        label,
-                        format!(
-                            "all {} sessions stayed busy for {:?}",
-                            self.target.max_sessions, self.options.connect_timeout
-                        ),
-                    ));
-                    return result;
-                }
-            };
-        if self.closed.load(Ordering::SeqCst) {
-            result.error = Some(self.pool_closed());
-            return result;
-        }
-        let (mut conn, mut reused) = match self.take_idle() {
-            Some(conn) => (conn, true),
-            None => match self.open_conn(deadline).await {
-                Ok(conn) => (conn, false),
-                Err(error) => {
-                    result.error = Some(error);
-                    return result;
-                }
-            },
+        let label = self.pool.label();
+        let mut lease = match self.pool.checkout(timeout).await {
+            Ok(lease) => lease,
+            Err(error) => {
+                result.error = Some(error);
+                return result;
+            }
         };
+        let connector = self.pool.connector();
         let mut index = 0;
         while let Some(command) = commands.get(index) {
             let outcome =
-                match tokio::time::timeout(timeout, self.command(&mut conn, command)).await {
+                match tokio::time::timeout(timeout, connector.command(lease.session(), command))
+                    .await
+                {
                     Ok(outcome) => outcome,
                     Err(_) => Err(CmdError::new(SessionError::Timeout(
-                        label.clone(),
+                        label.to_string(),
                         format!(
                             "no complete answer to command {} within {timeout:?}",
                             index + 1
@@ -231,14 +219,12 @@ impl SshPool {
                     });
                     index += 1;
                 }
-                Err(CmdError { error, stale: true }) if reused && index == 0 => {
+                Err(CmdError { error, stale: true }) if lease.reused() && index == 0 => {
                     // A pooled connection that died while idle: nothing was sent, so the
                     // command goes once over a fresh connection (same slot).
                     tracing::debug!(nas = %label, %error, "pooled SSH connection is dead, reconnecting");
-                    drop(conn);
-                    reused = false;
-                    conn = match self.open_conn(deadline).await {
-                        Ok(conn) => conn,
+                    lease = match lease.reconnect().await {
+                        Ok(lease) => lease,
                         Err(error) => {
                             result.error = Some(error);
                             return result;
@@ -246,93 +232,28 @@ impl SshPool {
                     };
                 }
                 Err(CmdError { error, .. }) => {
+                    // Dropping the lease discards the connection: it is never reused.
                     tracing::debug!(nas = %label, %error, "SSH session dropped");
                     result.error = Some(error);
-                    discard(conn, permit);
                     return result;
                 }
             }
         }
-        self.put_idle(conn, permit);
+        lease.done();
         result
     }
 
     /// Disconnects the idle connections and refuses further runs; sessions in use are
     /// disconnected when their run ends.
     pub async fn close(&self) {
-        self.closed.store(true, Ordering::SeqCst);
-        self.slots.close();
-        let idle: Vec<Conn> = match self.idle.lock() {
-            Ok(mut idle) => idle.drain(..).collect(),
-            Err(poisoned) => poisoned.into_inner().drain(..).collect(),
-        };
-        for conn in idle {
-            say_goodbye(&conn).await;
-        }
+        self.pool.close().await;
     }
+}
 
-    fn pool_closed(&self) -> SessionError {
-        SessionError::Closed(self.target.label(), "SSH pool is closed".into())
-    }
-
-    fn take_idle(&self) -> Option<Conn> {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        while let Some(conn) = idle.pop() {
-            if !conn.handle.is_closed() {
-                return Some(conn);
-            }
-            // Closed by the server or by the inactivity timeout while idle: dropping it
-            // is all that is left to do.
-        }
-        None
-    }
-
-    fn put_idle(&self, conn: Conn, permit: OwnedSemaphorePermit) {
-        if self.closed.load(Ordering::SeqCst) || conn.handle.is_closed() {
-            discard(conn, permit);
-            return;
-        }
-        self.idle
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(conn);
-        // The permit is released only after the connection is back in the pool, so the
-        // next run finds it instead of opening another one.
-        drop(permit);
-    }
-
-    /// Opens a connection, honouring the backoff after failures; bounded by `deadline`.
-    async fn open_conn(&self, deadline: Instant) -> Result<Conn, SessionError> {
-        let label = self.target.label();
-        // Waiting would overrun the deadline: report the failure that caused the
-        // backoff, so it is classified as that failure.
-        self.backoff
-            .wait(deadline)
-            .await
-            .map_err(|blocked| blocked.last_error)?;
-        let outcome = match tokio::time::timeout_at(deadline, self.connect()).await {
-            Ok(outcome) => outcome,
-            Err(_) => Err(SessionError::Connect(
-                label.clone(),
-                format!(
-                    "no usable session within {:?} (nothing was sent)",
-                    self.options.connect_timeout
-                ),
-            )),
-        };
-        match &outcome {
-            Ok(_) => self.backoff.succeeded(),
-            Err(error) => {
-                let failures = self.backoff.failed(error.clone());
-                tracing::warn!(nas = %label, %error, failures, "SSH connect failed");
-            }
-        }
-        outcome
-    }
-
+impl SshConnector {
     /// TCP, key exchange with the host key check, authentication, and in shell mode the
     /// shell up to its first prompt with enable and setup done.
-    async fn connect(&self) -> Result<Conn, SessionError> {
+    async fn open(&self) -> Result<Conn, SessionError> {
         let label = self.target.label();
         let user = self.target.login.clone().ok_or_else(|| {
             SessionError::Connect(label.clone(), "no login configured for SSH".into())
@@ -351,12 +272,10 @@ impl SshPool {
                 ClientError::HostKey(error) => error,
                 ClientError::Ssh(error) => SessionError::Connect(label.clone(), error.to_string()),
             })?;
-        let guard = OpenGuard::new(&self.open);
         self.authenticate(&mut handle, &user).await?;
         let mut conn = Conn {
             handle,
             shell: None,
-            _open: guard,
         };
         if self.options.mode == SshMode::Shell {
             let shell = self.open_shell(&conn.handle).await?;
@@ -534,25 +453,6 @@ impl SshPool {
 fn password_prompt() -> Regex {
     // Constant pattern; see default_prompt.
     Regex::new(r"(?i)password:\s*$").expect("password prompt regex is valid")
-}
-
-/// Drops a connection that errored (or is not wanted back), after a short goodbye. The
-/// slot permit is held until the connection is gone, so a replacement opened
-/// meanwhile cannot exceed `max_sessions`.
-fn discard(conn: Conn, permit: OwnedSemaphorePermit) {
-    match tokio::runtime::Handle::try_current() {
-        Ok(runtime) => {
-            runtime.spawn(async move {
-                say_goodbye(&conn).await;
-                drop(conn);
-                drop(permit);
-            });
-        }
-        Err(_) => {
-            drop(conn);
-            drop(permit);
-        }
-    }
 }
 
 async fn say_goodbye(conn: &Conn) {
