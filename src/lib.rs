@@ -5,11 +5,9 @@
 pub mod alerts;
 pub mod answer;
 pub mod api;
-pub mod bench;
 pub mod breaker;
 pub mod config;
 pub mod daemon;
-pub mod demo;
 pub mod device;
 pub mod dispatch;
 pub mod duration;
@@ -22,4 +20,8 @@ pub mod stats;
 pub mod store;
 pub mod supervisor;
 pub mod systemd;
+pub mod tools;
 pub mod transport;
+
+// Old paths of the tools, kept while tests use them.
+pub use tools::{bench, demo};

@@ -64,14 +64,14 @@ enum Command {
         dry_run: bool,
     },
     /// A self-contained demonstration on a fresh embedded SQLite database.
-    Demo(nasd::demo::DemoOptions),
+    Demo(nasd::tools::demo::DemoOptions),
     /// Measure events/s and enqueue-to-done latency through the whole pipeline.
-    Bench(nasd::bench::BenchOptions),
+    Bench(nasd::tools::bench::BenchOptions),
     /// Run the NAS simulator: a RouterOS-like router on loopback SSH and telnet ports.
     Sim(nasd::sim::SimOptions),
     /// Measure enqueue throughput over HTTP (single events and batches) against the
     /// daemon started in-process on a fresh database.
-    BenchApi(nasd::api::bench::BenchApiOptions),
+    BenchApi(nasd::tools::bench_api::BenchApiOptions),
 }
 
 #[derive(Subcommand)]
@@ -258,7 +258,7 @@ fn main() -> ExitCode {
     }
     let mut cli = cli;
     if let Command::Demo(opts) = &mut cli.command {
-        let dir = nasd::demo::choose_dir(opts);
+        let dir = nasd::tools::demo::choose_dir(opts);
         // SAFETY: no other thread exists yet (the runtime starts below), so changing the
         // environment cannot race a reader. The demo's device script records what it
         // receives in this file.
@@ -396,10 +396,10 @@ async fn dispatch(command: Command, cfg: Config) -> anyhow::Result<ExitCode> {
             user_id,
             dry_run,
         } => return send_now(&cfg, nas, &cmd, user_id, dry_run).await,
-        Command::Demo(opts) => nasd::demo::run(opts).await?,
-        Command::Bench(opts) => nasd::bench::run(opts).await?,
+        Command::Demo(opts) => nasd::tools::demo::run(opts).await?,
+        Command::Bench(opts) => nasd::tools::bench::run(opts).await?,
         Command::Sim(opts) => nasd::sim::run(opts).await?,
-        Command::BenchApi(opts) => nasd::api::bench::run(opts).await?,
+        Command::BenchApi(opts) => nasd::tools::bench_api::run(opts).await?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -3,13 +3,14 @@
 //! `/status` and `/metrics`. Bearer-token auth, JSON errors that name the problem,
 //! a body size limit; stops on the daemon's shutdown token.
 
-pub mod bench;
-pub mod client;
 pub mod json;
 pub mod metrics;
 pub mod openapi;
 pub mod rest_compat;
 pub mod status;
+
+// Old paths of the HTTP client and the API benchmark, kept while tests use them.
+pub use crate::tools::{bench_api as bench, http_client as client};
 
 use std::net::SocketAddr;
 use std::sync::Arc;

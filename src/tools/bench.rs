@@ -110,7 +110,7 @@ struct Setup {
 }
 
 async fn setup(opts: &BenchOptions, tmp: &Path) -> anyhow::Result<Setup> {
-    let repo_schemes = crate::demo::default_schemes_dir();
+    let repo_schemes = super::demo::default_schemes_dir();
     let local = |scheme: &str, cmds: Vec<&'static str>| Setup {
         scheme: scheme.into(),
         schemes_dir: tmp.join("schemes"),

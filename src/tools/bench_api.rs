@@ -14,7 +14,7 @@ use sqlx::Connection;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::client::HttpClient;
+use super::http_client::HttpClient;
 use crate::config::{ApiConfig, Config};
 use crate::store::{AccountRecord, Nas, Secret};
 
@@ -115,7 +115,7 @@ pub async fn measure(opts: &BenchApiOptions) -> anyhow::Result<Vec<Phase>> {
             .execute(&mut admin)
             .await?;
         pg_admin = Some((opts.database.clone(), name.clone()));
-        crate::bench::replace_db_name(&opts.database, &name)
+        super::bench::replace_db_name(&opts.database, &name)
     } else {
         anyhow::bail!("--database must be `sqlite` or a postgres:// URL");
     };
