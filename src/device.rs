@@ -5,8 +5,8 @@
 use std::sync::Arc;
 
 use crate::config::TransportConfig;
+use crate::model::Nas;
 use crate::scheme::{Scheme, TransportKind};
-use crate::store::Nas;
 use crate::transport::radius::{Dictionary, RadiusClient, RadiusOptions};
 use crate::transport::routeros_api::{
     ApiOptions, ApiPool, ApiTls, CertPolicy, known_certs_path, load_ca_file, normalize_fingerprint,

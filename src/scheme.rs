@@ -18,8 +18,7 @@ use serde::Deserialize;
 
 use crate::duration::parse_duration;
 
-/// The variables of one event (subscriber, NAS, speed, ...), as the templates see them.
-pub type Vars = serde_json::Map<String, serde_json::Value>;
+pub use crate::model::Vars;
 
 /// The file every scheme directory holds.
 pub const SCHEME_FILE: &str = "scheme.toml";

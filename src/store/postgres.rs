@@ -12,7 +12,7 @@ use super::{
     FilterValue, Finish, HistoryRow, Nas, NasQueue, PoolFigures, Reschedule, Secret, SqlContext,
     StackCount, StackEvent, StoreError, plan_expansion,
 };
-use crate::scheme::Vars;
+use crate::model::Vars;
 
 #[derive(Clone)]
 pub struct PgStore {

@@ -12,7 +12,7 @@ pub mod telnet;
 
 use std::time::Duration;
 
-use crate::store::Secret;
+use crate::model::Secret;
 
 /// Where and how to reach one NAS, built from its `nas` row. `Debug` never shows secrets.
 #[derive(Debug, Clone)]
