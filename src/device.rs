@@ -7,6 +7,7 @@ use std::sync::Arc;
 use crate::config::TransportConfig;
 use crate::scheme::{Scheme, TransportKind};
 use crate::store::Nas;
+use crate::transport::pool::PoolCounters;
 use crate::transport::radius::{Dictionary, RadiusClient, RadiusOptions};
 use crate::transport::routeros_api::{
     ApiOptions, ApiPool, ApiTls, CertPolicy, known_certs_path, load_ca_file, normalize_fingerprint,
@@ -223,6 +224,16 @@ impl Device {
             Device::Telnet(p) => p.open_sessions(),
             Device::Api(p) => p.open_sessions(),
             Device::Radius(_) => 0,
+        }
+    }
+
+    /// The session pool's counters, for the statistics (RADIUS has no sessions).
+    pub fn pool_counters(&self) -> Option<Arc<PoolCounters>> {
+        match self {
+            Device::Ssh(p) => Some(p.counters()),
+            Device::Telnet(p) => Some(p.counters()),
+            Device::Api(p) => Some(p.counters()),
+            Device::Radius(_) => None,
         }
     }
 
