@@ -116,6 +116,7 @@ pub fn build(nas: &Nas, scheme: &Scheme, cfg: &TransportConfig) -> Result<Option
             }
             opts.enable = scheme.cli.enable;
             opts.setup = scheme.cli.setup.clone();
+            opts.connect_timeout = cfg.connect_timeout;
             Device::Ssh(Arc::new(SshPool::new(target, opts)))
         }
         TransportKind::Telnet => {
@@ -125,10 +126,14 @@ pub fn build(nas: &Nas, scheme: &Scheme, cfg: &TransportConfig) -> Result<Option
             }
             opts.enable = scheme.cli.enable;
             opts.setup = scheme.cli.setup.clone();
+            opts.connect_timeout = cfg.connect_timeout;
             Device::Telnet(Arc::new(TelnetPool::new(target, opts)))
         }
         TransportKind::Api => {
-            let mut opts = ApiOptions::default();
+            let mut opts = ApiOptions {
+                connect_timeout: cfg.connect_timeout,
+                ..ApiOptions::default()
+            };
             if scheme.tls {
                 opts.tls = Some(api_tls(nas, cfg)?);
             }
