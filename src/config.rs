@@ -123,6 +123,10 @@ pub struct TransportConfig {
     /// strict are verified against (chain and name); without it strict needs a recorded
     /// fingerprint.
     pub api_tls_ca: Option<PathBuf>,
+    /// SSH, telnet, API: the longest getting a usable session may take once one of the
+    /// NAS's `max_sessions` slots is free (backoff, connect, TLS or key exchange, login).
+    /// Waiting for the slot is not bounded by it.
+    pub connect_timeout: Duration,
 }
 
 impl Default for Config {
@@ -153,6 +157,7 @@ impl Default for Config {
                     radius_timeout: Duration::from_secs(1),
                     radius_tries: 3,
                     api_tls_ca: None,
+                    connect_timeout: crate::transport::pool::DEFAULT_CONNECT_TIMEOUT,
                 },
                 breaker: crate::breaker::BreakerConfig::default(),
             },
@@ -349,6 +354,7 @@ struct RawTransport {
     radius_timeout: Option<String>,
     radius_tries: Option<u32>,
     api_tls_ca: Option<PathBuf>,
+    connect_timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -492,6 +498,11 @@ impl Config {
                         .radius_tries
                         .unwrap_or(d.daemon.transport.radius_tries),
                     api_tls_ca: raw.transport.api_tls_ca,
+                    connect_timeout: duration_key(
+                        "transport.connect_timeout",
+                        raw.transport.connect_timeout.as_ref(),
+                        d.daemon.transport.connect_timeout,
+                    )?,
                 },
                 breaker: breaker_section(raw.breaker)?,
             },
@@ -563,6 +574,9 @@ impl Config {
         }
         if d.transport.radius_tries == 0 {
             return key("transport.radius_tries", "must be at least 1");
+        }
+        if d.transport.connect_timeout.is_zero() {
+            return key("transport.connect_timeout", "must be above 0");
         }
         if let Some(api) = &self.api {
             if api.tokens.iter().any(|t| t.expose().trim().len() < 16) {

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use crate::config::TransportConfig;
 use crate::model::Nas;
 use crate::scheme::{Scheme, TransportKind};
+use crate::transport::pool::PoolCounters;
 use crate::transport::radius::{Dictionary, RadiusClient, RadiusOptions};
 use crate::transport::routeros_api::{
     ApiOptions, ApiPool, ApiTls, CertPolicy, known_certs_path, load_ca_file, normalize_fingerprint,
@@ -115,6 +116,7 @@ pub fn build(nas: &Nas, scheme: &Scheme, cfg: &TransportConfig) -> Result<Option
             }
             opts.enable = scheme.cli.enable;
             opts.setup = scheme.cli.setup.clone();
+            opts.connect_timeout = cfg.connect_timeout;
             Device::Ssh(Arc::new(SshPool::new(target, opts)))
         }
         TransportKind::Telnet => {
@@ -124,10 +126,14 @@ pub fn build(nas: &Nas, scheme: &Scheme, cfg: &TransportConfig) -> Result<Option
             }
             opts.enable = scheme.cli.enable;
             opts.setup = scheme.cli.setup.clone();
+            opts.connect_timeout = cfg.connect_timeout;
             Device::Telnet(Arc::new(TelnetPool::new(target, opts)))
         }
         TransportKind::Api => {
-            let mut opts = ApiOptions::default();
+            let mut opts = ApiOptions {
+                connect_timeout: cfg.connect_timeout,
+                ..ApiOptions::default()
+            };
             if scheme.tls {
                 opts.tls = Some(api_tls(nas, cfg)?);
             }
@@ -223,6 +229,16 @@ impl Device {
             Device::Telnet(p) => p.open_sessions(),
             Device::Api(p) => p.open_sessions(),
             Device::Radius(_) => 0,
+        }
+    }
+
+    /// The session pool's counters, for the statistics (RADIUS has no sessions).
+    pub fn pool_counters(&self) -> Option<Arc<PoolCounters>> {
+        match self {
+            Device::Ssh(p) => Some(p.counters()),
+            Device::Telnet(p) => Some(p.counters()),
+            Device::Api(p) => Some(p.counters()),
+            Device::Radius(_) => None,
         }
     }
 

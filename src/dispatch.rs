@@ -986,7 +986,7 @@ fn record_runtime(stats: &NasStats, runtime: &NasRuntime) {
         runtime.nas.n_workers,
         runtime.nas.enabled,
         runtime.unavailable.clone(),
-        runtime.device.clone(),
+        runtime.device.as_ref().and_then(|d| d.pool_counters()),
     );
 }
 

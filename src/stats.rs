@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use crate::device::Device;
+use crate::transport::pool::{PoolCounters, PoolFigures};
 
 /// Distinct cmd labels kept per NAS; the rest are counted as `other`.
 pub const MAX_CMDS: usize = 64;
@@ -89,7 +89,8 @@ struct Inner {
     consecutive_failures: u64,
     failing_since: Option<DateTime<Utc>>,
     unavailable: Option<String>,
-    device: Option<Device>,
+    /// The counters of the NAS's session pool (SSH, telnet, API); none for the others.
+    pool: Option<Arc<PoolCounters>>,
     down: Option<(DateTime<Utc>, String)>,
 }
 
@@ -118,6 +119,8 @@ pub struct NasSnapshot {
     /// Events of this NAS held in the owner's memory now.
     pub window: i64,
     pub open_sessions: i64,
+    /// The session pool's figures (zero for transports without sessions).
+    pub pool: PoolFigures,
     pub last_error: Option<String>,
     pub last_error_at: Option<DateTime<Utc>>,
     pub last_success_at: Option<DateTime<Utc>>,
@@ -152,13 +155,13 @@ impl NasStats {
         pool_size: i32,
         enabled: bool,
         unavailable: Option<String>,
-        device: Option<Device>,
+        pool: Option<Arc<PoolCounters>>,
     ) {
         self.pool_size.store(pool_size.into(), Ordering::Relaxed);
         self.enabled.store(enabled, Ordering::Relaxed);
         let mut inner = self.lock();
         inner.unavailable = unavailable;
-        inner.device = device;
+        inner.pool = pool;
     }
 
     /// The owner of generation `generation` stopped (NAS removed or disabled, or
@@ -171,7 +174,7 @@ impl NasStats {
         self.in_flight.store(0, Ordering::Relaxed);
         self.window.store(0, Ordering::Relaxed);
         let mut inner = self.lock();
-        inner.device = None;
+        inner.pool = None;
         inner.down = None;
     }
 
@@ -231,6 +234,7 @@ impl NasStats {
 
     pub fn snapshot(&self, nas_id: i64) -> NasSnapshot {
         let inner = self.lock();
+        let pool = inner.pool.as_ref().map(|p| p.figures()).unwrap_or_default();
         NasSnapshot {
             nas_id,
             running: self.running.load(Ordering::Relaxed),
@@ -238,10 +242,8 @@ impl NasStats {
             pool_size: self.pool_size.load(Ordering::Relaxed),
             in_flight: self.in_flight.load(Ordering::Relaxed),
             window: self.window.load(Ordering::Relaxed),
-            open_sessions: inner
-                .device
-                .as_ref()
-                .map_or(0, |d| d.open_sessions() as i64),
+            open_sessions: pool.open_sessions as i64,
+            pool,
             last_error: inner.last_error.clone(),
             last_error_at: inner.last_error_at,
             last_success_at: inner.last_success_at,

@@ -25,9 +25,16 @@ pub struct BenchOptions {
     /// (mikrotik-coa to the pyrad NAS of the test peers).
     #[arg(long, default_value = "null")]
     pub transport: String,
-    /// Simulated device latency per command (ssh-sim, telnet-sim).
+    /// Simulated device latency per command (the *-sim transports).
     #[arg(long, default_value = "0ms")]
     pub latency: String,
+    /// Sessions per NAS (`max_sessions`), and the simulator's session limit for the
+    /// *-sim transports (default: as many as --workers, at most 100; the simulator 1000).
+    #[arg(long)]
+    pub max_sessions: Option<i32>,
+    /// `[transport] connect_timeout` for the run (default 10s).
+    #[arg(long)]
+    pub connect_timeout: Option<String>,
     /// Also time N commands sent the way the original daemon does (a new `ssh` process
     /// and connection per command) to the same simulator, serially and 8 at a time.
     #[arg(long, default_value_t = 0)]
@@ -130,7 +137,7 @@ async fn setup(opts: &BenchOptions, tmp: &Path) -> anyhow::Result<Setup> {
         "coa-sim" | "api-sim" | "api-tls-sim" => {
             let sim_opts = crate::sim::SimOptions {
                 latency: opts.latency.clone(),
-                max_sessions: 1000,
+                max_sessions: sim_max_sessions(opts),
                 secret: "bench-secret".into(),
                 ..Default::default()
             };
@@ -181,7 +188,7 @@ async fn setup(opts: &BenchOptions, tmp: &Path) -> anyhow::Result<Setup> {
         "ssh-sim" | "telnet-sim" => {
             let sim_opts = crate::sim::SimOptions {
                 latency: opts.latency.clone(),
-                max_sessions: 1000,
+                max_sessions: sim_max_sessions(opts),
                 host_key: Some(tmp.join("sim_host_key")),
                 ..Default::default()
             };
@@ -248,6 +255,12 @@ async fn setup(opts: &BenchOptions, tmp: &Path) -> anyhow::Result<Setup> {
             "--transport {other}: expected null, exec, ssh-sim, telnet-sim, api-sim, api-tls-sim, coa-sim or coa-pyrad"
         ),
     })
+}
+
+/// The simulator's session limit: `--max-sessions` when given, else out of the way.
+fn sim_max_sessions(opts: &BenchOptions) -> usize {
+    opts.max_sessions
+        .map_or(1000, |n| usize::try_from(n.max(1)).unwrap_or(1))
 }
 
 /// The original daemon's way: one `ssh` process (and connection, key exchange, login)
@@ -321,7 +334,7 @@ async fn process_per_command(
 pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
     let result = measure(&opts).await?;
     println!(
-        "bench: database={} transport={} events={} accounts={} nas={} workers={} rate={}",
+        "bench: database={} transport={} events={} accounts={} nas={} workers={} max_sessions={} latency={} rate={}",
         if opts.database == "sqlite" {
             "sqlite"
         } else {
@@ -332,6 +345,8 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
         opts.accounts,
         opts.nas,
         opts.workers,
+        nas_max_sessions(&opts),
+        opts.latency,
         if opts.rate == 0 {
             "burst".to_string()
         } else {
@@ -433,6 +448,12 @@ pub async fn measure(opts: &BenchOptions) -> anyhow::Result<BenchResult> {
     result
 }
 
+/// Each NAS's `max_sessions`: `--max-sessions`, else one per worker up to 100.
+fn nas_max_sessions(opts: &BenchOptions) -> i32 {
+    opts.max_sessions
+        .map_or(opts.workers.clamp(1, 100), |n| n.max(1))
+}
+
 /// postgres://u@h:5432/test -> postgres://u@h:5432/NAME (query string kept).
 pub fn replace_db_name(url: &str, name: &str) -> String {
     let (base, query) = match url.split_once('?') {
@@ -477,6 +498,10 @@ async fn measure_on(
         cfg.log.account_max_size = size;
     }
     cfg.log.gzip = opts.log_gzip;
+    if let Some(timeout) = &opts.connect_timeout {
+        cfg.daemon.transport.connect_timeout = crate::duration::parse_duration(timeout)
+            .map_err(|e| anyhow::anyhow!("--connect-timeout: {e}"))?;
+    }
     cfg.validate()?;
     let store: Store = crate::daemon::open_store(&cfg).await?;
     for n in 1..=opts.nas.max(1) {
@@ -492,7 +517,7 @@ async fn measure_on(
                 login: setup.login.clone(),
                 password: setup.password.clone().map(crate::store::Secret::new),
                 secret: setup.secret.clone().map(crate::store::Secret::new),
-                max_sessions: opts.workers.clamp(1, 100),
+                max_sessions: nas_max_sessions(opts),
                 host_key_policy: "accept-new".into(),
                 ..Nas::new(
                     n,

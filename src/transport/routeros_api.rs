@@ -29,12 +29,11 @@
 //! Over plain TCP the login (RouterOS 6.43+) sends the password in clear; use TLS, or
 //! keep the API service restricted to the billing host's address on the router.
 
-use std::collections::VecDeque;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -45,12 +44,11 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::Semaphore;
 use tokio::time::{Instant, timeout_at};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
-use super::backoff::ConnectBackoff;
+use super::pool::{Connector, Pool, PoolCounters, Session};
 use super::{CliResult, Exchange, SessionError, Target};
 
 /// Longest word accepted from a device. Real replies are a few KiB at most; the cap
@@ -574,7 +572,10 @@ fn check_fingerprint(tls: &ApiTls, host: &str, port: u16, offered: &str) -> Resu
     if matches!(tls.policy, CertPolicy::Ca { .. }) {
         return Ok(());
     }
-    let _lock = lock(&KNOWN_CERTS_LOCK);
+    // The data is `()`: a panic while holding the lock leaves nothing half-updated.
+    let _lock = KNOWN_CERTS_LOCK
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let entry = host_entry(host, port);
     let recorded = if matches!(tls.policy, CertPolicy::Pinned(_)) {
         Vec::new()
@@ -795,8 +796,10 @@ impl AsyncWrite for Stream {
 
 #[derive(Clone, Debug)]
 pub struct ApiOptions {
-    /// Deadline for the TCP connect, and then for the TLS handshake (login runs under
-    /// the command timeout).
+    /// Deadline for getting a usable session once a slot is free (`[transport]
+    /// connect_timeout`): backoff, TCP connect, TLS handshake and certificate check,
+    /// login; the run's command timeout when that is shorter. Waiting for the slot is not
+    /// bounded.
     pub connect_timeout: Duration,
     /// Use the pre-6.43 MD5 challenge login instead of sending the password.
     pub legacy_login: bool,
@@ -807,19 +810,10 @@ pub struct ApiOptions {
 impl Default for ApiOptions {
     fn default() -> ApiOptions {
         ApiOptions {
-            connect_timeout: Duration::from_secs(5),
+            connect_timeout: super::pool::DEFAULT_CONNECT_TIMEOUT,
             legacy_login: false,
             tls: None,
         }
-    }
-}
-
-/// Counts open connections; dropping a connection in any way releases its count.
-struct OpenGuard(Arc<AtomicUsize>);
-
-impl Drop for OpenGuard {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -829,7 +823,19 @@ struct Connection {
     decoder: SentenceDecoder,
     /// Total bytes read, to tell "died before answering" from "died mid-answer".
     received: u64,
-    _open: OpenGuard,
+}
+
+impl Session for Connection {
+    async fn usable(&mut self) -> bool {
+        self.looks_alive()
+    }
+
+    /// The polite `/quit`, then the TCP (or TLS) shutdown, each bounded.
+    async fn goodbye(&mut self) {
+        let deadline = Instant::now() + QUIT_TIMEOUT;
+        let _ = self.send(&["/quit".to_string()], deadline).await;
+        let _ = timeout_at(deadline, self.stream.shutdown()).await;
+    }
 }
 
 /// Why reading or writing on a connection failed, before the label and context are
@@ -919,67 +925,76 @@ struct CommandFailure {
 
 /// Logged-in connections to one NAS, shared by its workers (`Arc<ApiPool>`).
 ///
-/// Connections are opened lazily, reused, and dropped after any error. At most
-/// `target.max_sessions` are open at once: a run holds one permit of a semaphore of
-/// that size for as long as it holds a connection, and idle connections are only
-/// opened by a permit holder, so `open = in use + idle <= permits`.
+/// Connections are opened lazily, reused, and dropped after any error; at most
+/// `target.max_sessions` are open at once (see [`super::pool`]).
 pub struct ApiPool {
+    pool: Pool<ApiConnector>,
+}
+
+/// What connecting and logging in needs; also runs commands on a connection.
+struct ApiConnector {
     target: Target,
     options: ApiOptions,
     /// The TLS client settings, built once so sessions can be resumed; an error here
     /// (reported by every run) means TLS cannot be set up at all.
     tls: Option<Result<TlsConnector, String>>,
     label: String,
-    limit: usize,
-    permits: Semaphore,
-    idle: Mutex<VecDeque<Connection>>,
-    open: Arc<AtomicUsize>,
-    /// After a failed connect or login, the next waits (see [`ConnectBackoff`]).
-    backoff: ConnectBackoff<SessionError>,
     next_tag: AtomicU64,
-    closed: AtomicBool,
 }
 
-/// Locks a mutex whose data stays consistent even if a holder panicked (every
-/// critical section here is a single push, pop or assignment).
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+impl Connector for ApiConnector {
+    type Session = Connection;
+
+    async fn connect(&self, deadline: Instant) -> Result<Connection, SessionError> {
+        self.connect_and_login(deadline).await
+    }
 }
 
 impl ApiPool {
     pub fn new(target: Target, options: ApiOptions) -> ApiPool {
-        let limit = target.max_sessions.max(1);
         let tls = options
             .tls
             .as_ref()
             .map(|tls| client_config(&tls.policy).map(TlsConnector::from));
+        let label = target.label();
+        let max_sessions = target.max_sessions;
+        let connect_timeout = options.connect_timeout;
         ApiPool {
-            label: target.label(),
-            target,
-            options,
-            tls,
-            limit,
-            permits: Semaphore::new(limit),
-            idle: Mutex::new(VecDeque::new()),
-            open: Arc::new(AtomicUsize::new(0)),
-            backoff: ConnectBackoff::default(),
-            next_tag: AtomicU64::new(1),
-            closed: AtomicBool::new(false),
+            pool: Pool::new(
+                ApiConnector {
+                    target,
+                    options,
+                    tls,
+                    label: label.clone(),
+                    next_tag: AtomicU64::new(1),
+                },
+                label,
+                "API",
+                max_sessions,
+                connect_timeout,
+            ),
         }
     }
 
     /// Connections open now, idle or in use.
     pub fn open_sessions(&self) -> usize {
-        self.open.load(Ordering::SeqCst)
+        self.pool.open_sessions()
+    }
+
+    /// The pool's counters, for the statistics.
+    pub fn counters(&self) -> Arc<PoolCounters> {
+        self.pool.counters()
     }
 
     /// Runs the commands in order on one connection. Each command is sent with its own
-    /// `.tag` and has `timeout` to be answered completely; getting a connection
-    /// (waiting for a free session, connect back-off, connect, login) also has
-    /// `timeout`. A `!trap` is an answer, not an error: the next command still runs
-    /// and the answer patterns decide. The first session error stops the run.
+    /// `.tag` and has `timeout` to be answered completely. Waiting for a free session is
+    /// not bounded; once a slot is free, getting a connection (connect back-off, connect,
+    /// TLS, login) has `connect_timeout` (or `timeout` when shorter). A `!trap` is an
+    /// answer, not an error: the next command still runs and the answer patterns
+    /// decide. The first session error stops the run.
     pub async fn run(&self, commands: &[String], timeout: Duration) -> CliResult {
         let mut result = CliResult::default();
+        let label = self.pool.label();
         // Parse everything first so a bad line late in the list cannot leave the
         // device half-configured.
         let mut parsed = Vec::with_capacity(commands.len());
@@ -988,7 +1003,7 @@ impl ApiPool {
                 Ok(words) => parsed.push(words),
                 Err(e) => {
                     result.error = Some(SessionError::Protocol(
-                        self.label.clone(),
+                        label.to_string(),
                         format!("command `{text}`: {e}; nothing was sent"),
                     ));
                     return result;
@@ -999,41 +1014,19 @@ impl ApiPool {
             return result;
         }
 
-        let setup_deadline = Instant::now() + timeout;
-        let _permit = match timeout_at(setup_deadline, self.permits.acquire()).await {
-            Ok(Ok(permit)) => permit,
-            Ok(Err(_)) => {
-                result.error = Some(self.closed_error());
-                return result;
-            }
-            Err(_) => {
-                result.error = Some(SessionError::Timeout(
-                    self.label.clone(),
-                    format!(
-                        "all {} API sessions stayed busy for {}",
-                        self.limit,
-                        secs(timeout)
-                    ),
-                ));
-                return result;
-            }
-        };
-        if self.closed.load(Ordering::SeqCst) {
-            result.error = Some(self.closed_error());
-            return result;
-        }
-        let (mut conn, mut reused) = match self.checkout(setup_deadline).await {
-            Ok(found) => found,
+        let mut lease = match self.pool.checkout(timeout).await {
+            Ok(lease) => lease,
             Err(e) => {
                 result.error = Some(e);
                 return result;
             }
         };
-
+        let connector = self.pool.connector();
+        let mut reused = lease.reused();
         let mut index = 0;
         while let (Some(text), Some(words)) = (commands.get(index), parsed.get(index)) {
-            match self
-                .execute_with_find(&mut conn, text, words, timeout)
+            match connector
+                .execute_with_find(lease.session(), text, words, timeout)
                 .await
             {
                 Ok(output) => {
@@ -1051,10 +1044,9 @@ impl ApiPool {
                 {
                     // The device (or a NAT box) dropped the idle connection and said
                     // nothing about this command: it never ran it. One fresh try.
-                    tracing::debug!(nas = %self.label, "reused API connection was stale: {}", failure.error);
+                    tracing::debug!(nas = %label, "reused API connection was stale: {}", failure.error);
                     reused = false;
-                    drop(conn);
-                    conn = match self.open_connection(Instant::now() + timeout).await {
+                    lease = match lease.reconnect().await {
                         Ok(fresh) => fresh,
                         Err(e) => {
                             result.error = Some(e);
@@ -1063,81 +1055,25 @@ impl ApiPool {
                     };
                 }
                 Err(failure) => {
-                    // The connection is out of step or gone: drop it, never reuse.
+                    // The connection is out of step or gone: dropping the lease discards
+                    // it, it is never reused.
                     result.error = Some(failure.error);
                     return result;
                 }
             }
         }
-        // The flag is read under the idle lock, which `close` also takes after setting
-        // it, so a connection cannot be parked in a pool that was just closed.
-        let mut idle = lock(&self.idle);
-        if !self.closed.load(Ordering::SeqCst) {
-            idle.push_back(conn);
-        }
+        lease.done();
         result
     }
 
     /// Drops the idle connections (after a polite `/quit`) and refuses later runs;
     /// connections in use are dropped when their run ends.
     pub async fn close(&self) {
-        let idle: Vec<Connection> = {
-            let mut idle = lock(&self.idle);
-            self.closed.store(true, Ordering::SeqCst);
-            idle.drain(..).collect()
-        };
-        self.permits.close();
-        for mut conn in idle {
-            let deadline = Instant::now() + QUIT_TIMEOUT;
-            let _ = conn.send(&["/quit".to_string()], deadline).await;
-            let _ = timeout_at(deadline, conn.stream.shutdown()).await;
-        }
+        self.pool.close().await;
     }
+}
 
-    fn closed_error(&self) -> SessionError {
-        SessionError::Closed(self.label.clone(), "the API pool was closed".into())
-    }
-
-    /// An idle connection that still looks alive, or a new one.
-    async fn checkout(&self, deadline: Instant) -> Result<(Connection, bool), SessionError> {
-        loop {
-            let candidate = lock(&self.idle).pop_front();
-            match candidate {
-                Some(mut conn) => {
-                    if conn.looks_alive() {
-                        return Ok((conn, true));
-                    }
-                    tracing::debug!(nas = %self.label, "dropping an idle API connection the device closed");
-                }
-                None => return Ok((self.open_connection(deadline).await?, false)),
-            }
-        }
-    }
-
-    /// Connects and logs in, honouring the back-off left by earlier failures: waits
-    /// for it if it ends before `deadline`, else fails at once with the last error.
-    async fn open_connection(&self, deadline: Instant) -> Result<Connection, SessionError> {
-        if let Err(blocked) = self.backoff.wait(deadline).await {
-            return Err(with_note(
-                blocked.last_error,
-                &format!(
-                    "not retrying for another {} ms",
-                    blocked.remaining.as_millis()
-                ),
-            ));
-        }
-        match self.connect_and_login(deadline).await {
-            Ok(conn) => {
-                self.backoff.succeeded();
-                Ok(conn)
-            }
-            Err(e) => {
-                self.backoff.failed(e.clone());
-                Err(e)
-            }
-        }
-    }
-
+impl ApiConnector {
     async fn connect_and_login(&self, deadline: Instant) -> Result<Connection, SessionError> {
         let label = &self.label;
         let Some(user) = self.target.login.as_deref() else {
@@ -1146,16 +1082,12 @@ impl ApiPool {
                 "no login is set for this NAS".into(),
             ));
         };
-        let connect_deadline = deadline.min(Instant::now() + self.options.connect_timeout);
         let address = (self.target.host.as_str(), self.target.port);
-        let stream = match timeout_at(connect_deadline, TcpStream::connect(address)).await {
+        let stream = match timeout_at(deadline, TcpStream::connect(address)).await {
             Err(_) => {
                 return Err(SessionError::Connect(
                     label.clone(),
-                    format!(
-                        "no answer within {}",
-                        secs(connect_deadline.saturating_duration_since(Instant::now()))
-                    ),
+                    "the TCP connect was not answered in time".into(),
                 ));
             }
             Ok(Err(e)) => return Err(SessionError::Connect(label.clone(), e.to_string())),
@@ -1164,12 +1096,10 @@ impl ApiPool {
         // Commands are single small writes answered at once; Nagle would only delay.
         let _ = stream.set_nodelay(true);
         let stream = self.secure(stream, deadline).await?;
-        self.open.fetch_add(1, Ordering::SeqCst);
         let mut conn = Connection {
             stream,
             decoder: SentenceDecoder::new(),
             received: 0,
-            _open: OpenGuard(self.open.clone()),
         };
         self.login(&mut conn, user, deadline).await?;
         tracing::debug!(nas = %label, user, "RouterOS API session opened");
@@ -1194,9 +1124,7 @@ impl ApiPool {
                 format!("`{host}` is neither a DNS name nor an IP address, as TLS needs"),
             )
         })?;
-        let limit = self.options.connect_timeout;
-        let handshake_deadline = deadline.min(Instant::now() + limit);
-        let stream = match timeout_at(handshake_deadline, connector.connect(name, tcp)).await {
+        let stream = match timeout_at(deadline, connector.connect(name, tcp)).await {
             Err(_) => {
                 return Err(SessionError::Connect(
                     label.clone(),
@@ -1460,17 +1388,6 @@ impl ApiPool {
 /// `1.5s` style, for messages.
 fn secs(d: Duration) -> String {
     format!("{:.1}s", d.as_secs_f64())
-}
-
-/// The last setup error, repeated while backing off, with a note saying so.
-fn with_note(error: SessionError, note: &str) -> SessionError {
-    match error {
-        SessionError::Connect(l, m) => SessionError::Connect(l, format!("{m} ({note})")),
-        SessionError::Timeout(l, m) => SessionError::Timeout(l, format!("{m} ({note})")),
-        SessionError::Closed(l, m) => SessionError::Closed(l, format!("{m} ({note})")),
-        SessionError::Protocol(l, m) => SessionError::Protocol(l, format!("{m} ({note})")),
-        other => other,
-    }
 }
 
 #[cfg(test)]

@@ -6,8 +6,7 @@
 //! send a line, read until the last line matches the prompt, every read under a deadline.
 
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use libtelnet_rs::Parser;
@@ -18,10 +17,9 @@ use libtelnet_rs::telnet::op_option::{ECHO, NAWS, SGA};
 use regex::Regex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-use super::backoff::ConnectBackoff;
+use super::pool::{Connector, Pool, PoolCounters};
 use super::{CliResult, Exchange, SessionError, Target};
 
 /// Window size announced when the server asks for NAWS: wide, so that devices with their
@@ -75,7 +73,9 @@ pub struct TelnetOptions {
     pub enable: bool,
     /// Sent once per new session after login (and enable), e.g. `terminal length 0`.
     pub setup: Vec<String>,
-    /// Deadline for the TCP connect alone.
+    /// Deadline for getting a usable session once a slot is free (`[transport]
+    /// connect_timeout`): backoff, TCP connect, login, enable and setup; the run's
+    /// command timeout when that is shorter. Waiting for the slot is not bounded.
     pub connect_timeout: Duration,
 }
 
@@ -87,7 +87,7 @@ impl Default for TelnetOptions {
             prompt: Regex::new(r"^\S{1,63}[>#$]\s?$").expect("constant regex"),
             enable: false,
             setup: Vec::new(),
-            connect_timeout: Duration::from_secs(5),
+            connect_timeout: super::pool::DEFAULT_CONNECT_TIMEOUT,
         }
     }
 }
@@ -308,22 +308,6 @@ pub fn command_output(raw: &str, command: &str) -> String {
         .to_string()
 }
 
-/// Counts a session as open from login until it is dropped, whatever drops it.
-struct OpenGuard(Arc<AtomicUsize>);
-
-impl OpenGuard {
-    fn new(counter: &Arc<AtomicUsize>) -> OpenGuard {
-        counter.fetch_add(1, Ordering::SeqCst);
-        OpenGuard(Arc::clone(counter))
-    }
-}
-
-impl Drop for OpenGuard {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
 /// What a login-phase read saw on the last line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Seen {
@@ -342,7 +326,18 @@ struct Session {
     label: String,
     /// Strings never to show in an error (password, enable secret).
     redact: Vec<String>,
-    _open: Option<OpenGuard>,
+}
+
+impl super::pool::Session for Session {
+    async fn usable(&mut self) -> bool {
+        self.revive().await
+    }
+
+    async fn goodbye(&mut self) {
+        // Best effort: the socket is closed by the drop anyway; shutdown only sends the
+        // FIN sooner so the device frees its vty line now.
+        let _ = tokio::time::timeout(Duration::from_millis(500), self.stream.shutdown()).await;
+    }
 }
 
 impl Session {
@@ -433,7 +428,7 @@ impl Session {
         &mut self,
         target: &Target,
         options: &TelnetOptions,
-        timeout: Duration,
+        deadline: Instant,
     ) -> Result<(), SessionError> {
         let user = target.login.clone().unwrap_or_default();
         let label = self.label.clone();
@@ -447,7 +442,7 @@ impl Session {
                 _ => "waiting for the command prompt after the password",
             };
             let (seen, _) = self
-                .read_until(Instant::now() + timeout, what, |text| {
+                .read_until(deadline, what, |text| {
                     classify_login(text, options, sent_password)
                 })
                 .await?;
@@ -457,7 +452,7 @@ impl Session {
                 Seen::Login if sent_login || sent_password => return Err(rejected()),
                 Seen::Password if sent_password => return Err(rejected()),
                 Seen::Login => {
-                    self.send_line(&user, Instant::now() + timeout).await?;
+                    self.send_line(&user, deadline).await?;
                     sent_login = true;
                 }
                 Seen::Password => {
@@ -466,7 +461,7 @@ impl Session {
                         .as_ref()
                         .map(|p| p.expose().to_string())
                         .unwrap_or_default();
-                    self.send_line(&password, Instant::now() + timeout).await?;
+                    self.send_line(&password, deadline).await?;
                     sent_password = true;
                 }
             }
@@ -478,10 +473,10 @@ impl Session {
         &mut self,
         target: &Target,
         options: &TelnetOptions,
-        timeout: Duration,
+        deadline: Instant,
     ) -> Result<(), SessionError> {
         let user = format!("{} (enable)", target.login.as_deref().unwrap_or(""));
-        self.send_line("enable", Instant::now() + timeout).await?;
+        self.send_line("enable", deadline).await?;
         let mut sent_secret = false;
         loop {
             let what = if sent_secret {
@@ -490,7 +485,7 @@ impl Session {
                 "waiting for the enable password prompt"
             };
             let (seen, _) = self
-                .read_until(Instant::now() + timeout, what, |text| {
+                .read_until(deadline, what, |text| {
                     // The echoed `enable` line must be complete before a prompt counts.
                     if !text.contains('\n') {
                         return None;
@@ -506,7 +501,7 @@ impl Session {
                         .as_ref()
                         .map(|s| s.expose().to_string())
                         .unwrap_or_default();
-                    self.send_line(&secret, Instant::now() + timeout).await?;
+                    self.send_line(&secret, deadline).await?;
                     sent_secret = true;
                 }
                 _ => return Err(SessionError::Auth(self.label.clone(), user)),
@@ -519,12 +514,11 @@ impl Session {
         &mut self,
         command: &str,
         prompt: &Regex,
-        timeout: Duration,
+        deadline: Instant,
     ) -> Result<String, SessionError> {
         // Whatever arrived after the last prompt (a late banner line, a console message)
         // does not belong to this command's answer.
         self.pending.clear();
-        let deadline = Instant::now() + timeout;
         self.send_line(command, deadline).await?;
         let what = format!("waiting for the prompt after `{command}`");
         let (_, raw) = self
@@ -614,17 +608,10 @@ fn classify_login(text: &str, options: &TelnetOptions, after_password: bool) -> 
 }
 
 /// The telnet sessions to one NAS, shared by its workers: at most `max_sessions` open at
-/// once, opened lazily, kept open and reused; a session that failed is dropped.
+/// once, opened lazily, kept open and reused; a session that failed is dropped (see
+/// [`super::pool`]).
 pub struct TelnetPool {
-    target: Target,
-    options: TelnetOptions,
-    label: String,
-    permits: Arc<Semaphore>,
-    idle: Mutex<Vec<Session>>,
-    open: Arc<AtomicUsize>,
-    /// Consecutive connect failures, so a dead device is not hammered by every worker.
-    backoff: ConnectBackoff<String>,
-    closed: AtomicBool,
+    pool: Pool<TelnetConnector>,
 }
 
 // Shared by the workers of one NAS through an Arc: must stay Send + Sync.
@@ -633,165 +620,22 @@ const _: fn() = || {
     shared::<TelnetPool>();
 };
 
-impl TelnetPool {
-    /// Connects lazily: nothing happens until the first `run`.
-    pub fn new(target: Target, options: TelnetOptions) -> TelnetPool {
-        // Zero would block every run forever; one session is the least that works.
-        let max = target.max_sessions.max(1);
-        TelnetPool {
-            label: target.label(),
-            target,
-            options,
-            permits: Arc::new(Semaphore::new(max)),
-            idle: Mutex::new(Vec::new()),
-            open: Arc::new(AtomicUsize::new(0)),
-            backoff: ConnectBackoff::default(),
-            closed: AtomicBool::new(false),
-        }
-    }
+/// What opening and logging in a session needs.
+struct TelnetConnector {
+    target: Target,
+    options: TelnetOptions,
+    label: String,
+}
 
-    /// Sessions currently connected and logged in (idle or running commands).
-    pub fn open_sessions(&self) -> usize {
-        self.open.load(Ordering::SeqCst)
-    }
+impl Connector for TelnetConnector {
+    type Session = Session;
 
-    /// Runs `commands` in order on one session. `timeout` bounds each wait: for a free
-    /// session, for each login step, for each command's prompt. The first error stops
-    /// the run; the exchanges before it are returned with it.
-    pub async fn run(&self, commands: &[String], timeout: Duration) -> CliResult {
-        let mut result = CliResult::default();
-        if let Some(bad) = commands.iter().position(|c| c.contains(['\r', '\n'])) {
-            result.error = Some(SessionError::Protocol(
-                self.label.clone(),
-                format!(
-                    "command {} contains a line break; nothing was sent",
-                    bad + 1
-                ),
-            ));
-            return result;
-        }
-        if self.closed.load(Ordering::SeqCst) {
-            result.error = Some(self.pool_closed());
-            return result;
-        }
-        let permit =
-            match tokio::time::timeout(timeout, Arc::clone(&self.permits).acquire_owned()).await {
-                Ok(Ok(permit)) => permit,
-                Ok(Err(_)) => {
-                    result.error = Some(self.pool_closed());
-                    return result;
-                }
-                Err(_) => {
-                    result.error = Some(SessionError::Timeout(
-                        self.label.clone(),
-                        format!(
-                            "waiting for a free session ({} at most)",
-                            self.target.max_sessions.max(1)
-                        ),
-                    ));
-                    return result;
-                }
-            };
-        let mut session = match self.take_idle().await {
-            Some(session) => session,
-            None => match self.connect(timeout).await {
-                Ok(session) => session,
-                Err(error) => {
-                    result.error = Some(error);
-                    return result;
-                }
-            },
-        };
-        for command in commands {
-            match session
-                .command(command, &self.options.prompt, timeout)
-                .await
-            {
-                Ok(output) => result.exchanges.push(Exchange {
-                    command: command.clone(),
-                    output,
-                }),
-                Err(error) => {
-                    tracing::debug!(nas = %self.label, %error, "telnet session dropped");
-                    result.error = Some(error);
-                    return result;
-                }
-            }
-        }
-        // Back into the pool while the permit is still held, so idle plus busy sessions
-        // never exceed the permits.
-        if !self.closed.load(Ordering::SeqCst) {
-            self.lock_idle().push(session);
-        }
-        drop(permit);
-        result
-    }
-
-    /// Closes the idle sessions and makes later runs fail; runs in progress finish and
-    /// then drop their session.
-    pub async fn close(&self) {
-        self.closed.store(true, Ordering::SeqCst);
-        self.permits.close();
-        let sessions = std::mem::take(&mut *self.lock_idle());
-        for mut session in sessions {
-            // Best effort: the socket is closed by the drop anyway; shutdown only sends
-            // the FIN sooner so the device frees its vty line now.
-            let _ =
-                tokio::time::timeout(Duration::from_millis(500), session.stream.shutdown()).await;
-        }
-    }
-
-    fn pool_closed(&self) -> SessionError {
-        SessionError::Closed(self.label.clone(), "the telnet pool is closed".into())
-    }
-
-    fn lock_idle(&self) -> MutexGuard<'_, Vec<Session>> {
-        // A panic while holding the lock cannot leave the Vec half-updated.
-        self.idle
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    async fn take_idle(&self) -> Option<Session> {
-        loop {
-            let mut session = self.lock_idle().pop()?;
-            if session.revive().await {
-                return Some(session);
-            }
-            tracing::debug!(nas = %self.label, "idle telnet session was closed by the device");
-        }
-    }
-
-    /// Opens and logs in a new session, respecting the backoff of earlier failures but
-    /// never waiting past `timeout`.
-    async fn connect(&self, timeout: Duration) -> Result<Session, SessionError> {
-        let deadline = Instant::now() + timeout;
-        if let Err(blocked) = self.backoff.wait(deadline).await {
-            return Err(SessionError::Connect(
-                self.label.clone(),
-                format!(
-                    "{} (after {} failed attempts; next attempt in {} ms)",
-                    blocked.last_error,
-                    blocked.failures,
-                    blocked.remaining.as_millis()
-                ),
-            ));
-        }
+    /// Opens and logs in a new session: TCP, login, enable and setup, all by `deadline`.
+    async fn connect(&self, deadline: Instant) -> Result<Session, SessionError> {
         let address = (self.target.host.as_str(), self.target.port);
-        let stream =
-            match tokio::time::timeout(self.options.connect_timeout, TcpStream::connect(address))
-                .await
-            {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(error)) => return Err(self.connect_failed(error.to_string())),
-                Err(_) => {
-                    return Err(self.connect_failed(format!(
-                        "no answer within {} ms",
-                        self.options.connect_timeout.as_millis()
-                    )));
-                }
-            };
-        self.backoff.succeeded();
+        let stream = TcpStream::connect(address)
+            .await
+            .map_err(|error| SessionError::Connect(self.label.clone(), error.to_string()))?;
         // Commands are small writes; do not let Nagle hold them back.
         let _ = stream.set_nodelay(true);
         let mut session = Session {
@@ -805,26 +649,102 @@ impl TelnetPool {
                 .map(|s| s.expose().to_string())
                 .filter(|s| !s.is_empty())
                 .collect(),
-            _open: None,
         };
-        session.login(&self.target, &self.options, timeout).await?;
+        session.login(&self.target, &self.options, deadline).await?;
         if self.options.enable {
-            session.enable(&self.target, &self.options, timeout).await?;
+            session
+                .enable(&self.target, &self.options, deadline)
+                .await?;
         }
         for command in &self.options.setup {
             session
-                .command(command, &self.options.prompt, timeout)
+                .command(command, &self.options.prompt, deadline)
                 .await?;
         }
-        session._open = Some(OpenGuard::new(&self.open));
         tracing::debug!(nas = %self.label, "telnet session opened");
         Ok(session)
     }
+}
 
-    fn connect_failed(&self, error: String) -> SessionError {
-        let failures = self.backoff.failed(error.clone());
-        tracing::debug!(nas = %self.label, failures, %error, "telnet connect failed");
-        SessionError::Connect(self.label.clone(), error)
+impl TelnetPool {
+    /// Connects lazily: nothing happens until the first `run`.
+    pub fn new(target: Target, options: TelnetOptions) -> TelnetPool {
+        let label = target.label();
+        let max_sessions = target.max_sessions;
+        let connect_timeout = options.connect_timeout;
+        TelnetPool {
+            pool: Pool::new(
+                TelnetConnector {
+                    target,
+                    options,
+                    label: label.clone(),
+                },
+                label,
+                "telnet",
+                max_sessions,
+                connect_timeout,
+            ),
+        }
+    }
+
+    /// Sessions currently connected and logged in (idle or running commands).
+    pub fn open_sessions(&self) -> usize {
+        self.pool.open_sessions()
+    }
+
+    /// The pool's counters, for the statistics.
+    pub fn counters(&self) -> Arc<PoolCounters> {
+        self.pool.counters()
+    }
+
+    /// Runs `commands` in order on one session. Waiting for a free session is not
+    /// bounded; once a slot is free, `timeout` (with `connect_timeout`) bounds getting a
+    /// session, and `timeout` bounds each command's prompt. The first error stops the
+    /// run; the exchanges before it are returned with it.
+    pub async fn run(&self, commands: &[String], timeout: Duration) -> CliResult {
+        let mut result = CliResult::default();
+        let label = self.pool.label();
+        if let Some(bad) = commands.iter().position(|c| c.contains(['\r', '\n'])) {
+            result.error = Some(SessionError::Protocol(
+                label.to_string(),
+                format!(
+                    "command {} contains a line break; nothing was sent",
+                    bad + 1
+                ),
+            ));
+            return result;
+        }
+        let mut lease = match self.pool.checkout(timeout).await {
+            Ok(lease) => lease,
+            Err(error) => {
+                result.error = Some(error);
+                return result;
+            }
+        };
+        let prompt = &self.pool.connector().options.prompt;
+        for command in commands {
+            let deadline = Instant::now() + timeout;
+            match lease.session().command(command, prompt, deadline).await {
+                Ok(output) => result.exchanges.push(Exchange {
+                    command: command.clone(),
+                    output,
+                }),
+                Err(error) => {
+                    // Dropping the lease discards the session: it is never reused.
+                    tracing::debug!(nas = %label, %error, "telnet session dropped");
+                    result.error = Some(error);
+                    return result;
+                }
+            }
+        }
+        lease.done();
+        result
+    }
+
+    /// Closes the idle sessions and makes later runs fail; runs in progress finish and
+    /// then drop their session.
+    pub async fn close(&self) {
+        self.pool.close().await;
     }
 }
 
