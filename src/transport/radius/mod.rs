@@ -5,12 +5,13 @@
 //! into attributes with a FreeRADIUS-format `Dictionary`, and `RadiusClient` sends it
 //! over UDP and maps the NAS's ACK / NAK to a `Verdict`.
 //!
-//! The packet codec is written here rather than taken from the `radius` crate: that
-//! crate computes the request authenticator itself and has no Message-Authenticator,
-//! while we need the RFC order "Message-Authenticator first, then the authenticator
-//! over it" (checked byte for byte against `radclient`), dictionary-driven vendor
-//! attributes loaded at run time, and the raw reply bytes to verify. The codec is
-//! a few dozen lines; bending the crate's packet type around it would not be.
+//! The packet codec is written here rather than taken from the `radius` crate (which
+//! nasd does not depend on): that crate computes the request authenticator itself and
+//! has no Message-Authenticator, while we need the RFC order "Message-Authenticator
+//! first, then the authenticator over it" (checked byte for byte against `radclient`),
+//! dictionary-driven vendor attributes loaded at run time, and the raw reply bytes to
+//! verify. The codec is a few dozen lines; bending the crate's packet type around it
+//! would not be.
 //!
 //! Every request carries a Message-Authenticator (BlastRADIUS, CVE-2024-3596). Replies
 //! are accepted only from the NAS's address and port, with the identifier of a request
