@@ -6,6 +6,7 @@ pub mod alerts;
 pub mod answer;
 pub mod api;
 pub mod breaker;
+pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod device;

@@ -5,12 +5,15 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
-use sqlx::Connection;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::scratch::{self, ScratchDb, ScratchDir};
 use crate::config::Config;
-use crate::store::{AccountRecord, CompactEvent, Nas, Store};
+use crate::store::{CompactEvent, Nas, Store};
+
+// The old path, kept while tests use it.
+pub use super::scratch::replace_db_name;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchOptions {
@@ -399,36 +402,25 @@ fn write_schemes(dir: &Path) -> anyhow::Result<()> {
 /// Creates a fresh database, loads it, runs the daemon in-process until every event is in
 /// history, and reads the latencies.
 pub async fn measure(opts: &BenchOptions) -> anyhow::Result<BenchResult> {
-    let tmp = std::env::temp_dir().join(format!("nasd-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&tmp)?;
+    let scratch_dir = ScratchDir::create("nasd-bench")?;
+    let tmp = scratch_dir.path();
     write_schemes(&tmp.join("schemes"))?;
-    let setup = setup(opts, &tmp).await?;
-    let mut pg_admin: Option<(String, String)> = None;
-    let url = if opts.database == "sqlite" {
-        format!("sqlite://{}", tmp.join("bench.db").display())
-    } else if opts.database.starts_with("postgres") {
-        let name = format!("nasd_bench_{}", std::process::id());
-        let mut admin = sqlx::PgConnection::connect(&opts.database)
-            .await
-            .context("connecting to the PostgreSQL server for the benchmark")?;
-        sqlx::query(&format!("DROP DATABASE IF EXISTS {name}"))
-            .execute(&mut admin)
-            .await?;
-        sqlx::query(&format!("CREATE DATABASE {name}"))
-            .execute(&mut admin)
-            .await?;
-        let url = replace_db_name(&opts.database, &name);
-        pg_admin = Some((opts.database.clone(), name));
-        url
-    } else {
-        anyhow::bail!("--database must be `sqlite` or a postgres:// URL");
-    };
-    let mut result = measure_on(opts, &url, &tmp, &setup).await;
+    let setup = setup(opts, tmp).await?;
+    let db = ScratchDb::create(
+        &opts.database,
+        &tmp.join("bench.db"),
+        &format!("nasd_bench_{}", std::process::id()),
+    )
+    .await?;
+    let mut result = measure_on(opts, &db.url, tmp, &setup).await;
     if let (Ok(r), Peer::Sim(sim)) = (&mut result, &setup.peer)
         && opts.baseline > 0
         && opts.transport == "ssh-sim"
     {
-        r.baseline = Some(process_per_command(sim.ssh_addr, &tmp, opts.baseline).await?);
+        match process_per_command(sim.ssh_addr, tmp, opts.baseline).await {
+            Ok(baseline) => r.baseline = Some(baseline),
+            Err(e) => result = Err(e),
+        }
     }
     for sim in setup.more_sims {
         sim.stop().await;
@@ -437,14 +429,7 @@ pub async fn measure(opts: &BenchOptions) -> anyhow::Result<BenchResult> {
         let sim = *sim;
         sim.stop().await;
     }
-    if let Some((admin_url, name)) = pg_admin
-        && let Ok(mut admin) = sqlx::PgConnection::connect(&admin_url).await
-    {
-        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-            .execute(&mut admin)
-            .await;
-    }
-    let _ = std::fs::remove_dir_all(&tmp);
+    db.remove().await;
     result
 }
 
@@ -452,19 +437,6 @@ pub async fn measure(opts: &BenchOptions) -> anyhow::Result<BenchResult> {
 fn nas_max_sessions(opts: &BenchOptions) -> i32 {
     opts.max_sessions
         .map_or(opts.workers.clamp(1, 100), |n| n.max(1))
-}
-
-/// postgres://u@h:5432/test -> postgres://u@h:5432/NAME (query string kept).
-pub fn replace_db_name(url: &str, name: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, format!("?{q}")),
-        None => (url, String::new()),
-    };
-    let scheme_end = base.find("://").map(|i| i + 3).unwrap_or(0);
-    match base[scheme_end..].find('/') {
-        Some(slash) => format!("{}/{name}{query}", &base[..scheme_end + slash]),
-        None => format!("{base}/{name}{query}"),
-    }
 }
 
 async fn measure_on(
@@ -539,31 +511,28 @@ async fn measure_on(
             })
             .await?;
     }
-    let headers: Vec<String> = [
-        "user_id",
-        "abonent_id",
-        "nas_id",
-        "ip",
-        "login",
-        "rate_in",
-        "rate_out",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let mut accounts = Vec::new();
-    for i in 1..=opts.accounts {
-        let values = vec![
-            i.to_string(),
-            i.to_string(),
-            (1 + i % opts.nas.max(1)).to_string(),
-            format!("10.{}.{}.{}", 64 + i / 65536, (i / 256) % 256, i % 256),
-            format!("user{i}"),
-            "10240".into(),
-            "10240".into(),
-        ];
-        accounts.push(AccountRecord::from_fields(&headers, &values).map_err(anyhow::Error::msg)?);
-    }
+    let accounts = scratch::accounts(
+        &[
+            "user_id",
+            "abonent_id",
+            "nas_id",
+            "ip",
+            "login",
+            "rate_in",
+            "rate_out",
+        ],
+        (1..=opts.accounts).map(|i| {
+            vec![
+                i.to_string(),
+                i.to_string(),
+                (1 + i % opts.nas.max(1)).to_string(),
+                format!("10.{}.{}.{}", 64 + i / 65536, (i / 256) % 256, i % 256),
+                format!("user{i}"),
+                "10240".into(),
+                "10240".into(),
+            ]
+        }),
+    )?;
     for chunk in accounts.chunks(2000) {
         store.accounts_upsert(chunk).await?;
     }
@@ -601,16 +570,14 @@ async fn measure_on(
         }))
     };
     let daemon = tokio::spawn(crate::daemon::run(cfg.clone(), shutdown.clone()));
-    let (done, failed) = loop {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        let (done, failed) = store.history_counts().await?;
-        if done + failed >= opts.events {
-            break (done, failed);
-        }
-        if daemon.is_finished() {
-            anyhow::bail!("the daemon stopped before the stack was drained");
-        }
-    };
+    let (done, failed) = scratch::wait_drained(
+        &store,
+        opts.events,
+        &daemon,
+        Duration::from_millis(20),
+        |_, _| {},
+    )
+    .await?;
     let elapsed = started.elapsed();
     shutdown.cancel();
     daemon.await??;
@@ -623,38 +590,14 @@ async fn measure_on(
         .iter()
         .map(|h| h.commands.len() as i64)
         .sum();
-    let mut lat = store.latencies_ms().await?;
-    lat.sort_by(|a, b| a.total_cmp(b));
-    let pct = |p: f64| {
-        lat.get(((lat.len() as f64 - 1.0) * p) as usize)
-            .copied()
-            .unwrap_or(0.0)
-    };
+    let (p50_ms, p99_ms) = scratch::latency_percentiles(&store).await?;
     Ok(BenchResult {
         events: done + failed,
         elapsed,
-        p50_ms: pct(0.5),
-        p99_ms: pct(0.99),
+        p50_ms,
+        p99_ms,
         failed,
         commands,
         baseline: None,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::replace_db_name;
-
-    #[test]
-    fn db_name_replaced() {
-        assert_eq!(
-            replace_db_name("postgres://postgres@127.0.0.1:5432/test", "x"),
-            "postgres://postgres@127.0.0.1:5432/x"
-        );
-        assert_eq!(replace_db_name("postgres://h", "x"), "postgres://h/x");
-        assert_eq!(
-            replace_db_name("postgres://h/db?sslmode=disable", "x"),
-            "postgres://h/x?sslmode=disable"
-        );
-    }
 }

@@ -10,13 +10,13 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
-use sqlx::Connection;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::http_client::HttpClient;
+use super::scratch::{self, ScratchDb, ScratchDir};
 use crate::config::{ApiConfig, Config};
-use crate::store::{AccountRecord, Nas, Secret};
+use crate::store::{Nas, Secret};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchApiOptions {
@@ -93,41 +93,22 @@ pub async fn run(opts: BenchApiOptions) -> anyhow::Result<()> {
 
 /// Runs the phases on a fresh database and returns their figures.
 pub async fn measure(opts: &BenchApiOptions) -> anyhow::Result<Vec<Phase>> {
-    let tmp = std::env::temp_dir().join(format!("nasd-bench-api-{}", std::process::id()));
+    let scratch_dir = ScratchDir::create("nasd-bench-api")?;
+    let tmp = scratch_dir.path();
     std::fs::create_dir_all(tmp.join("schemes/null"))?;
     std::fs::write(
         tmp.join("schemes/null/scheme.toml"),
         "description = \"bench-api: renders, sends nowhere\"\ntransport = \"null\"\ndialect = \"plain\"\n\
          [commands]\nuser_add = [\"add {{ user_id }}\"]\nuser_drop = [\"drop {{ user_id }}\"]\n",
     )?;
-    let mut pg_admin: Option<(String, String)> = None;
-    let url = if opts.database == "sqlite" {
-        format!("sqlite://{}", tmp.join("bench.db").display())
-    } else if opts.database.starts_with("postgres") {
-        let name = format!("nasd_bench_api_{}", std::process::id());
-        let mut admin = sqlx::PgConnection::connect(&opts.database)
-            .await
-            .context("connecting to the PostgreSQL server for the benchmark")?;
-        sqlx::query(&format!("DROP DATABASE IF EXISTS {name}"))
-            .execute(&mut admin)
-            .await?;
-        sqlx::query(&format!("CREATE DATABASE {name}"))
-            .execute(&mut admin)
-            .await?;
-        pg_admin = Some((opts.database.clone(), name.clone()));
-        super::bench::replace_db_name(&opts.database, &name)
-    } else {
-        anyhow::bail!("--database must be `sqlite` or a postgres:// URL");
-    };
-    let result = measure_on(opts, &url, &tmp).await;
-    if let Some((admin_url, name)) = pg_admin
-        && let Ok(mut admin) = sqlx::PgConnection::connect(&admin_url).await
-    {
-        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-            .execute(&mut admin)
-            .await;
-    }
-    let _ = std::fs::remove_dir_all(&tmp);
+    let db = ScratchDb::create(
+        &opts.database,
+        &tmp.join("bench.db"),
+        &format!("nasd_bench_api_{}", std::process::id()),
+    )
+    .await?;
+    let result = measure_on(opts, &db.url, tmp).await;
+    db.remove().await;
     result
 }
 
@@ -151,16 +132,10 @@ async fn measure_on(
     nas.scheme = Some("null".into());
     nas.n_workers = 64;
     store.nas_upsert(&nas).await?;
-    let headers: Vec<String> = ["user_id", "abonent_id", "nas_id"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    let records = (1..=opts.accounts)
-        .map(|i| {
-            AccountRecord::from_fields(&headers, &[i.to_string(), i.to_string(), "1".into()])
-                .map_err(anyhow::Error::msg)
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let records = scratch::accounts(
+        &["user_id", "abonent_id", "nas_id"],
+        (1..=opts.accounts).map(|i| vec![i.to_string(), i.to_string(), "1".into()]),
+    )?;
     store.accounts_upsert(&records).await?;
     let shutdown = CancellationToken::new();
     let daemon = crate::daemon::start(cfg, shutdown.clone()).await?;

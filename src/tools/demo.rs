@@ -12,8 +12,9 @@ use anyhow::Context;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::scratch;
 use crate::config::Config;
-use crate::store::{AccountRecord, CompactEvent, Nas};
+use crate::store::{CompactEvent, Nas};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoOptions {
@@ -166,31 +167,28 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     for nas in [&ssh_nas, &telnet_nas, &exec_nas, &coa_nas, &api_nas] {
         store.nas_upsert(nas).await?;
     }
-    let headers: Vec<String> = [
-        "user_id",
-        "abonent_id",
-        "nas_id",
-        "login",
-        "ip",
-        "rate_in",
-        "rate_out",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let mut accounts = Vec::new();
-    for i in 1..=opts.accounts {
-        let values = vec![
-            i.to_string(),
-            (1000 + i).to_string(),
-            (1 + i % DEMO_NAS).to_string(),
-            format!("user{i}"),
-            format!("10.88.{}.{}", i / 250, i % 250 + 1),
-            "10240".to_string(),
-            "10240".to_string(),
-        ];
-        accounts.push(AccountRecord::from_fields(&headers, &values).map_err(anyhow::Error::msg)?);
-    }
+    let accounts = scratch::accounts(
+        &[
+            "user_id",
+            "abonent_id",
+            "nas_id",
+            "login",
+            "ip",
+            "rate_in",
+            "rate_out",
+        ],
+        (1..=opts.accounts).map(|i| {
+            vec![
+                i.to_string(),
+                (1000 + i).to_string(),
+                (1 + i % DEMO_NAS).to_string(),
+                format!("user{i}"),
+                format!("10.88.{}.{}", i / 250, i % 250 + 1),
+                "10240".to_string(),
+                "10240".to_string(),
+            ]
+        }),
+    )?;
     store.accounts_upsert(&accounts).await?;
     let mut events = Vec::new();
     for round in 0..opts.events_per_account {
@@ -256,39 +254,32 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let daemon = tokio::spawn(crate::daemon::run(cfg.clone(), shutdown.clone()));
     let mut last_print = Instant::now();
-    let (done, failed) = loop {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let (done, failed) = store.history_counts().await?;
-        if last_print.elapsed() >= Duration::from_millis(500) || done + failed >= total {
-            let secs = started.elapsed().as_secs_f64();
-            print!(
-                "\r  progress: {:>5}/{total} done {:>5} failed {:>2}  {:>6.0} events/s   ",
-                done + failed,
-                done,
-                failed,
-                (done + failed) as f64 / secs.max(0.001)
-            );
-            let _ = std::io::stdout().flush();
-            last_print = Instant::now();
-        }
-        if done + failed >= total {
-            break (done, failed);
-        }
-        if daemon.is_finished() {
-            anyhow::bail!("the daemon stopped before the stack was drained");
-        }
-    };
+    let (done, failed) = scratch::wait_drained(
+        &store,
+        total,
+        &daemon,
+        Duration::from_millis(100),
+        |done, failed| {
+            if last_print.elapsed() >= Duration::from_millis(500) || done + failed >= total {
+                let secs = started.elapsed().as_secs_f64();
+                print!(
+                    "\r  progress: {:>5}/{total} done {:>5} failed {:>2}  {:>6.0} events/s   ",
+                    done + failed,
+                    done,
+                    failed,
+                    (done + failed) as f64 / secs.max(0.001)
+                );
+                let _ = std::io::stdout().flush();
+                last_print = Instant::now();
+            }
+        },
+    )
+    .await?;
     let elapsed = started.elapsed();
     shutdown.cancel();
     daemon.await??;
     println!();
-    let mut lat = store.latencies_ms().await?;
-    lat.sort_by(|a, b| a.total_cmp(b));
-    let pct = |p: f64| {
-        lat.get(((lat.len() as f64 - 1.0) * p) as usize)
-            .copied()
-            .unwrap_or(0.0)
-    };
+    let (p50_ms, p99_ms) = scratch::latency_percentiles(&store).await?;
     println!(
         "summary: {} events in {:.2}s: {} done, {} failed, {:.0} events/s, enqueue-to-done p50 {:.0} ms p99 {:.0} ms",
         total,
@@ -296,8 +287,8 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         done,
         failed,
         total as f64 / elapsed.as_secs_f64(),
-        pct(0.5),
-        pct(0.99)
+        p50_ms,
+        p99_ms
     );
     for row in store.history(None, i64::MAX).await? {
         if row.outcome == "failed" {

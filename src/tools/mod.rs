@@ -1,9 +1,10 @@
 //! Tools beside the daemon, for trying and measuring it: `nasd demo`, `nasd bench`,
-//! `nasd bench-api`, and the small HTTP/1.1 client the API benchmark and tests use.
-//! They start the daemon in-process on a fresh database; neither the daemon nor `api`
-//! imports anything from here.
+//! `nasd bench-api`, the small HTTP/1.1 client the API benchmark and tests use, and
+//! `scratch` (the fresh database and the setup steps they share). They start the daemon
+//! in-process; neither the daemon nor `api` imports anything from here.
 
 pub mod bench;
 pub mod bench_api;
 pub mod demo;
 pub mod http_client;
+pub mod scratch;

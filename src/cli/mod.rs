@@ -1,0 +1,228 @@
+//! The operator commands of `nasd`: the parsed command (clap) and what each one does.
+//! `main.rs` parses the command line, loads the config, sets up tracing and calls
+//! [`run`]; one file here per command group.
+
+pub mod accounts;
+pub mod enqueue;
+pub mod nas;
+pub mod send;
+pub mod stack;
+
+use std::process::ExitCode;
+
+use anyhow::bail;
+use clap::Subcommand;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::tools;
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the daemon: expand the compact stack and send events to every enabled NAS.
+    Run,
+    /// Apply the database migrations and exit.
+    Migrate,
+    /// Manage network access servers.
+    #[command(subcommand)]
+    Nas(nas::NasCommand),
+    /// Manage the reference accounts table.
+    #[command(subcommand)]
+    Accounts(accounts::AccountsCommand),
+    /// Append one event to the compact stack and print its id, or many from a file
+    /// (--from-file: CSV with a header row, or JSON lines).
+    Enqueue(enqueue::EnqueueArgs),
+    /// Inspect the event stacks.
+    #[command(subcommand)]
+    Stack(stack::StackCommand),
+    /// Show finished events (events_history), newest last.
+    History {
+        #[arg(long)]
+        user_id: Option<i64>,
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Render and send one event now, printing each command, the answer and the time.
+    Send {
+        #[arg(long)]
+        nas: i64,
+        #[arg(long)]
+        cmd: String,
+        #[arg(long)]
+        user_id: i64,
+        /// Only render the commands; send nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// A self-contained demonstration on a fresh embedded SQLite database.
+    Demo(tools::demo::DemoOptions),
+    /// Measure events/s and enqueue-to-done latency through the whole pipeline.
+    Bench(tools::bench::BenchOptions),
+    /// Run the NAS simulator: a RouterOS-like router on loopback SSH and telnet ports.
+    Sim(crate::sim::SimOptions),
+    /// Measure enqueue throughput over HTTP (single events and batches) against the
+    /// daemon started in-process on a fresh database.
+    BenchApi(tools::bench_api::BenchApiOptions),
+}
+
+/// Runs one command to its end and returns the process exit code; an error is printed
+/// as `nasd: ...` and exits 1.
+///
+/// This is the binary's entry point: call it once, from `main`, before any other thread
+/// exists. It builds the tokio runtime itself, and for `nasd demo` it first sets
+/// `NASD_DEMO_STATE` in the process environment, which is only sound while the process
+/// has a single thread.
+pub fn run(mut command: Command, cfg: Config) -> ExitCode {
+    if let Command::Demo(opts) = &mut command {
+        let dir = tools::demo::choose_dir(opts);
+        // SAFETY: no other thread exists yet (the runtime starts below, and `run` is
+        // called by main before anything else), so changing the environment cannot race
+        // a reader. The demo's device script records what it receives in this file.
+        #[allow(clippy::disallowed_methods)] // single-threaded here, see SAFETY above
+        unsafe {
+            std::env::set_var("NASD_DEMO_STATE", dir.join("device.log"))
+        };
+        opts.dir = Some(dir);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("nasd: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(execute(command, cfg)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("nasd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Dispatches the parsed command to the code that carries it out.
+async fn execute(command: Command, cfg: Config) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Run => run_daemon(cfg).await?,
+        Command::Migrate => migrate(&cfg).await?,
+        Command::Nas(cmd) => nas::run(cmd, &cfg).await?,
+        Command::Accounts(cmd) => accounts::run(cmd, &cfg).await?,
+        Command::Enqueue(args) => return enqueue::run(args, &cfg).await,
+        Command::Stack(cmd) => stack::run(cmd, &cfg).await?,
+        Command::History {
+            user_id,
+            limit,
+            json,
+        } => stack::history(&cfg, user_id, limit, json).await?,
+        Command::Send {
+            nas,
+            cmd,
+            user_id,
+            dry_run,
+        } => return send::run(&cfg, nas, &cmd, user_id, dry_run).await,
+        Command::Demo(opts) => tools::demo::run(opts).await?,
+        Command::Bench(opts) => tools::bench::run(opts).await?,
+        Command::Sim(opts) => crate::sim::run(opts).await?,
+        Command::BenchApi(opts) => tools::bench_api::run(opts).await?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `nasd run`: the daemon until SIGTERM or SIGINT (a second signal exits at once).
+async fn run_daemon(cfg: Config) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        signal.cancel();
+        wait_for_signal().await;
+        eprintln!("nasd: second signal, exiting at once");
+        std::process::exit(130);
+    });
+    crate::daemon::run(cfg, shutdown).await
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// `nasd migrate`.
+async fn migrate(cfg: &Config) -> anyhow::Result<()> {
+    crate::daemon::open_store(cfg).await?;
+    println!("migrations applied to {}", redact_url(&cfg.database.url));
+    Ok(())
+}
+
+/// A cmd is a name such as `user_add`: lowercase letters, digits and underscores, as the
+/// HTTP API accepts it.
+fn validate_cmd(cmd: &str) -> anyhow::Result<()> {
+    if !crate::api::valid_cmd(cmd) {
+        bail!("--cmd `{cmd}` is not a cmd name (lowercase letters, digits and _, e.g. user_add)");
+    }
+    Ok(())
+}
+
+fn redact_url(url: &str) -> String {
+    // postgres://user:password@host/db -> postgres://user:***@host/db
+    if let Some((scheme, rest)) = url.split_once("://")
+        && let Some((auth, host)) = rest.split_once('@')
+        && let Some((user, _)) = auth.split_once(':')
+    {
+        return format!("{scheme}://{user}:***@{host}");
+    }
+    url.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cmd_names() {
+        let long = "a".repeat(65);
+        for (cmd, ok) in [
+            ("user_add", true),
+            ("user_rate_set2", true),
+            ("u", true),
+            ("", false),
+            ("user add", false),
+            ("User_add", false),
+            ("_user", false),
+            ("2user", false),
+            ("user-add", false),
+            (long.as_str(), false),
+        ] {
+            assert_eq!(validate_cmd(cmd).is_ok(), ok, "{cmd:?}");
+        }
+    }
+
+    #[test]
+    fn passwords_are_redacted_from_urls() {
+        for (url, shown) in [
+            (
+                "postgres://nasd:secret@db:5432/nasd",
+                "postgres://nasd:***@db:5432/nasd",
+            ),
+            ("postgres://nasd@db/nasd", "postgres://nasd@db/nasd"),
+            ("sqlite:///var/lib/nasd.db", "sqlite:///var/lib/nasd.db"),
+        ] {
+            assert_eq!(redact_url(url), shown);
+        }
+    }
+}

@@ -1,0 +1,310 @@
+//! `nasd nas add|set|remove|list`: the NAS table as an operator edits it.
+
+use anyhow::bail;
+use clap::{Args, Subcommand};
+
+use crate::config::Config;
+use crate::store::{Nas, Secret};
+
+#[derive(Subcommand)]
+pub enum NasCommand {
+    /// Add a NAS.
+    Add {
+        #[arg(long)]
+        id: i64,
+        #[command(flatten)]
+        fields: NasFields,
+    },
+    /// Change settings of a NAS (only the options given).
+    Set {
+        id: i64,
+        #[command(flatten)]
+        fields: NasFields,
+    },
+    /// Remove a NAS (its queued events stay in the stack).
+    Remove { id: i64 },
+    /// List NAS.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Default)]
+pub struct NasFields {
+    #[arg(long)]
+    name: Option<String>,
+    #[arg(long)]
+    ip: Option<String>,
+    /// OSS scheme: a directory name under schemes_dir.
+    #[arg(long)]
+    scheme: Option<String>,
+    /// Legacy script run as `SCRIPT CMD` with the variables in its environment.
+    #[arg(long)]
+    script: Option<String>,
+    /// Commands in flight at once for this NAS (1..100).
+    #[arg(long)]
+    workers: Option<i32>,
+    #[arg(long)]
+    login: Option<String>,
+    #[arg(long)]
+    password: Option<String>,
+    /// RADIUS shared secret (coa_psw).
+    #[arg(long)]
+    secret: Option<String>,
+    #[arg(long)]
+    port: Option<i32>,
+    /// Transport protocol override for device transports (ssh, telnet, ...).
+    #[arg(long)]
+    protocol: Option<String>,
+    /// Connections to the device at once (1..100).
+    #[arg(long)]
+    max_sessions: Option<i32>,
+    /// SSH host key policy: strict (key must be in nasd's known_hosts) or accept-new.
+    #[arg(long)]
+    host_key_policy: Option<String>,
+    /// SSH: pin the host key fingerprint (SHA256:..., as `ssh-keygen -lf` prints it).
+    #[arg(long)]
+    host_key: Option<String>,
+    /// SSH: also offer legacy key exchange and ciphers (old devices).
+    #[arg(long)]
+    legacy_crypto: Option<bool>,
+    #[arg(long, conflicts_with = "disable")]
+    enable: bool,
+    #[arg(long)]
+    disable: bool,
+}
+
+impl NasFields {
+    pub fn apply(self, nas: &mut Nas) {
+        if let Some(v) = self.name {
+            nas.name = v;
+        }
+        if let Some(v) = self.ip {
+            nas.ip = v;
+        }
+        if let Some(v) = self.scheme {
+            nas.scheme = Some(v);
+            nas.script_name = None;
+        }
+        if let Some(v) = self.script {
+            nas.script_name = Some(v);
+        }
+        if let Some(v) = self.workers {
+            nas.n_workers = v;
+        }
+        if let Some(v) = self.login {
+            nas.login = Some(v);
+        }
+        if let Some(v) = self.password {
+            nas.password = Some(Secret::new(v));
+        }
+        if let Some(v) = self.secret {
+            nas.secret = Some(Secret::new(v));
+        }
+        if let Some(v) = self.port {
+            nas.port = Some(v);
+        }
+        if let Some(v) = self.protocol {
+            nas.protocol = Some(v);
+        }
+        if let Some(v) = self.max_sessions {
+            nas.max_sessions = v;
+        }
+        if let Some(v) = self.host_key_policy {
+            nas.host_key_policy = v;
+        }
+        if let Some(v) = self.host_key {
+            nas.host_key = Some(v);
+        }
+        if let Some(v) = self.legacy_crypto {
+            nas.legacy_crypto = v;
+        }
+        if self.enable {
+            nas.enabled = true;
+        }
+        if self.disable {
+            nas.enabled = false;
+        }
+    }
+}
+
+/// `nasd nas add|set|remove|list`.
+pub async fn run(cmd: NasCommand, cfg: &Config) -> anyhow::Result<()> {
+    let store = crate::daemon::open_store(cfg).await?;
+    match cmd {
+        NasCommand::Add { id, fields } => {
+            if store.nas_get(id).await?.is_some() {
+                bail!("nas {id} already exists (use `nasd nas set {id} ...` to change it)");
+            }
+            let (Some(name), Some(ip)) = (fields.name.clone(), fields.ip.clone()) else {
+                bail!("nas add needs --name and --ip");
+            };
+            if fields.scheme.is_some() == fields.script.is_some() {
+                bail!("nas add needs exactly one of --scheme or --script");
+            }
+            let mut nas = Nas {
+                id,
+                name,
+                ip,
+                scheme: None,
+                script_name: None,
+                n_workers: 4,
+                protocol: None,
+                port: None,
+                login: None,
+                password: None,
+                secret: None,
+                max_sessions: 4,
+                enabled: true,
+                host_key_policy: "strict".into(),
+                host_key: None,
+                legacy_crypto: false,
+            };
+            fields.apply(&mut nas);
+            store.nas_upsert(&nas).await?;
+            println!("nas {id} added");
+        }
+        NasCommand::Set { id, fields } => {
+            let Some(mut nas) = store.nas_get(id).await? else {
+                bail!("nas {id} does not exist");
+            };
+            if fields.script.is_some() {
+                nas.scheme = None;
+            }
+            fields.apply(&mut nas);
+            store.nas_upsert(&nas).await?;
+            println!("nas {id} updated (the daemon applies it at its next resync)");
+        }
+        NasCommand::Remove { id } => {
+            if !store.nas_remove(id).await? {
+                bail!("nas {id} does not exist");
+            }
+            println!("nas {id} removed (its queued events stay in events_stack)");
+        }
+        NasCommand::List { json } => {
+            let list = store.nas_list().await?;
+            if json {
+                let rows: Vec<serde_json::Value> = list
+                    .iter()
+                    .map(|n| {
+                        serde_json::json!({
+                            "id": n.id, "name": n.name, "ip": n.ip, "scheme": n.scheme,
+                            "script_name": n.script_name, "n_workers": n.n_workers,
+                            "protocol": n.protocol, "port": n.port, "login": n.login,
+                            "password_set": n.password.is_some(), "secret_set": n.secret.is_some(),
+                            "max_sessions": n.max_sessions, "enabled": n.enabled,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!(
+                    "{:<6} {:<20} {:<16} {:<20} {:>7} {:>8} enabled",
+                    "id", "name", "ip", "scheme/script", "workers", "sessions"
+                );
+                for n in list {
+                    println!(
+                        "{:<6} {:<20} {:<16} {:<20} {:>7} {:>8} {}",
+                        n.id,
+                        n.name,
+                        n.ip,
+                        n.scheme
+                            .clone()
+                            .or(n.script_name.clone())
+                            .unwrap_or_default(),
+                        n.n_workers,
+                        n.max_sessions,
+                        if n.enabled { "yes" } else { "no" }
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a case changes in the row by hand, to compare with `apply`.
+    type Change = fn(&mut Nas);
+
+    #[test]
+    fn only_the_given_fields_change() {
+        let before = Nas {
+            scheme: Some("mikrotik-ssh".into()),
+            login: Some("admin".into()),
+            password: Some(Secret::new("old")),
+            ..Nas::new(7, "core", "10.0.0.7")
+        };
+        let cases: [(NasFields, Change); 5] = [
+            (NasFields::default(), |_| {}),
+            (
+                NasFields {
+                    workers: Some(16),
+                    ip: Some("10.0.0.8".into()),
+                    ..Default::default()
+                },
+                |n| {
+                    n.n_workers = 16;
+                    n.ip = "10.0.0.8".into();
+                },
+            ),
+            (
+                NasFields {
+                    scheme: Some("mikrotik-api".into()),
+                    ..Default::default()
+                },
+                |n| n.scheme = Some("mikrotik-api".into()),
+            ),
+            (
+                NasFields {
+                    password: Some("new".into()),
+                    secret: Some("radius".into()),
+                    disable: true,
+                    ..Default::default()
+                },
+                |n| {
+                    n.password = Some(Secret::new("new"));
+                    n.secret = Some(Secret::new("radius"));
+                    n.enabled = false;
+                },
+            ),
+            (
+                NasFields {
+                    legacy_crypto: Some(true),
+                    host_key_policy: Some("accept-new".into()),
+                    ..Default::default()
+                },
+                |n| {
+                    n.legacy_crypto = true;
+                    n.host_key_policy = "accept-new".into();
+                },
+            ),
+        ];
+        for (fields, change) in cases {
+            let mut got = before.clone();
+            fields.apply(&mut got);
+            let mut want = before.clone();
+            change(&mut want);
+            assert_eq!(got, want);
+        }
+    }
+
+    #[test]
+    fn a_scheme_replaces_a_script() {
+        let mut nas = Nas {
+            script_name: Some("/opt/oss/session".into()),
+            ..Nas::new(1, "legacy", "10.0.0.1")
+        };
+        NasFields {
+            scheme: Some("cisco-ios".into()),
+            ..Default::default()
+        }
+        .apply(&mut nas);
+        assert_eq!(nas.scheme.as_deref(), Some("cisco-ios"));
+        assert_eq!(nas.script_name, None);
+    }
+}
