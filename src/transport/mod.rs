@@ -6,6 +6,7 @@ pub mod exec;
 pub mod null;
 pub mod radius;
 pub mod routeros_api;
+pub mod send;
 pub mod ssh;
 pub mod telnet;
 
