@@ -6,7 +6,6 @@ pub mod alerts;
 pub mod answer;
 pub mod api;
 pub mod bench;
-pub mod breaker;
 pub mod config;
 pub mod daemon;
 pub mod demo;
@@ -16,7 +15,6 @@ pub mod duration;
 pub mod expand;
 pub mod journal;
 pub mod model;
-pub mod retry;
 pub mod scheme;
 pub mod sim;
 pub mod stats;
@@ -24,3 +22,6 @@ pub mod store;
 pub mod supervisor;
 pub mod systemd;
 pub mod transport;
+
+// The retry schedule and the circuit breaker live with the dispatcher that uses them.
+pub use dispatch::{breaker, retry};

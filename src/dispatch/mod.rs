@@ -17,14 +17,18 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
-use crate::breaker::{Admit, Breaker, Reach, Transition};
+pub mod breaker;
+pub mod outcome;
+pub mod retry;
+
 use crate::config::DaemonConfig;
 use crate::journal::{AccountTarget, Attempt, Journal, NasTarget};
-use crate::model::{Outcome, StackEvent};
-use crate::retry::{Next, next_step};
-use crate::stats::{AttemptKind, NasStats};
+use crate::model::StackEvent;
+use crate::stats::NasStats;
 use crate::store::{Finish, Reschedule, Store};
-use crate::transport::{Reply, Verdict};
+use crate::transport::Reply;
+use breaker::{Admit, Breaker, Transition};
+use outcome::Plan;
 
 // Sending lives in `transport::send` (the owner and `nasd send` share it); the old
 // paths keep working.
@@ -503,13 +507,9 @@ impl Owner {
             let max_attempts = self.shared.cfg.max_attempts;
             self.workers.spawn(async move {
                 let started = Instant::now();
-                let reply = if event.try_count > max_attempts {
-                    Reply::unsent(Verdict::Failed(format!(
-                        "gave up: attempt {} is over max_attempts {max_attempts} (attempts were interrupted)",
-                        event.try_count
-                    )))
-                } else {
-                    send_event(&runtime, &event, exec_timeout).await
+                let reply = match outcome::before_attempt(event.try_count, max_attempts) {
+                    Some(verdict) => Reply::unsent(verdict),
+                    None => send_event(&runtime, &event, exec_timeout).await,
                 };
                 let _ = tx.send(AttemptResult {
                     user_id,
@@ -526,15 +526,8 @@ impl Owner {
     /// Feeds one result to the circuit breaker and announces a transition: the daemon
     /// and NAS logs, the figures, an alert. Returns true when the NAS came back up.
     fn breaker_record(&mut self, r: &AttemptResult) -> bool {
-        let reach = match &r.reply.verdict {
-            Verdict::Unreachable(why) => Reach::Unreachable(why.clone()),
-            _ if self.runtime.device.as_ref().is_some_and(|d| d.is_remote())
-                && !r.reply.commands.is_empty() =>
-            {
-                Reach::Reached
-            }
-            _ => Reach::Unknown,
-        };
+        let remote = self.runtime.device.as_ref().is_some_and(|d| d.is_remote());
+        let reach = outcome::reach(&r.reply.verdict, !r.reply.commands.is_empty(), remote);
         let Some(transition) = self.breaker.record(Instant::now(), &reach) else {
             return false;
         };
@@ -615,109 +608,45 @@ impl Owner {
     }
 
     async fn complete(&mut self, results: Vec<AttemptResult>) {
-        let cfg = &self.shared.cfg;
+        let policy = outcome::Policy::from_config(&self.shared.cfg);
         let now = Utc::now();
         let mut finishes = Vec::new();
         let mut reschedules = Vec::new();
-        // Per result: the outcome text for the logs and, for a retry, the delay.
-        let mut plans: Vec<(String, Option<Duration>)> = Vec::with_capacity(results.len());
-        let mut kinds: Vec<AttemptKind> = Vec::with_capacity(results.len());
-        let hold = cfg.breaker.enabled() && cfg.breaker.hold_attempts;
-        for r in &results {
-            let duration_ms = r.duration.as_millis() as i64;
-            let mut refund = false;
-            let (outcome, error, delay) = match &r.reply.verdict {
-                Verdict::Done => (Outcome::Done, None, None),
-                Verdict::Failed(why) => (Outcome::Failed, Some(why.clone()), None),
-                Verdict::Requeue(why) => {
-                    // Nothing was attempted: back to the lane, the attempt not counted,
-                    // whatever the breaker settings.
-                    refund = true;
-                    let unit: f64 = rand::rng().random();
-                    let d = cfg.retry_base.mul_f64(0.8 + 0.4 * unit);
-                    (Outcome::Done, Some(why.clone()), Some(d))
-                }
-                Verdict::Unreachable(why) if hold => {
-                    // The device was not reached: the attempt is not counted and the
-                    // event waits; the breaker decides when the NAS is tried again.
-                    refund = true;
-                    let unit: f64 = rand::rng().random();
-                    let d = cfg.retry_base.mul_f64(0.8 + 0.4 * unit);
-                    (Outcome::Done, Some(why.clone()), Some(d))
-                }
-                Verdict::Retry(why) | Verdict::Unreachable(why) => {
-                    let unit: f64 = rand::rng().random();
-                    match next_step(
-                        r.event.try_count,
-                        cfg.max_attempts,
-                        cfg.retry_base,
-                        cfg.retry_cap,
-                        unit,
-                    ) {
-                        Next::GiveUp => (
-                            Outcome::Failed,
-                            Some(format!(
-                                "gave up after {} attempts: {why}",
-                                r.event.try_count
-                            )),
-                            None,
-                        ),
-                        Next::RetryAfter(d) => (Outcome::Done, Some(why.clone()), Some(d)),
-                    }
-                }
-            };
-            kinds.push(match (&r.reply.verdict, delay) {
-                (Verdict::Done, _) => AttemptKind::Done,
-                (Verdict::Failed(_), _) => AttemptKind::Failed {
-                    reached: !r.reply.commands.is_empty(),
-                },
-                (Verdict::Retry(_) | Verdict::Unreachable(_) | Verdict::Requeue(_), Some(_)) => {
-                    AttemptKind::Retry
-                }
-                (Verdict::Retry(_) | Verdict::Unreachable(_) | Verdict::Requeue(_), None) => {
-                    AttemptKind::GaveUp
-                }
-            });
-            match delay {
-                Some(d) => {
-                    reschedules.push(Reschedule {
-                        id: r.event.id,
-                        claim_token: r.token,
-                        retry_at: now + d,
-                        error: error.clone().unwrap_or_default(),
-                        refund,
-                    });
-                    let note = match (&r.reply.verdict, refund) {
-                        (Verdict::Requeue(_), _) => " (nothing was sent, attempt not counted)",
-                        (_, true) => " (NAS unreachable, attempt not counted)",
-                        _ => "",
-                    };
-                    plans.push((
-                        format!(
-                            "retry in {}{note}: {}",
-                            crate::duration::format_duration(d),
-                            error.unwrap_or_default()
-                        ),
-                        Some(d),
-                    ));
-                }
-                None => {
-                    let text = match (&outcome, &error) {
-                        (Outcome::Done, _) => "done".to_string(),
-                        (Outcome::Failed, Some(why)) => format!("failed: {why}"),
-                        (Outcome::Failed, None) => "failed".to_string(),
-                    };
-                    finishes.push(Finish {
-                        id: r.event.id,
-                        claim_token: r.token,
-                        outcome,
-                        commands: r.reply.commands.clone(),
-                        answer: r.reply.answer.clone(),
-                        error,
-                        duration_ms,
-                    });
-                    plans.push((text, None));
-                }
+        let decisions: Vec<outcome::Decision> = results
+            .iter()
+            .map(|r| {
+                let unit: f64 = rand::rng().random();
+                outcome::decide(
+                    &r.reply.verdict,
+                    !r.reply.commands.is_empty(),
+                    r.event.try_count,
+                    &policy,
+                    unit,
+                )
+            })
+            .collect();
+        for (r, decision) in results.iter().zip(&decisions) {
+            match &decision.plan {
+                Plan::Reschedule {
+                    delay,
+                    error,
+                    refund,
+                } => reschedules.push(Reschedule {
+                    id: r.event.id,
+                    claim_token: r.token,
+                    retry_at: now + *delay,
+                    error: error.clone(),
+                    refund: *refund,
+                }),
+                Plan::Finish { outcome, error } => finishes.push(Finish {
+                    id: r.event.id,
+                    claim_token: r.token,
+                    outcome: *outcome,
+                    commands: r.reply.commands.clone(),
+                    answer: r.reply.answer.clone(),
+                    error: error.clone(),
+                    duration_ms: r.duration.as_millis() as i64,
+                }),
             }
         }
         let applied: HashSet<i64> = match self
@@ -739,22 +668,17 @@ impl Owner {
         self.stats.attempts(
             results
                 .iter()
-                .zip(&kinds)
+                .zip(&decisions)
                 .filter(|(r, _)| applied.contains(&r.event.id))
-                .map(|(r, kind)| {
+                .map(|(r, decision)| {
                     (
                         r.event.cmd.as_str(),
-                        *kind,
+                        decision.kind,
                         r.duration,
                         r.reply.verdict.reason(),
                     )
                 }),
         );
-        let refunded: HashSet<i64> = reschedules
-            .iter()
-            .filter(|r| r.refund)
-            .map(|r| r.id)
-            .collect();
         let mut came_up = false;
         for r in results.iter().filter(|r| applied.contains(&r.event.id)) {
             came_up |= self.breaker_record(r);
@@ -764,7 +688,7 @@ impl Owner {
             name: self.runtime.nas.name.clone(),
             ip: self.runtime.nas.ip.clone(),
         };
-        for (r, (outcome_text, delay)) in results.into_iter().zip(plans) {
+        for (r, decision) in results.into_iter().zip(decisions) {
             self.in_flight.remove(&r.event.id);
             self.busy_users.remove(&r.user_id);
             let stale = !applied.contains(&r.event.id);
@@ -778,7 +702,7 @@ impl Owner {
                 try_count: r.event.try_count,
                 commands: r.reply.commands.clone(),
                 answer: r.reply.answer.clone(),
-                outcome: outcome_text,
+                outcome: decision.text.clone(),
                 duration: r.duration,
             };
             if stale {
@@ -807,8 +731,8 @@ impl Owner {
                 self.want_reload = true;
                 continue;
             }
-            match delay {
-                None => {
+            match decision.plan {
+                Plan::Finish { .. } => {
                     if head_matches {
                         lane.events.pop_front();
                     } else {
@@ -816,13 +740,12 @@ impl Owner {
                     }
                     self.loaded = self.loaded.saturating_sub(1);
                 }
-                Some(d) => {
+                Plan::Reschedule { delay, .. } => {
                     if let Some(head) = lane.events.iter_mut().find(|p| p.event.id == r.event.id) {
                         head.event.state = "ready".into();
                         head.event.claim_token = None;
-                        head.event.try_count =
-                            r.event.try_count - i32::from(refunded.contains(&r.event.id));
-                        head.not_before = Some(Instant::now() + d);
+                        head.event.try_count = decision.try_count_after(r.event.try_count);
+                        head.not_before = Some(Instant::now() + delay);
                     }
                 }
             }
