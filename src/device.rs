@@ -1,12 +1,15 @@
 //! A NAS's connection to its device: the transport pool (SSH, telnet, RouterOS API) or
 //! RADIUS client built from the `nas` row and its scheme, kept across resyncs while
-//! those settings do not change, so sessions stay open between events.
+//! those settings do not change, so sessions stay open between events; for exec and
+//! null schemes and a NAS's own script, the local equivalent. Every kind is sent to
+//! through [`Device::send`], so the dispatcher never knows a protocol.
 
 use std::sync::Arc;
 
 use crate::config::TransportConfig;
-use crate::model::Nas;
+use crate::model::{Nas, Vars};
 use crate::scheme::{Scheme, TransportKind};
+use crate::transport::exec::Script;
 use crate::transport::pool::PoolCounters;
 use crate::transport::radius::{Dictionary, RadiusClient, RadiusOptions};
 use crate::transport::routeros_api::{
@@ -14,7 +17,7 @@ use crate::transport::routeros_api::{
 };
 use crate::transport::ssh::{HostKeyPolicy, SshMode, SshOptions, SshPool};
 use crate::transport::telnet::{TelnetOptions, TelnetPool};
-use crate::transport::{Reply, Target, Verdict};
+use crate::transport::{Reply, Target, Verdict, exec, null};
 
 #[derive(Clone)]
 pub enum Device {
@@ -22,6 +25,12 @@ pub enum Device {
     Telnet(Arc<TelnetPool>),
     Radius(Arc<RadiusClient>),
     Api(Arc<ApiPool>),
+    /// An exec scheme: its script (read from the scheme at send time) runs locally.
+    Exec,
+    /// A null scheme: the rendered commands go nowhere.
+    Null,
+    /// A NAS's own `script_name` (the legacy per-NAS script), no scheme.
+    Script(Script),
 }
 
 impl std::fmt::Debug for Device {
@@ -31,6 +40,9 @@ impl std::fmt::Debug for Device {
             Device::Telnet(_) => "Device::Telnet",
             Device::Radius(_) => "Device::Radius",
             Device::Api(_) => "Device::Api",
+            Device::Exec => "Device::Exec",
+            Device::Null => "Device::Null",
+            Device::Script(_) => "Device::Script",
         })
     }
 }
@@ -92,11 +104,13 @@ fn target_on(nas: &Nas, default_port: Option<u16>) -> Target {
     }
 }
 
-/// Builds the device for a NAS whose scheme talks to a device (None for exec and null).
+/// Builds the device for a NAS with a scheme (always `Some`; the `Option` stays for the
+/// callers written when exec and null had none).
 pub fn build(nas: &Nas, scheme: &Scheme, cfg: &TransportConfig) -> Result<Option<Device>, String> {
     let target = target_on(nas, scheme_port(scheme));
     Ok(Some(match scheme.transport {
-        TransportKind::Exec | TransportKind::Null => return Ok(None),
+        TransportKind::Exec => Device::Exec,
+        TransportKind::Null => Device::Null,
         TransportKind::Ssh => {
             let mode = if scheme.cli.shell {
                 SshMode::Shell
@@ -181,9 +195,70 @@ fn api_tls(nas: &Nas, cfg: &TransportConfig) -> Result<ApiTls, String> {
 }
 
 impl Device {
-    /// Sends the rendered commands of one event and judges the answers.
-    pub async fn send(&self, scheme: &Scheme, cmd: &str, commands: Vec<String>) -> Reply {
+    /// The device of a NAS with its own `script_name`, run under `timeout`.
+    pub fn script(path: &str, timeout: std::time::Duration) -> Device {
+        Device::Script(Script {
+            path: path.into(),
+            timeout,
+        })
+    }
+
+    /// Whether sending goes over the network to the NAS, so that an answer proves the
+    /// device reachable (a local script or the null transport says nothing about it).
+    pub fn is_remote(&self) -> bool {
         match self {
+            Device::Ssh(_) | Device::Telnet(_) | Device::Radius(_) | Device::Api(_) => true,
+            Device::Exec | Device::Null | Device::Script(_) => false,
+        }
+    }
+
+    /// Sends one event: `cmd` with its variables (`secrets` apart, so that a script's
+    /// printed command line leaves them out). Template schemes render first; a
+    /// rendering error fails the event before anything is sent. `scheme` is None only
+    /// for [`Device::Script`].
+    pub async fn send(
+        &self,
+        scheme: Option<&Scheme>,
+        cmd: &str,
+        vars: Vars,
+        secrets: Vars,
+    ) -> Reply {
+        let scheme = match (self, scheme) {
+            (Device::Script(script), _) => return script.run(cmd, &vars, &secrets).await,
+            (_, Some(scheme)) => scheme,
+            (_, None) => return Reply::unsent(Verdict::Retry("no scheme".into())),
+        };
+        if let Device::Exec = self {
+            if !scheme.defines(cmd) {
+                return Reply::unsent(Verdict::Failed(format!(
+                    "scheme {} does not define cmd {cmd}",
+                    scheme.name
+                )));
+            }
+            let Some(script) = &scheme.script else {
+                return Reply::unsent(Verdict::Failed(format!(
+                    "scheme {} has no script",
+                    scheme.name
+                )));
+            };
+            return exec::run_vars(script, cmd, &vars, &secrets, scheme.timeout).await;
+        }
+        let mut all = vars;
+        all.extend(secrets);
+        match scheme.render(cmd, &all) {
+            Ok(commands) => self.send_rendered(scheme, cmd, commands).await,
+            Err(e) => Reply::unsent(Verdict::Failed(e.to_string())),
+        }
+    }
+
+    /// Sends the rendered commands of one event and judges the answers.
+    async fn send_rendered(&self, scheme: &Scheme, cmd: &str, commands: Vec<String>) -> Reply {
+        match self {
+            // Not reached: `send` runs scripts itself, they take no rendered commands.
+            Device::Exec | Device::Script(_) => Reply::unsent(Verdict::Failed(format!(
+                "{self:?} does not send rendered commands"
+            ))),
+            Device::Null => null::send(commands),
             Device::Ssh(pool) => {
                 let result = pool.run(&commands, scheme.timeout).await;
                 crate::answer::reply(cmd, &commands, &result, &scheme.answers)
@@ -228,7 +303,7 @@ impl Device {
             Device::Ssh(p) => p.open_sessions(),
             Device::Telnet(p) => p.open_sessions(),
             Device::Api(p) => p.open_sessions(),
-            Device::Radius(_) => 0,
+            Device::Radius(_) | Device::Exec | Device::Null | Device::Script(_) => 0,
         }
     }
 
@@ -238,7 +313,7 @@ impl Device {
             Device::Ssh(p) => Some(p.counters()),
             Device::Telnet(p) => Some(p.counters()),
             Device::Api(p) => Some(p.counters()),
-            Device::Radius(_) => None,
+            Device::Radius(_) | Device::Exec | Device::Null | Device::Script(_) => None,
         }
     }
 
@@ -247,7 +322,7 @@ impl Device {
             Device::Ssh(p) => p.close().await,
             Device::Telnet(p) => p.close().await,
             Device::Api(p) => p.close().await,
-            Device::Radius(_) => {}
+            Device::Radius(_) | Device::Exec | Device::Null | Device::Script(_) => {}
         }
     }
 }

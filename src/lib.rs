@@ -5,7 +5,6 @@
 pub mod alerts;
 pub mod answer;
 pub mod api;
-pub mod breaker;
 pub mod cli;
 pub mod config;
 pub mod daemon;
@@ -15,7 +14,6 @@ pub mod duration;
 pub mod expand;
 pub mod journal;
 pub mod model;
-pub mod retry;
 pub mod scheme;
 pub mod sim;
 pub mod stats;
@@ -27,3 +25,5 @@ pub mod transport;
 
 // Old paths of the tools, kept while tests use them.
 pub use tools::{bench, demo};
+// The retry schedule and the circuit breaker live with the dispatcher that uses them.
+pub use dispatch::{breaker, retry};

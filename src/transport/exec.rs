@@ -4,7 +4,7 @@
 //! Exit 0 is done; exit 254 ("postpone"), exit 143 (killed by SIGTERM), death by a
 //! signal and the timeout mean retry later; any other exit fails the event.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -12,6 +12,7 @@ use tokio::process::Command;
 
 use super::{Reply, Verdict, truncate_answer};
 use crate::duration::format_duration;
+use crate::model::Vars;
 use crate::scheme::{Dialect, escape};
 
 /// Device output kept per attempt.
@@ -52,6 +53,45 @@ fn is_env_name(name: &str) -> bool {
     let mut chars = name.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// A local script with its deadline: a NAS's own `script_name` (the legacy per-NAS
+/// script, run under the daemon's `exec_timeout`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Script {
+    pub path: PathBuf,
+    pub timeout: Duration,
+}
+
+impl Script {
+    /// Runs `script cmd` with the variables in the environment, secrets unlogged.
+    pub async fn run(&self, cmd: &str, vars: &Vars, secrets: &Vars) -> Reply {
+        run_vars(&self.path, cmd, vars, secrets, self.timeout).await
+    }
+}
+
+/// Variables as environment pairs: strings as they are, other values as JSON text.
+pub fn env_pairs(vars: &Vars) -> Vec<(String, String)> {
+    vars.iter()
+        .map(|(k, v)| {
+            let text = match v {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            (k.clone(), text)
+        })
+        .collect()
+}
+
+/// [`run`] with variables: `vars` logged in the command line, `secrets` not.
+pub async fn run_vars(
+    script: &Path,
+    cmd: &str,
+    vars: &Vars,
+    secrets: &Vars,
+    timeout: Duration,
+) -> Reply {
+    run(script, cmd, &env_pairs(vars), &env_pairs(secrets), timeout).await
 }
 
 /// Runs `script cmd` with `env` (logged) and `secret_env` (not logged) added to the

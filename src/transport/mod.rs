@@ -7,6 +7,7 @@ pub mod null;
 pub mod pool;
 pub mod radius;
 pub mod routeros_api;
+pub mod send;
 pub mod ssh;
 pub mod telnet;
 

@@ -7,7 +7,6 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,29 +17,25 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
-use crate::breaker::{Admit, Breaker, Reach, Transition};
+pub mod breaker;
+pub mod outcome;
+pub mod retry;
+
 use crate::config::DaemonConfig;
 use crate::journal::{AccountTarget, Attempt, Journal, NasTarget};
-use crate::retry::{Next, next_step};
-use crate::scheme::{Scheme, TransportKind, Vars};
-use crate::stats::{AttemptKind, NasStats};
-use crate::store::{Finish, Nas, Outcome, Reschedule, StackEvent, Store};
-use crate::transport::{Reply, Verdict, exec, null};
+use crate::model::StackEvent;
+use crate::stats::NasStats;
+use crate::store::{Finish, Reschedule, Store};
+use crate::transport::Reply;
+use breaker::{Admit, Breaker, Transition};
+use outcome::Plan;
+
+// Sending lives in `transport::send` (the owner and `nasd send` share it); the old
+// paths keep working.
+pub use crate::transport::send::{NasRuntime, attempt_vars, env_pairs, send_event};
 
 /// The cmd that jumps the queue of its account (an operator waits for it in the UI).
 pub const PRIORITY_CMD: &str = "user_info";
-
-/// What an owner needs to know about its NAS; replaced whole when settings change.
-#[derive(Debug, Clone)]
-pub struct NasRuntime {
-    pub nas: Nas,
-    /// The scheme, for a NAS without `script_name`.
-    pub scheme: Option<Arc<Scheme>>,
-    /// Why the NAS cannot be served now (e.g. its scheme is missing); its events wait.
-    pub unavailable: Option<String>,
-    /// The connection pool or client for schemes that talk to a device.
-    pub device: Option<crate::device::Device>,
-}
 
 /// Daemon-wide parts every owner uses.
 pub struct Shared {
@@ -72,142 +67,6 @@ pub fn spawn_owner(shared: Arc<Shared>, runtime: NasRuntime) -> OwnerHandle {
         config,
         stop,
         join,
-    }
-}
-
-/// The variables an attempt sees: the event's params, the event itself and the NAS.
-/// Secrets are returned apart so that they are passed on but never logged.
-pub fn attempt_vars(event: &StackEvent, nas: &Nas) -> (Vars, Vars) {
-    let mut vars = event.params.clone();
-    vars.insert("cmd".into(), event.cmd.clone().into());
-    vars.insert("event_id".into(), event.id.into());
-    vars.insert("try_count".into(), event.try_count.into());
-    vars.insert("user_id".into(), event.user_id.into());
-    if let Some(a) = event.abonent_id {
-        vars.insert("abonent_id".into(), a.into());
-    }
-    vars.insert("nas_id".into(), nas.id.into());
-    vars.insert("nas_ip".into(), nas.ip.clone().into());
-    vars.insert("nas_name".into(), nas.name.clone().into());
-    if let Some(port) = nas.port {
-        vars.insert("telnet_port".into(), port.into());
-        vars.insert("nas_port".into(), port.into());
-    }
-    if let Some(login) = &nas.login {
-        vars.insert("telnet_login".into(), login.clone().into());
-        vars.insert("nas_login".into(), login.clone().into());
-    }
-    let mut secrets = Vars::new();
-    if let Some(p) = &nas.password {
-        secrets.insert("telnet_password".into(), p.expose().into());
-        secrets.insert("nas_password".into(), p.expose().into());
-    }
-    if let Some(s) = &nas.secret {
-        secrets.insert("coa_psw".into(), s.expose().into());
-    }
-    (vars, secrets)
-}
-
-/// Variables as environment pairs: strings as they are, other values as JSON text.
-pub fn env_pairs(vars: &Vars) -> Vec<(String, String)> {
-    vars.iter()
-        .map(|(k, v)| {
-            let text = match v {
-                serde_json::Value::String(s) => s.clone(),
-                other => other.to_string(),
-            };
-            (k.clone(), text)
-        })
-        .collect()
-}
-
-/// Sends one event the way its NAS is configured, and returns the reply with the NAS's
-/// password and secret masked (see [`Reply::redacted`]). Pure of the database.
-pub async fn send_event(runtime: &NasRuntime, event: &StackEvent, exec_timeout: Duration) -> Reply {
-    send_unmasked(runtime, event, exec_timeout)
-        .await
-        .redacted(&[runtime.nas.password.as_ref(), runtime.nas.secret.as_ref()])
-}
-
-async fn send_unmasked(runtime: &NasRuntime, event: &StackEvent, exec_timeout: Duration) -> Reply {
-    let (vars, secrets) = attempt_vars(event, &runtime.nas);
-    if let Some(script) = &runtime.nas.script_name {
-        return exec::run(
-            Path::new(script),
-            &event.cmd,
-            &env_pairs(&vars),
-            &env_pairs(&secrets),
-            exec_timeout,
-        )
-        .await;
-    }
-    let Some(scheme) = &runtime.scheme else {
-        return Reply {
-            commands: vec![],
-            answer: String::new(),
-            verdict: Verdict::Retry(
-                runtime
-                    .unavailable
-                    .clone()
-                    .unwrap_or_else(|| "no scheme".into()),
-            ),
-        };
-    };
-    match scheme.transport {
-        TransportKind::Exec => {
-            if !scheme.defines(&event.cmd) {
-                return failed_before_send(format!(
-                    "scheme {} does not define cmd {}",
-                    scheme.name, event.cmd
-                ));
-            }
-            let Some(script) = &scheme.script else {
-                return failed_before_send(format!("scheme {} has no script", scheme.name));
-            };
-            exec::run(
-                script,
-                &event.cmd,
-                &env_pairs(&vars),
-                &env_pairs(&secrets),
-                scheme.timeout,
-            )
-            .await
-        }
-        TransportKind::Ssh | TransportKind::Telnet | TransportKind::Radius | TransportKind::Api => {
-            let mut all = vars;
-            all.extend(secrets);
-            let commands = match scheme.render(&event.cmd, &all) {
-                Ok(commands) => commands,
-                Err(e) => return failed_before_send(e.to_string()),
-            };
-            match &runtime.device {
-                Some(device) => device.send(scheme, &event.cmd, commands).await,
-                None => Reply {
-                    commands: vec![],
-                    answer: String::new(),
-                    verdict: Verdict::Retry(format!(
-                        "nas {}: no {} connection configured",
-                        runtime.nas.id, scheme.transport
-                    )),
-                },
-            }
-        }
-        TransportKind::Null => {
-            let mut all = vars;
-            all.extend(secrets);
-            match scheme.render(&event.cmd, &all) {
-                Ok(commands) => null::send(commands),
-                Err(e) => failed_before_send(e.to_string()),
-            }
-        }
-    }
-}
-
-fn failed_before_send(reason: String) -> Reply {
-    Reply {
-        commands: vec![],
-        answer: String::new(),
-        verdict: Verdict::Failed(reason),
     }
 }
 
@@ -648,17 +507,9 @@ impl Owner {
             let max_attempts = self.shared.cfg.max_attempts;
             self.workers.spawn(async move {
                 let started = Instant::now();
-                let reply = if event.try_count > max_attempts {
-                    Reply {
-                        commands: vec![],
-                        answer: String::new(),
-                        verdict: Verdict::Failed(format!(
-                            "gave up: attempt {} is over max_attempts {max_attempts} (attempts were interrupted)",
-                            event.try_count
-                        )),
-                    }
-                } else {
-                    send_event(&runtime, &event, exec_timeout).await
+                let reply = match outcome::before_attempt(event.try_count, max_attempts) {
+                    Some(verdict) => Reply::unsent(verdict),
+                    None => send_event(&runtime, &event, exec_timeout).await,
                 };
                 let _ = tx.send(AttemptResult {
                     user_id,
@@ -675,11 +526,8 @@ impl Owner {
     /// Feeds one result to the circuit breaker and announces a transition: the daemon
     /// and NAS logs, the figures, an alert. Returns true when the NAS came back up.
     fn breaker_record(&mut self, r: &AttemptResult) -> bool {
-        let reach = match &r.reply.verdict {
-            Verdict::Unreachable(why) => Reach::Unreachable(why.clone()),
-            _ if self.runtime.device.is_some() && !r.reply.commands.is_empty() => Reach::Reached,
-            _ => Reach::Unknown,
-        };
+        let remote = self.runtime.device.as_ref().is_some_and(|d| d.is_remote());
+        let reach = outcome::reach(&r.reply.verdict, !r.reply.commands.is_empty(), remote);
         let Some(transition) = self.breaker.record(Instant::now(), &reach) else {
             return false;
         };
@@ -760,109 +608,45 @@ impl Owner {
     }
 
     async fn complete(&mut self, results: Vec<AttemptResult>) {
-        let cfg = &self.shared.cfg;
+        let policy = outcome::Policy::from_config(&self.shared.cfg);
         let now = Utc::now();
         let mut finishes = Vec::new();
         let mut reschedules = Vec::new();
-        // Per result: the outcome text for the logs and, for a retry, the delay.
-        let mut plans: Vec<(String, Option<Duration>)> = Vec::with_capacity(results.len());
-        let mut kinds: Vec<AttemptKind> = Vec::with_capacity(results.len());
-        let hold = cfg.breaker.enabled() && cfg.breaker.hold_attempts;
-        for r in &results {
-            let duration_ms = r.duration.as_millis() as i64;
-            let mut refund = false;
-            let (outcome, error, delay) = match &r.reply.verdict {
-                Verdict::Done => (Outcome::Done, None, None),
-                Verdict::Failed(why) => (Outcome::Failed, Some(why.clone()), None),
-                Verdict::Requeue(why) => {
-                    // Nothing was attempted: back to the lane, the attempt not counted,
-                    // whatever the breaker settings.
-                    refund = true;
-                    let unit: f64 = rand::rng().random();
-                    let d = cfg.retry_base.mul_f64(0.8 + 0.4 * unit);
-                    (Outcome::Done, Some(why.clone()), Some(d))
-                }
-                Verdict::Unreachable(why) if hold => {
-                    // The device was not reached: the attempt is not counted and the
-                    // event waits; the breaker decides when the NAS is tried again.
-                    refund = true;
-                    let unit: f64 = rand::rng().random();
-                    let d = cfg.retry_base.mul_f64(0.8 + 0.4 * unit);
-                    (Outcome::Done, Some(why.clone()), Some(d))
-                }
-                Verdict::Retry(why) | Verdict::Unreachable(why) => {
-                    let unit: f64 = rand::rng().random();
-                    match next_step(
-                        r.event.try_count,
-                        cfg.max_attempts,
-                        cfg.retry_base,
-                        cfg.retry_cap,
-                        unit,
-                    ) {
-                        Next::GiveUp => (
-                            Outcome::Failed,
-                            Some(format!(
-                                "gave up after {} attempts: {why}",
-                                r.event.try_count
-                            )),
-                            None,
-                        ),
-                        Next::RetryAfter(d) => (Outcome::Done, Some(why.clone()), Some(d)),
-                    }
-                }
-            };
-            kinds.push(match (&r.reply.verdict, delay) {
-                (Verdict::Done, _) => AttemptKind::Done,
-                (Verdict::Failed(_), _) => AttemptKind::Failed {
-                    reached: !r.reply.commands.is_empty(),
-                },
-                (Verdict::Retry(_) | Verdict::Unreachable(_) | Verdict::Requeue(_), Some(_)) => {
-                    AttemptKind::Retry
-                }
-                (Verdict::Retry(_) | Verdict::Unreachable(_) | Verdict::Requeue(_), None) => {
-                    AttemptKind::GaveUp
-                }
-            });
-            match delay {
-                Some(d) => {
-                    reschedules.push(Reschedule {
-                        id: r.event.id,
-                        claim_token: r.token,
-                        retry_at: now + d,
-                        error: error.clone().unwrap_or_default(),
-                        refund,
-                    });
-                    let note = match (&r.reply.verdict, refund) {
-                        (Verdict::Requeue(_), _) => " (nothing was sent, attempt not counted)",
-                        (_, true) => " (NAS unreachable, attempt not counted)",
-                        _ => "",
-                    };
-                    plans.push((
-                        format!(
-                            "retry in {}{note}: {}",
-                            crate::duration::format_duration(d),
-                            error.unwrap_or_default()
-                        ),
-                        Some(d),
-                    ));
-                }
-                None => {
-                    let text = match (&outcome, &error) {
-                        (Outcome::Done, _) => "done".to_string(),
-                        (Outcome::Failed, Some(why)) => format!("failed: {why}"),
-                        (Outcome::Failed, None) => "failed".to_string(),
-                    };
-                    finishes.push(Finish {
-                        id: r.event.id,
-                        claim_token: r.token,
-                        outcome,
-                        commands: r.reply.commands.clone(),
-                        answer: r.reply.answer.clone(),
-                        error,
-                        duration_ms,
-                    });
-                    plans.push((text, None));
-                }
+        let decisions: Vec<outcome::Decision> = results
+            .iter()
+            .map(|r| {
+                let unit: f64 = rand::rng().random();
+                outcome::decide(
+                    &r.reply.verdict,
+                    !r.reply.commands.is_empty(),
+                    r.event.try_count,
+                    &policy,
+                    unit,
+                )
+            })
+            .collect();
+        for (r, decision) in results.iter().zip(&decisions) {
+            match &decision.plan {
+                Plan::Reschedule {
+                    delay,
+                    error,
+                    refund,
+                } => reschedules.push(Reschedule {
+                    id: r.event.id,
+                    claim_token: r.token,
+                    retry_at: now + *delay,
+                    error: error.clone(),
+                    refund: *refund,
+                }),
+                Plan::Finish { outcome, error } => finishes.push(Finish {
+                    id: r.event.id,
+                    claim_token: r.token,
+                    outcome: *outcome,
+                    commands: r.reply.commands.clone(),
+                    answer: r.reply.answer.clone(),
+                    error: error.clone(),
+                    duration_ms: r.duration.as_millis() as i64,
+                }),
             }
         }
         let applied: HashSet<i64> = match self
@@ -884,22 +668,17 @@ impl Owner {
         self.stats.attempts(
             results
                 .iter()
-                .zip(&kinds)
+                .zip(&decisions)
                 .filter(|(r, _)| applied.contains(&r.event.id))
-                .map(|(r, kind)| {
+                .map(|(r, decision)| {
                     (
                         r.event.cmd.as_str(),
-                        *kind,
+                        decision.kind,
                         r.duration,
                         r.reply.verdict.reason(),
                     )
                 }),
         );
-        let refunded: HashSet<i64> = reschedules
-            .iter()
-            .filter(|r| r.refund)
-            .map(|r| r.id)
-            .collect();
         let mut came_up = false;
         for r in results.iter().filter(|r| applied.contains(&r.event.id)) {
             came_up |= self.breaker_record(r);
@@ -909,7 +688,7 @@ impl Owner {
             name: self.runtime.nas.name.clone(),
             ip: self.runtime.nas.ip.clone(),
         };
-        for (r, (outcome_text, delay)) in results.into_iter().zip(plans) {
+        for (r, decision) in results.into_iter().zip(decisions) {
             self.in_flight.remove(&r.event.id);
             self.busy_users.remove(&r.user_id);
             let stale = !applied.contains(&r.event.id);
@@ -923,7 +702,7 @@ impl Owner {
                 try_count: r.event.try_count,
                 commands: r.reply.commands.clone(),
                 answer: r.reply.answer.clone(),
-                outcome: outcome_text,
+                outcome: decision.text.clone(),
                 duration: r.duration,
             };
             if stale {
@@ -952,8 +731,8 @@ impl Owner {
                 self.want_reload = true;
                 continue;
             }
-            match delay {
-                None => {
+            match decision.plan {
+                Plan::Finish { .. } => {
                     if head_matches {
                         lane.events.pop_front();
                     } else {
@@ -961,13 +740,12 @@ impl Owner {
                     }
                     self.loaded = self.loaded.saturating_sub(1);
                 }
-                Some(d) => {
+                Plan::Reschedule { delay, .. } => {
                     if let Some(head) = lane.events.iter_mut().find(|p| p.event.id == r.event.id) {
                         head.event.state = "ready".into();
                         head.event.claim_token = None;
-                        head.event.try_count =
-                            r.event.try_count - i32::from(refunded.contains(&r.event.id));
-                        head.not_before = Some(Instant::now() + d);
+                        head.event.try_count = decision.try_count_after(r.event.try_count);
+                        head.not_before = Some(Instant::now() + delay);
                     }
                 }
             }
@@ -988,65 +766,4 @@ fn record_runtime(stats: &NasStats, runtime: &NasRuntime) {
         runtime.unavailable.clone(),
         runtime.device.as_ref().and_then(|d| d.pool_counters()),
     );
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::store::Secret;
-
-    fn nas() -> Nas {
-        Nas {
-            id: 7,
-            name: "Test NAS".into(),
-            ip: "10.0.0.1".into(),
-            scheme: Some("null-routeros".into()),
-            script_name: None,
-            n_workers: 4,
-            protocol: None,
-            port: Some(23),
-            login: Some("admin".into()),
-            password: Some(Secret::new("pw")),
-            secret: Some(Secret::new("coa")),
-            max_sessions: 2,
-            enabled: true,
-            host_key_policy: "strict".into(),
-            host_key: None,
-            legacy_crypto: false,
-        }
-    }
-
-    #[test]
-    fn vars_keep_secrets_apart() {
-        let mut params = Vars::new();
-        params.insert("ip".into(), "10.1.1.1".into());
-        let event = StackEvent {
-            id: 5,
-            compact_id: None,
-            event_date: Utc::now(),
-            enqueued_at: Utc::now(),
-            cmd: "user_add".into(),
-            user_id: 42,
-            abonent_id: Some(4),
-            nas_id: 7,
-            usluga_id: None,
-            acct_session_id: None,
-            params,
-            try_count: 1,
-            state: "running".into(),
-            retry_at: None,
-            claim_token: None,
-            lease_until: None,
-            last_error: None,
-        };
-        let (vars, secrets) = attempt_vars(&event, &nas());
-        assert_eq!(vars["ip"], "10.1.1.1");
-        assert_eq!(vars["nas_ip"], "10.0.0.1");
-        assert_eq!(vars["telnet_login"], "admin");
-        assert_eq!(vars["event_id"], 5);
-        assert!(!vars.contains_key("telnet_password"));
-        assert!(!vars.values().any(|v| v == "pw" || v == "coa"));
-        assert_eq!(secrets["telnet_password"], "pw");
-        assert_eq!(secrets["coa_psw"], "coa");
-    }
 }
