@@ -22,4 +22,5 @@ pub mod stats;
 pub mod store;
 pub mod supervisor;
 pub mod systemd;
+pub mod tls;
 pub mod transport;
