@@ -885,7 +885,7 @@ pub fn tls_config(ca_file: Option<&std::path::Path>) -> Result<Arc<rustls::Clien
         let _ = roots.add(cert);
     }
     if let Some(path) = ca_file {
-        let extra = crate::transport::routeros_api::load_ca_file(path)?;
+        let extra = crate::tls::load_ca_file(path)?;
         roots.extend(extra.roots.iter().cloned());
     }
     if roots.is_empty() {

@@ -613,7 +613,7 @@ impl Config {
             );
         }
         if let Some(ca) = &d.transport.api_tls_ca
-            && let Err(e) = crate::transport::routeros_api::load_ca_file(ca)
+            && let Err(e) = crate::tls::load_ca_file(ca)
         {
             return key("transport.api_tls_ca", &e);
         }

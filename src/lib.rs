@@ -20,6 +20,7 @@ pub mod stats;
 pub mod store;
 pub mod supervisor;
 pub mod systemd;
+pub mod tls;
 pub mod tools;
 pub mod transport;
 
