@@ -299,12 +299,7 @@ impl Device {
 
     /// Connections open to the device now (RADIUS: 0, it is connectionless).
     pub fn open_sessions(&self) -> usize {
-        match self {
-            Device::Ssh(p) => p.open_sessions(),
-            Device::Telnet(p) => p.open_sessions(),
-            Device::Api(p) => p.open_sessions(),
-            Device::Radius(_) | Device::Exec | Device::Null | Device::Script(_) => 0,
-        }
+        self.pool_counters().map_or(0, |c| c.open_sessions())
     }
 
     /// The session pool's counters, for the statistics (RADIUS has no sessions).

@@ -143,24 +143,7 @@ pub async fn run(cmd: NasCommand, cfg: &Config) -> anyhow::Result<()> {
             if fields.scheme.is_some() == fields.script.is_some() {
                 bail!("nas add needs exactly one of --scheme or --script");
             }
-            let mut nas = Nas {
-                id,
-                name,
-                ip,
-                scheme: None,
-                script_name: None,
-                n_workers: 4,
-                protocol: None,
-                port: None,
-                login: None,
-                password: None,
-                secret: None,
-                max_sessions: 4,
-                enabled: true,
-                host_key_policy: "strict".into(),
-                host_key: None,
-                legacy_crypto: false,
-            };
+            let mut nas = Nas::new(id, &name, &ip);
             fields.apply(&mut nas);
             store.nas_upsert(&nas).await?;
             println!("nas {id} added");
