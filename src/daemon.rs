@@ -112,12 +112,24 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
     let params_query = cfg.database.params_query.clone();
     let join = tokio::spawn(async move {
         let wakers: Wakers = Arc::new(Mutex::new(HashMap::new()));
-        let expander = tokio::spawn(crate::expand::run(
-            shared.clone(),
+        let expander = crate::expand::Expander {
+            store: shared.store.clone(),
+            journal: shared.journal.clone(),
             params_query,
-            wakers.clone(),
-            shutdown.clone(),
-        ));
+            batch: shared.cfg.expand_batch,
+            poll: shared.cfg.poll_interval,
+        };
+        let owners = wakers.clone();
+        let wake = move |nas_ids: &[i64]| {
+            if let Ok(w) = owners.lock() {
+                for id in nas_ids {
+                    if let Some(n) = w.get(id) {
+                        n.notify_one();
+                    }
+                }
+            }
+        };
+        let expander = tokio::spawn(crate::expand::run(expander, wake, shutdown.clone()));
         let supervisor = Supervisor::new(shared.clone(), wakers);
         supervisor.run(shutdown.clone()).await;
         let _ = expander.await;

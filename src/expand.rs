@@ -1,43 +1,55 @@
-//! The expander: moves compact rows into the main stack in batches and wakes the owners
-//! of the NAS that received events. PostgreSQL NOTIFY is only a wake-up; it polls too.
+//! The expander: moves compact rows into the main stack in batches and tells whoever
+//! started it which NAS received events (the daemon passes a callback that wakes their
+//! owners, so the expander knows neither the dispatcher nor the supervisor). PostgreSQL
+//! NOTIFY is only a wake-up; it polls too.
 
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::dispatch::Shared;
+use crate::journal::Journal;
 use crate::store::Store;
-use crate::supervisor::Wakers;
 
-pub async fn run(
-    shared: std::sync::Arc<Shared>,
-    params_query: String,
-    wakers: Wakers,
-    shutdown: CancellationToken,
-) {
-    let batch = shared.cfg.expand_batch;
-    let poll = shared.cfg.poll_interval;
+/// What the expander needs: where the stacks are, where to report, how much to move
+/// per statement and how often to look when nothing announces work.
+pub struct Expander {
+    pub store: Store,
+    pub journal: Journal,
+    /// The query that fills the `params` of expanded events (`[database] params_query`).
+    pub params_query: String,
+    /// Compact rows moved per statement (`[daemon] expand_batch`).
+    pub batch: i64,
+    /// How often to look without a NOTIFY (`[daemon] poll_interval`).
+    pub poll: Duration,
+}
+
+/// Runs until `shutdown` fires; after every batch `wake` gets the NAS ids that received
+/// events.
+pub async fn run(expander: Expander, wake: impl Fn(&[i64]) + Send, shutdown: CancellationToken) {
+    let Expander {
+        store,
+        journal,
+        params_query,
+        batch,
+        poll,
+    } = expander;
     let mut listener = None;
     loop {
         if listener.is_none()
-            && let Store::Postgres(pg) = &shared.store
+            && let Store::Postgres(pg) = &store
         {
             listener = pg.listen_compact().await.ok();
         }
-        let full = match shared.store.expand(&params_query, batch).await {
+        let full = match store.expand(&params_query, batch).await {
             Ok(report) => {
                 if report.failed > 0 {
-                    shared.journal.daemon(&format!(
+                    journal.daemon(&format!(
                         "{} compact event(s) could not be expanded and went to events_history as failed (see its error column)",
                         report.failed
                     ));
                 }
-                if let Ok(w) = wakers.lock() {
-                    for id in &report.nas_ids {
-                        if let Some(n) = w.get(id) {
-                            n.notify_one();
-                        }
-                    }
+                if !report.nas_ids.is_empty() {
+                    wake(&report.nas_ids);
                 }
                 (report.expanded + report.failed) as i64 >= batch
             }

@@ -3,12 +3,10 @@
 //! See ARCHITECTURE.md for the map of the modules.
 
 pub mod alerts;
-pub mod answer;
 pub mod api;
 pub mod cli;
 pub mod config;
 pub mod daemon;
-pub mod device;
 pub mod dispatch;
 pub mod duration;
 pub mod expand;
@@ -28,3 +26,5 @@ pub mod transport;
 pub use tools::{bench, demo};
 // The retry schedule and the circuit breaker live with the dispatcher that uses them.
 pub use dispatch::{breaker, retry};
+/// `device` and `answer` live in `transport/`; the old paths keep working.
+pub use transport::{answer, device};

@@ -7,10 +7,10 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::device::{Device, DeviceKey, device_key};
 use crate::dispatch::{NasRuntime, OwnerHandle, Shared, spawn_owner};
 use crate::scheme::SchemeSet;
 use crate::store::Nas;
+use crate::transport::device::{Device, DeviceKey, device_key};
 
 /// What one resync must do to make the running owners match the table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,7 +126,7 @@ impl Supervisor {
         let key = device_key(nas, &scheme);
         match self.devices.get(&nas.id) {
             Some((k, device)) if *k == key => runtime.device = Some(device.clone()),
-            _ => match crate::device::build(nas, &scheme, &self.shared.cfg.transport) {
+            _ => match crate::transport::device::build(nas, &scheme, &self.shared.cfg.transport) {
                 Ok(Some(device)) => {
                     if let Some((_, old)) = self.devices.insert(nas.id, (key, device.clone())) {
                         tokio::spawn(async move { old.close().await });

@@ -12,9 +12,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{Backend, TestEnv, add_accounts, nas, wait_for};
-use nasd::api::client::{HttpResponse, request};
 use nasd::config::ApiConfig;
 use nasd::store::{Secret, Store};
+use nasd::tools::http_client::{HttpResponse, request};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 

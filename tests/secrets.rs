@@ -17,7 +17,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use nasd::api::client::{HttpResponse, request};
+use nasd::tools::http_client::{HttpResponse, request};
 
 const NAS_PASSWORD: &str = "S3cr3t-nas-pass-7f1c";
 const WRONG_PASSWORD: &str = "S3cr3t-wrong-pass-2e6a";

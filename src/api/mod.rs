@@ -9,9 +9,6 @@ pub mod openapi;
 pub mod rest_compat;
 pub mod status;
 
-// Old paths of the HTTP client and the API benchmark, kept while tests use them.
-pub use crate::tools::{bench_api as bench, http_client as client};
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 

@@ -66,9 +66,8 @@ pub async fn run(
         last_error: None,
     };
     let device = match &scheme {
-        Some(s) => {
-            crate::device::build(&nas, s, &cfg.daemon.transport).map_err(anyhow::Error::msg)?
-        }
+        Some(s) => crate::transport::device::build(&nas, s, &cfg.daemon.transport)
+            .map_err(anyhow::Error::msg)?,
         None => None,
     };
     let runtime = NasRuntime {

@@ -11,35 +11,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// `[breaker]` settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BreakerConfig {
-    /// Unreachable attempts in a row that mark the NAS down; 0 turns the breaker off.
-    pub failures: u32,
-    /// Wait before the first probe, doubled after each failed probe up to `probe_max`.
-    pub probe_first: Duration,
-    pub probe_max: Duration,
-    /// Attempts that could not reach the device are not counted against
-    /// `max_attempts`: the events wait for the NAS instead of failing.
-    pub hold_attempts: bool,
-}
-
-impl Default for BreakerConfig {
-    fn default() -> BreakerConfig {
-        BreakerConfig {
-            failures: 5,
-            probe_first: Duration::from_secs(1),
-            probe_max: Duration::from_secs(60),
-            hold_attempts: true,
-        }
-    }
-}
-
-impl BreakerConfig {
-    pub fn enabled(&self) -> bool {
-        self.failures > 0
-    }
-}
+/// `[breaker]` settings live with the rest of the config.
+pub use crate::config::BreakerConfig;
 
 /// Whether an attempt got to the device.
 #[derive(Debug, Clone, PartialEq, Eq)]

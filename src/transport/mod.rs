@@ -1,7 +1,9 @@
 //! Ways of reaching a device. Each protocol is one file; the dispatcher sees only
 //! `Reply` and its `Verdict`. Nothing here touches the database.
 
+pub mod answer;
 pub mod backoff;
+pub mod device;
 pub mod exec;
 pub mod null;
 pub mod pool;

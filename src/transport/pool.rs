@@ -24,9 +24,8 @@ use tokio::time::Instant;
 use super::SessionError;
 use super::backoff::ConnectBackoff;
 
-/// Default for `[transport] connect_timeout`: the longest getting a usable session may
-/// take once a slot is free (backoff, TCP, TLS or key exchange, login, setup commands).
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The default `[transport] connect_timeout`.
+pub use crate::config::DEFAULT_CONNECT_TIMEOUT;
 
 /// One logged-in session of a protocol.
 pub trait Session: Send + 'static {
@@ -692,7 +691,7 @@ mod tests {
             "{error:?}"
         );
         assert_eq!(
-            crate::answer::session_error_verdict(&error.unwrap()),
+            crate::transport::answer::session_error_verdict(&error.unwrap()),
             crate::transport::Verdict::Requeue(
                 "nas 1: the fake session pool was closed (new NAS settings, NAS removed or \
                  shutdown) while this run waited for one of its 1 sessions; nothing was sent"

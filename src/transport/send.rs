@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{Reply, Verdict};
-use crate::device::Device;
 use crate::model::{Nas, StackEvent, Vars};
 use crate::scheme::Scheme;
+use crate::transport::device::Device;
 
 pub use super::exec::env_pairs;
 

@@ -261,15 +261,15 @@ impl Device {
             Device::Null => null::send(commands),
             Device::Ssh(pool) => {
                 let result = pool.run(&commands, scheme.timeout).await;
-                crate::answer::reply(cmd, &commands, &result, &scheme.answers)
+                crate::transport::answer::reply(cmd, &commands, &result, &scheme.answers)
             }
             Device::Telnet(pool) => {
                 let result = pool.run(&commands, scheme.timeout).await;
-                crate::answer::reply(cmd, &commands, &result, &scheme.answers)
+                crate::transport::answer::reply(cmd, &commands, &result, &scheme.answers)
             }
             Device::Api(pool) => {
                 let result = pool.run(&commands, scheme.timeout).await;
-                crate::answer::reply(cmd, &commands, &result, &scheme.answers)
+                crate::transport::answer::reply(cmd, &commands, &result, &scheme.answers)
             }
             Device::Radius(client) => {
                 // One request per template; the event is done when every request is.

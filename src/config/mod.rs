@@ -5,7 +5,11 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::duration::parse_duration;
+pub mod alerts;
+pub mod keys;
+
+use keys::size_key;
+pub use keys::{ConfigError, duration_key};
 
 /// The query that reads one account's variables from the reference `accounts` table.
 /// `$1` is the user_id; every column returned becomes a variable of the same name.
@@ -20,7 +24,7 @@ pub struct Config {
     /// `[api]`: the HTTP server. `None` (no `[api]` section) runs no HTTP server.
     pub api: Option<ApiConfig>,
     /// `[alerts]`: webhook and Telegram notifications. `None`: no alerts are sent.
-    pub alerts: Option<crate::alerts::AlertsConfig>,
+    pub alerts: Option<alerts::AlertsConfig>,
     /// `[log]`: format and rotation of the log files under `daemon.log_dir`.
     pub log: crate::journal::LogConfig,
 }
@@ -31,7 +35,7 @@ pub struct ApiConfig {
     /// Address to listen on (`127.0.0.1:8082` by default; port 0 picks a free one).
     pub listen: std::net::SocketAddr,
     /// Bearer tokens accepted by the API. Empty: no authentication (loopback only).
-    pub tokens: Vec<crate::store::Secret>,
+    pub tokens: Vec<crate::model::Secret>,
     /// `/status` answers without a token.
     pub open_status: bool,
     /// `/metrics` answers without a token.
@@ -104,8 +108,41 @@ pub struct DaemonConfig {
     pub exec_timeout: Duration,
     pub transport: TransportConfig,
     /// `[breaker]`: the per-NAS circuit breaker.
-    pub breaker: crate::breaker::BreakerConfig,
+    pub breaker: BreakerConfig,
 }
+
+/// `[breaker]` settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BreakerConfig {
+    /// Unreachable attempts in a row that mark the NAS down; 0 turns the breaker off.
+    pub failures: u32,
+    /// Wait before the first probe, doubled after each failed probe up to `probe_max`.
+    pub probe_first: Duration,
+    pub probe_max: Duration,
+    /// Attempts that could not reach the device are not counted against
+    /// `max_attempts`: the events wait for the NAS instead of failing.
+    pub hold_attempts: bool,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> BreakerConfig {
+        BreakerConfig {
+            failures: 5,
+            probe_first: Duration::from_secs(1),
+            probe_max: Duration::from_secs(60),
+            hold_attempts: true,
+        }
+    }
+}
+
+impl BreakerConfig {
+    pub fn enabled(&self) -> bool {
+        self.failures > 0
+    }
+}
+
+/// SSH, telnet and API: the default `[transport] connect_timeout`.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `[transport]`: settings shared by every NAS of a protocol.
 #[derive(Debug, Clone)]
@@ -157,9 +194,9 @@ impl Default for Config {
                     radius_timeout: Duration::from_secs(1),
                     radius_tries: 3,
                     api_tls_ca: None,
-                    connect_timeout: crate::transport::pool::DEFAULT_CONNECT_TIMEOUT,
+                    connect_timeout: DEFAULT_CONNECT_TIMEOUT,
                 },
-                breaker: crate::breaker::BreakerConfig::default(),
+                breaker: BreakerConfig::default(),
             },
             api: None,
             alerts: None,
@@ -180,7 +217,7 @@ struct RawConfig {
     api: Option<RawApi>,
     #[serde(default)]
     breaker: RawBreaker,
-    alerts: Option<crate::alerts::RawAlerts>,
+    alerts: Option<alerts::RawAlerts>,
     #[serde(default)]
     log: RawLog,
 }
@@ -195,26 +232,6 @@ struct RawLog {
     backups: Option<toml::Value>,
     gzip: Option<toml::Value>,
     stderr_format: Option<String>,
-}
-
-fn size_key(
-    key: &'static str,
-    raw: Option<&toml::Value>,
-    default: u64,
-) -> Result<u64, ConfigError> {
-    let message = match raw {
-        None => return Ok(default),
-        Some(toml::Value::Integer(n)) => match u64::try_from(*n) {
-            Ok(n) => return Ok(n),
-            Err(_) => format!("{n} is negative"),
-        },
-        Some(toml::Value::String(text)) => match crate::journal::parse_size(text) {
-            Ok(n) => return Ok(n),
-            Err(message) => message,
-        },
-        Some(other) => format!("expected a size such as \"10MB\", got {other}"),
-    };
-    Err(ConfigError::Key { key, message })
 }
 
 fn log_section(raw: RawLog) -> Result<crate::journal::LogConfig, ConfigError> {
@@ -275,9 +292,9 @@ struct RawBreaker {
     hold_attempts: Option<bool>,
 }
 
-fn breaker_section(raw: RawBreaker) -> Result<crate::breaker::BreakerConfig, ConfigError> {
-    let d = crate::breaker::BreakerConfig::default();
-    let cfg = crate::breaker::BreakerConfig {
+fn breaker_section(raw: RawBreaker) -> Result<BreakerConfig, ConfigError> {
+    let d = BreakerConfig::default();
+    let cfg = BreakerConfig {
         failures: raw.failures.unwrap_or(d.failures),
         probe_first: duration_key(
             "breaker.probe_first",
@@ -325,7 +342,7 @@ fn api_section(raw: RawApi) -> Result<ApiConfig, ConfigError> {
             .tokens
             .unwrap_or_default()
             .into_iter()
-            .map(crate::store::Secret::new)
+            .map(crate::model::Secret::new)
             .collect(),
         open_status: raw.open_status.unwrap_or(d.open_status),
         open_metrics: raw.open_metrics.unwrap_or(d.open_metrics),
@@ -380,25 +397,6 @@ struct RawDaemon {
     expand_batch: Option<i64>,
     shutdown_grace: Option<String>,
     exec_timeout: Option<String>,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("config {path}: {message}")]
-    File { path: String, message: String },
-    #[error("config key {key}: {message}")]
-    Key { key: &'static str, message: String },
-}
-
-pub(crate) fn duration_key(
-    key: &'static str,
-    raw: Option<&String>,
-    default: Duration,
-) -> Result<Duration, ConfigError> {
-    match raw {
-        None => Ok(default),
-        Some(text) => parse_duration(text).map_err(|message| ConfigError::Key { key, message }),
-    }
 }
 
 impl Config {
@@ -507,7 +505,7 @@ impl Config {
                 breaker: breaker_section(raw.breaker)?,
             },
             api: raw.api.map(api_section).transpose()?,
-            alerts: raw.alerts.map(crate::alerts::alerts_section).transpose()?,
+            alerts: raw.alerts.map(alerts::alerts_section).transpose()?,
             log: log_section(raw.log)?,
         };
         cfg.validate()?;
