@@ -5,8 +5,7 @@
 //! committed, and an event waiting for a retry blocks only its own lane. `user_info`
 //! goes to the front of its lane, but never past an event in flight.
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +17,7 @@ use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
 pub mod breaker;
+pub mod lanes;
 pub mod outcome;
 pub mod retry;
 
@@ -28,14 +28,14 @@ use crate::stats::NasStats;
 use crate::store::{Finish, Reschedule, Store};
 use crate::transport::Reply;
 use breaker::{Admit, Breaker, Transition};
+use lanes::Lanes;
 use outcome::Plan;
 
 // Sending lives in `transport::send` (the owner and `nasd send` share it); the old
 // paths keep working.
 pub use crate::transport::send::{NasRuntime, attempt_vars, env_pairs, send_event};
 
-/// The cmd that jumps the queue of its account (an operator waits for it in the UI).
-pub const PRIORITY_CMD: &str = "user_info";
+pub use lanes::PRIORITY_CMD;
 
 /// Daemon-wide parts every owner uses.
 pub struct Shared {
@@ -77,21 +77,6 @@ fn instant_at(t: Option<DateTime<Utc>>) -> Option<Instant> {
     Some(Instant::now() + delta)
 }
 
-struct Pending {
-    event: StackEvent,
-    /// Not to be started before this instant (retry time, or a foreign lease).
-    not_before: Option<Instant>,
-}
-
-#[derive(Default)]
-struct Lane {
-    events: VecDeque<Pending>,
-    /// The head is in flight.
-    busy: bool,
-    /// The account is in the ready queue.
-    queued: bool,
-}
-
 struct AttemptResult {
     user_id: i64,
     event: StackEvent,
@@ -106,16 +91,12 @@ struct Owner {
     runtime: Arc<NasRuntime>,
     wake: Arc<Notify>,
     stop: CancellationToken,
-    lanes: HashMap<i64, Lane>,
-    ready: VecDeque<i64>,
-    timers: BinaryHeap<Reverse<(Instant, i64)>>,
+    /// The pending events as per-account lanes (the ordering rules live there).
+    lanes: Lanes,
     /// Event id -> claim token, for attempts running now.
     in_flight: HashMap<i64, i64>,
-    /// Accounts with an attempt running now: their lanes may not start anything else.
-    busy_users: HashSet<i64>,
     /// Results whose commit failed (database away); retried, lanes stay blocked.
     uncommitted: Vec<AttemptResult>,
-    loaded: usize,
     max_id: i64,
     want_refill: bool,
     want_reload: bool,
@@ -149,13 +130,9 @@ impl Owner {
             runtime,
             wake,
             stop,
-            lanes: HashMap::new(),
-            ready: VecDeque::new(),
-            timers: BinaryHeap::new(),
+            lanes: Lanes::default(),
             in_flight: HashMap::new(),
-            busy_users: HashSet::new(),
             uncommitted: Vec::new(),
-            loaded: 0,
             max_id: 0,
             want_refill: true,
             want_reload: false,
@@ -212,13 +189,13 @@ impl Owner {
                 } else if self.want_refill {
                     self.refill().await;
                 }
-                self.fire_timers();
+                self.lanes.fire_timers(Instant::now());
                 self.start_ready().await;
             }
 
             let mut deadline = next_poll.min(next_heartbeat);
-            if let Some(Reverse((t, _))) = self.timers.peek() {
-                deadline = deadline.min(*t);
+            if let Some(t) = self.lanes.next_timer() {
+                deadline = deadline.min(t);
             }
             if let Some(t) = self.db_retry_at {
                 deadline = deadline.min(t);
@@ -299,72 +276,23 @@ impl Owner {
     }
 
     fn insert(&mut self, event: StackEvent) {
-        let not_before = if event.state == "running" && !self.in_flight.contains_key(&event.id) {
+        let running = self.in_flight.contains_key(&event.id);
+        let not_before = if event.state == "running" && !running {
             instant_at(event.lease_until)
         } else {
             instant_at(event.retry_at)
         };
-        let in_flight = self.in_flight.contains_key(&event.id);
-        let user_id = event.user_id;
-        let is_priority = event.cmd == PRIORITY_CMD;
-        let account_busy = self.busy_users.contains(&user_id);
-        let lane = self.lanes.entry(user_id).or_default();
-        lane.busy |= account_busy;
-        let pending = Pending { event, not_before };
-        if in_flight {
-            lane.events.push_front(pending);
-        } else if is_priority {
-            let mut at = usize::from(lane.busy);
-            while at < lane.events.len() && lane.events[at].event.cmd == PRIORITY_CMD {
-                at += 1;
-            }
-            lane.events.insert(at, pending);
-        } else {
-            lane.events.push_back(pending);
-        }
-        self.loaded += 1;
-        self.schedule(user_id);
-    }
-
-    /// Puts a lane in the ready queue, or on the timer heap, when its head can start.
-    fn schedule(&mut self, user_id: i64) {
-        let Some(lane) = self.lanes.get_mut(&user_id) else {
-            return;
-        };
-        if lane.busy || lane.queued {
-            return;
-        }
-        let Some(head) = lane.events.front() else {
-            self.lanes.remove(&user_id);
-            return;
-        };
-        match head.not_before {
-            Some(t) if t > Instant::now() => self.timers.push(Reverse((t, user_id))),
-            _ => {
-                lane.queued = true;
-                self.ready.push_back(user_id);
-            }
-        }
-    }
-
-    fn fire_timers(&mut self) {
-        let now = Instant::now();
-        while let Some(Reverse((t, user_id))) = self.timers.peek().copied() {
-            if t > now {
-                break;
-            }
-            self.timers.pop();
-            self.schedule(user_id);
-        }
+        self.lanes
+            .insert(event, not_before, running, Instant::now());
     }
 
     async fn refill(&mut self) {
         let window = self.shared.cfg.window;
-        if self.loaded >= window / 2 {
+        if self.lanes.loaded() >= window / 2 {
             self.want_refill = false;
             return;
         }
-        let limit = (window - self.loaded) as i64;
+        let limit = (window - self.lanes.loaded()) as i64;
         match self
             .shared
             .store
@@ -383,7 +311,7 @@ impl Owner {
                     self.counted_max_id = self.counted_max_id.max(last.id);
                 }
                 self.stats
-                    .set_load(self.in_flight.len(), self.loaded + rows.len());
+                    .set_load(self.in_flight.len(), self.lanes.loaded() + rows.len());
                 for row in rows {
                     self.max_id = self.max_id.max(row.id);
                     self.insert(row);
@@ -397,9 +325,6 @@ impl Owner {
     /// or a completion shows that memory and table disagree.
     async fn reload(&mut self) {
         self.lanes.clear();
-        self.ready.clear();
-        self.timers.clear();
-        self.loaded = 0;
         self.max_id = 0;
         self.want_reload = false;
         self.want_refill = true;
@@ -422,25 +347,10 @@ impl Owner {
             Admit::Probe => 1,
             Admit::Wait(_) => 0,
         };
-        if free == 0 || self.ready.is_empty() {
+        if free == 0 || !self.lanes.has_ready() {
             return;
         }
-        let mut heads: Vec<(i64, i64)> = Vec::with_capacity(free);
-        while heads.len() < free {
-            let Some(user_id) = self.ready.pop_front() else {
-                break;
-            };
-            let Some(lane) = self.lanes.get_mut(&user_id) else {
-                continue;
-            };
-            lane.queued = false;
-            if lane.busy {
-                continue;
-            }
-            if let Some(head) = lane.events.front() {
-                heads.push((user_id, head.event.id));
-            }
-        }
+        let heads = self.lanes.take_ready(free);
         if heads.is_empty() {
             return;
         }
@@ -460,8 +370,9 @@ impl Owner {
         {
             Ok(c) => c,
             Err(e) => {
+                let now = Instant::now();
                 for (user_id, _) in heads {
-                    self.schedule(user_id);
+                    self.lanes.put_back(user_id, now);
                 }
                 self.db_failed("claiming events", e);
                 return;
@@ -472,31 +383,16 @@ impl Owner {
             let Some(try_count) = claimed.get(&id).copied() else {
                 // Someone else holds it (a lease that has not expired) or it is gone:
                 // look again later and rebuild from the table.
-                if let Some(head) = self
-                    .lanes
-                    .get_mut(&user_id)
-                    .and_then(|l| l.events.front_mut())
-                {
-                    head.not_before =
-                        Some(Instant::now() + self.shared.cfg.lease.min(Duration::from_secs(5)));
-                }
+                let now = Instant::now();
+                let until = now + self.shared.cfg.lease.min(Duration::from_secs(5));
+                self.lanes.held_off(user_id, until, now);
                 self.want_reload = true;
-                self.schedule(user_id);
                 continue;
             };
-            let Some(lane) = self.lanes.get_mut(&user_id) else {
+            let Some(event) = self.lanes.started(user_id, try_count, token) else {
                 continue;
             };
-            lane.busy = true;
-            let Some(head) = lane.events.front_mut() else {
-                continue;
-            };
-            head.event.try_count = try_count;
-            head.event.state = "running".into();
-            head.event.claim_token = Some(token);
-            let event = head.event.clone();
             self.in_flight.insert(id, token);
-            self.busy_users.insert(user_id);
             if admit == Admit::Probe {
                 self.breaker.probe_started();
                 tracing::info!(nas_id = self.nas_id(), event_id = id, "probing the NAS");
@@ -520,7 +416,8 @@ impl Owner {
                 });
             });
         }
-        self.stats.set_load(self.in_flight.len(), self.loaded);
+        self.stats
+            .set_load(self.in_flight.len(), self.lanes.loaded());
     }
 
     /// Feeds one result to the circuit breaker and announces a transition: the daemon
@@ -580,31 +477,6 @@ impl Owner {
             fields: alert.1,
         });
         matches!(transition, Transition::Up { .. })
-    }
-
-    /// The NAS is reachable again: every account whose head waits for a retry starts
-    /// now instead of sitting out the delay it got while the NAS was away (a retry
-    /// delay that ran up during an outage says nothing about the device). Attempts are
-    /// still counted, so an event that fails for its own reasons still gives up.
-    /// Heads held by another owner's lease keep waiting for it.
-    fn release_waiting_heads(&mut self) {
-        let now = Instant::now();
-        let mut released = Vec::new();
-        for (user_id, lane) in &mut self.lanes {
-            if lane.busy || lane.queued {
-                continue;
-            }
-            if let Some(head) = lane.events.front_mut()
-                && head.event.state == "ready"
-                && head.not_before.is_some_and(|t| t > now)
-            {
-                head.not_before = None;
-                released.push(*user_id);
-            }
-        }
-        for user_id in released {
-            self.schedule(user_id);
-        }
     }
 
     async fn complete(&mut self, results: Vec<AttemptResult>) {
@@ -690,7 +562,6 @@ impl Owner {
         };
         for (r, decision) in results.into_iter().zip(decisions) {
             self.in_flight.remove(&r.event.id);
-            self.busy_users.remove(&r.user_id);
             let stale = !applied.contains(&r.event.id);
             let account = AccountTarget {
                 abonent_id: r.event.abonent_id,
@@ -719,42 +590,30 @@ impl Owner {
             } else {
                 self.shared.journal.attempt(&nas_target, &account, &attempt);
             }
-            let Some(lane) = self.lanes.get_mut(&r.user_id) else {
-                continue;
-            };
-            lane.busy = false;
-            let head_matches = lane
-                .events
-                .front()
-                .is_some_and(|p| p.event.id == r.event.id);
+            let now = Instant::now();
             if stale {
+                self.lanes.discarded(r.user_id, r.event.id);
                 self.want_reload = true;
                 continue;
             }
             match decision.plan {
-                Plan::Finish { .. } => {
-                    if head_matches {
-                        lane.events.pop_front();
-                    } else {
-                        lane.events.retain(|p| p.event.id != r.event.id);
-                    }
-                    self.loaded = self.loaded.saturating_sub(1);
-                }
-                Plan::Reschedule { delay, .. } => {
-                    if let Some(head) = lane.events.iter_mut().find(|p| p.event.id == r.event.id) {
-                        head.event.state = "ready".into();
-                        head.event.claim_token = None;
-                        head.event.try_count = decision.try_count_after(r.event.try_count);
-                        head.not_before = Some(Instant::now() + delay);
-                    }
-                }
+                Plan::Finish { .. } => self.lanes.finished(r.user_id, r.event.id, now),
+                Plan::Reschedule { delay, .. } => self.lanes.rescheduled(
+                    r.user_id,
+                    r.event.id,
+                    decision.try_count_after(r.event.try_count),
+                    now + delay,
+                    now,
+                ),
             }
-            self.schedule(r.user_id);
         }
         if came_up {
-            self.release_waiting_heads();
+            // A retry delay that ran up during an outage says nothing about the
+            // device: every head waiting for one starts now (attempts still count).
+            self.lanes.release_waiting_heads(Instant::now());
         }
-        self.stats.set_load(self.in_flight.len(), self.loaded);
+        self.stats
+            .set_load(self.in_flight.len(), self.lanes.loaded());
     }
 }
 
