@@ -1,13 +1,13 @@
-//! The simulator's telnet side: option negotiation through libtelnet-rs, a `Login:` /
+//! The simulator's telnet side: option negotiation through libmudtelnet-rs, a `Login:` /
 //! `Password:` exchange, then the same RouterOS prompt loop as the SSH shell.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use libtelnet_rs::Parser;
-use libtelnet_rs::compatibility::CompatibilityTable;
-use libtelnet_rs::events::TelnetEvents;
-use libtelnet_rs::telnet::{op_command, op_option};
+use libmudtelnet_rs::Parser;
+use libmudtelnet_rs::compatibility::CompatibilityTable;
+use libmudtelnet_rs::events::TelnetEvents;
+use libmudtelnet_rs::telnet::{op_command, op_option};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;

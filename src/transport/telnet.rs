@@ -1,7 +1,7 @@
 //! Telnet transport: a pool of long-lived CLI sessions per NAS, driven by an anchored
 //! prompt regex, over a sans-IO telnet decoder (`TelnetStream`).
 //!
-//! There is no maintained tokio telnet client, so the protocol part is `libtelnet-rs`'s
+//! There is no maintained tokio telnet client, so the protocol part is `libmudtelnet-rs`'s
 //! option table behind our own byte scanner, and the session part is a plain read loop:
 //! send a line, read until the last line matches the prompt, every read under a deadline.
 
@@ -9,11 +9,11 @@ use std::os::fd::AsFd;
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-use libtelnet_rs::Parser;
-use libtelnet_rs::compatibility::CompatibilityTable;
-use libtelnet_rs::events::TelnetEvents;
-use libtelnet_rs::telnet::op_command::{DO, DONT, IAC, SB, SE, WILL, WONT};
-use libtelnet_rs::telnet::op_option::{ECHO, NAWS, SGA};
+use libmudtelnet_rs::Parser;
+use libmudtelnet_rs::compatibility::CompatibilityTable;
+use libmudtelnet_rs::events::TelnetEvents;
+use libmudtelnet_rs::telnet::op_command::{DO, DONT, IAC, SB, SE, WILL, WONT};
+use libmudtelnet_rs::telnet::op_option::{ECHO, NAWS, SGA};
 use regex::Regex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -119,7 +119,7 @@ enum Scan {
 /// The telnet protocol of one connection, without I/O: feed it what the server sent, get
 /// the text and the bytes to answer with.
 ///
-/// We scan the stream ourselves and hand `libtelnet_rs::Parser` only complete
+/// We scan the stream ourselves and hand `libmudtelnet_rs::Parser` only complete
 /// negotiations, because its own scanner drops data that starts with an escaped
 /// `IAC IAC` and turns a sequence cut by the end of a read into a bogus command. The
 /// parser's option table decides the answers: the server may ECHO and SGA (we answer
