@@ -42,6 +42,8 @@ pub struct Running {
     /// Where the HTTP server listens (with `[api]` in the config).
     pub api_addr: Option<SocketAddr>,
     pub stats: Arc<crate::stats::Stats>,
+    /// The daemon's database handle (benchmarks read its call counter).
+    pub store: Store,
     join: tokio::task::JoinHandle<()>,
 }
 
@@ -58,6 +60,7 @@ impl Running {
 /// returned), then runs everything in the background until `shutdown` fires.
 pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Running> {
     let store = open_store(&cfg).await?;
+    let running_store = store.clone();
     let journal = Journal::open_with(&cfg.daemon.log_dir, &cfg.log)
         .with_context(|| format!("opening log_dir {}", cfg.daemon.log_dir.display()))?;
     let listener = match &cfg.api {
@@ -120,11 +123,23 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
             poll: shared.cfg.poll_interval,
         };
         let owners = wakers.clone();
-        let wake = move |nas_ids: &[i64]| {
-            if let Ok(w) = owners.lock() {
-                for id in nas_ids {
-                    if let Some(n) = w.get(id) {
-                        n.notify_one();
+        let wake = move |wake: crate::expand::Wake<'_>| {
+            let Ok(w) = owners.lock() else {
+                return;
+            };
+            match wake {
+                crate::expand::Wake::Got(nas_ids) => {
+                    for id in nas_ids {
+                        if let Some(owner) = w.get(id) {
+                            owner.notify();
+                        }
+                    }
+                }
+                crate::expand::Wake::Behind(heads) => {
+                    for (id, max_id) in heads {
+                        if let Some(owner) = w.get(id) {
+                            owner.notify_if_behind(*max_id);
+                        }
                     }
                 }
             }
@@ -146,6 +161,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
     Ok(Running {
         api_addr,
         stats,
+        store: running_store,
         join,
     })
 }

@@ -1,7 +1,11 @@
 //! The expander: moves compact rows into the main stack in batches and tells whoever
 //! started it which NAS received events (the daemon passes a callback that wakes their
 //! owners, so the expander knows neither the dispatcher nor the supervisor). PostgreSQL
-//! NOTIFY is only a wake-up; it polls too.
+//! NOTIFY is only a wake-up; it polls too. Every few polls it is also the daemon-wide
+//! safety net: one statement lists the NAS with events above what it last saw, and the
+//! callback wakes those owners that have not read that far. Idle owners keep no timer
+//! and make no query of their own, so an idle daemon's queries do not grow with the
+//! number of NAS.
 
 use std::time::Duration;
 
@@ -23,9 +27,23 @@ pub struct Expander {
     pub poll: Duration,
 }
 
+/// Whom to wake, as the expander reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake<'a> {
+    /// These NAS just received events from this expander.
+    Got(&'a [i64]),
+    /// The safety net: per NAS, the highest event id in the stack above what it last
+    /// looked at. Wake the owners that have not read up to it (another writer, a lost
+    /// wake-up).
+    Behind(&'a [(i64, i64)]),
+}
+
+/// The safety net runs once every this many polls.
+const SAFETY_NET_POLLS: u32 = 4;
+
 /// Runs until `shutdown` fires; after every batch `wake` gets the NAS ids that received
-/// events.
-pub async fn run(expander: Expander, wake: impl Fn(&[i64]) + Send, shutdown: CancellationToken) {
+/// events, and every few polls the safety net's findings.
+pub async fn run(expander: Expander, wake: impl Fn(Wake<'_>) + Send, shutdown: CancellationToken) {
     let Expander {
         store,
         journal,
@@ -34,6 +52,9 @@ pub async fn run(expander: Expander, wake: impl Fn(&[i64]) + Send, shutdown: Can
         poll,
     } = expander;
     let mut listener = None;
+    // The safety net's position: the highest event id it has looked at.
+    let mut looked_up_to = 0i64;
+    let mut polls = 0u32;
     loop {
         if listener.is_none()
             && let Store::Postgres(pg) = &store
@@ -49,7 +70,7 @@ pub async fn run(expander: Expander, wake: impl Fn(&[i64]) + Send, shutdown: Can
                     ));
                 }
                 if !report.nas_ids.is_empty() {
-                    wake(&report.nas_ids);
+                    wake(Wake::Got(&report.nas_ids));
                 }
                 (report.expanded + report.failed) as i64 >= batch
             }
@@ -67,6 +88,20 @@ pub async fn run(expander: Expander, wake: impl Fn(&[i64]) + Send, shutdown: Can
                 return;
             }
             continue;
+        }
+        polls += 1;
+        if polls >= SAFETY_NET_POLLS {
+            polls = 0;
+            // One statement for the whole daemon, reading only rows it has not seen.
+            match store.stack_heads_after(looked_up_to).await {
+                Ok(heads) => {
+                    if let Some(max) = heads.iter().map(|(_, id)| *id).max() {
+                        looked_up_to = looked_up_to.max(max);
+                        wake(Wake::Behind(&heads));
+                    }
+                }
+                Err(e) => tracing::warn!("looking for events no wake-up announced: {e}"),
+            }
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,

@@ -267,6 +267,8 @@ pub struct Scheme {
     pub tls: bool,
     /// Holds every template compiled, named `cmd[index]`.
     env: Environment<'static>,
+    /// The text of scheme.toml as loaded, to tell an edited scheme from a reloaded one.
+    source: String,
 }
 
 impl fmt::Debug for Scheme {
@@ -417,7 +419,14 @@ impl Scheme {
             allowed,
             commands,
             env,
+            source: text,
         })
+    }
+
+    /// Whether `other` was loaded from the same directory and the same scheme.toml text
+    /// (a resync reloads every scheme; only an edit makes it a different one).
+    pub fn same_as(&self, other: &Scheme) -> bool {
+        self.dir == other.dir && self.source == other.source
     }
 
     /// Whether the scheme handles `cmd`: it has templates for it, or (exec) the script is

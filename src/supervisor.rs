@@ -4,10 +4,9 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::dispatch::{NasRuntime, OwnerHandle, Shared, spawn_owner};
+use crate::dispatch::{NasRuntime, OwnerHandle, OwnerWake, Shared, spawn_owner};
 use crate::scheme::SchemeSet;
 use crate::store::Nas;
 use crate::transport::device::{Device, DeviceKey, device_key};
@@ -79,7 +78,7 @@ fn describe_change(old: &Nas, new: &Nas) -> String {
 }
 
 /// The owners' wake-up handles, shared with the expander.
-pub type Wakers = Arc<Mutex<HashMap<i64, Arc<Notify>>>>;
+pub type Wakers = Arc<Mutex<HashMap<i64, Arc<OwnerWake>>>>;
 
 pub struct Supervisor {
     shared: Arc<Shared>,
@@ -247,8 +246,12 @@ impl Supervisor {
             }
             if let Some((old, handle)) = self.owners.get_mut(&nas.id) {
                 *old = nas.clone();
-                handle.config.send_replace(Arc::new(runtime));
-                handle.wake.notify_one();
+                // Only a change reaches the owner: a resync of ten thousand unchanged
+                // NAS wakes none of them.
+                if !same_runtime(&handle.config.borrow(), &runtime) {
+                    handle.config.send_replace(Arc::new(runtime));
+                    handle.wake.notify();
+                }
             }
         }
     }
@@ -304,6 +307,21 @@ impl Supervisor {
         crate::systemd::notify_or_log("STOPPING=1\nSTATUS=stopping: finishing commands in flight");
         self.shutdown().await;
     }
+}
+
+/// Whether an owner running with `old` would behave the same with `new`: the same row,
+/// the same scheme text, the same reason to wait (the device is reused exactly when the
+/// row and scheme are the same).
+fn same_runtime(old: &NasRuntime, new: &NasRuntime) -> bool {
+    let same_scheme = match (&old.scheme, &new.scheme) {
+        (None, None) => true,
+        (Some(a), Some(b)) => a.same_as(b),
+        _ => false,
+    };
+    old.nas == new.nas
+        && old.unavailable == new.unavailable
+        && same_scheme
+        && old.device.is_some() == new.device.is_some()
 }
 
 #[cfg(test)]

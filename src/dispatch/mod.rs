@@ -7,6 +7,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -37,6 +38,10 @@ pub use crate::transport::send::{NasRuntime, attempt_vars, env_pairs, send_event
 
 pub use lanes::PRIORITY_CMD;
 
+/// The longest an idle owner sleeps without a wake-up (a timer far away costs nothing;
+/// the owner only needs some deadline to wait on).
+const IDLE_WAIT: Duration = Duration::from_secs(3600);
+
 /// Daemon-wide parts every owner uses.
 pub struct Shared {
     pub store: Store,
@@ -48,16 +53,45 @@ pub struct Shared {
     pub alerts: crate::alerts::Alerts,
 }
 
+/// How an owner is woken: by whoever put work in its stack (the expander after each
+/// batch, the daemon-wide safety net) or changed its settings. An idle owner has no
+/// timer and makes no query; this is the only way work reaches it.
+#[derive(Default)]
+pub struct OwnerWake {
+    notify: Notify,
+    /// The highest event id the owner has read from the table.
+    seen_max_id: AtomicI64,
+}
+
+impl OwnerWake {
+    /// Wakes the owner (a wake-up that finds it busy is kept for its next wait).
+    pub fn notify(&self) {
+        self.notify.notify_one();
+    }
+
+    /// Wakes the owner if the table holds an event above what it has read: the safety
+    /// net's check, so that it wakes only owners that missed something.
+    pub fn notify_if_behind(&self, max_id: i64) {
+        if self.seen_max_id.load(Ordering::Relaxed) < max_id {
+            self.notify.notify_one();
+        }
+    }
+
+    fn seen(&self, max_id: i64) {
+        self.seen_max_id.fetch_max(max_id, Ordering::Relaxed);
+    }
+}
+
 /// The supervisor's handle on a running owner.
 pub struct OwnerHandle {
-    pub wake: Arc<Notify>,
+    pub wake: Arc<OwnerWake>,
     pub config: watch::Sender<Arc<NasRuntime>>,
     pub stop: CancellationToken,
     pub join: tokio::task::JoinHandle<()>,
 }
 
 pub fn spawn_owner(shared: Arc<Shared>, runtime: NasRuntime) -> OwnerHandle {
-    let wake = Arc::new(Notify::new());
+    let wake = Arc::new(OwnerWake::default());
     let (config, config_rx) = watch::channel(Arc::new(runtime));
     let stop = CancellationToken::new();
     let owner = Owner::new(shared, config_rx, wake.clone(), stop.clone());
@@ -89,7 +123,7 @@ struct Owner {
     shared: Arc<Shared>,
     config_rx: watch::Receiver<Arc<NasRuntime>>,
     runtime: Arc<NasRuntime>,
-    wake: Arc<Notify>,
+    wake: Arc<OwnerWake>,
     stop: CancellationToken,
     /// The pending events as per-account lanes (the ordering rules live there).
     lanes: Lanes,
@@ -100,8 +134,10 @@ struct Owner {
     max_id: i64,
     want_refill: bool,
     want_reload: bool,
-    results_tx: mpsc::UnboundedSender<AttemptResult>,
-    results_rx: mpsc::UnboundedReceiver<AttemptResult>,
+    /// Results come boxed: the channel allocates its first block of slots up front, and
+    /// with ten thousand owners a block of whole results would cost ~12 KB each.
+    results_tx: mpsc::UnboundedSender<Box<AttemptResult>>,
+    results_rx: mpsc::UnboundedReceiver<Box<AttemptResult>>,
     workers: JoinSet<()>,
     db_retry_at: Option<Instant>,
     stats: Arc<NasStats>,
@@ -115,7 +151,7 @@ impl Owner {
     fn new(
         shared: Arc<Shared>,
         config_rx: watch::Receiver<Arc<NasRuntime>>,
-        wake: Arc<Notify>,
+        wake: Arc<OwnerWake>,
         stop: CancellationToken,
     ) -> Owner {
         let runtime = config_rx.borrow().clone();
@@ -151,9 +187,11 @@ impl Owner {
         self.runtime.nas.id
     }
 
+    /// The owner loop. The database calls it awaits are boxed, so that the loop's own
+    /// future stays small: ten thousand idle owners hold it the whole time, the boxed
+    /// futures exist only while a call runs.
     async fn run(mut self) {
         let cfg = self.shared.cfg.clone();
-        let mut next_poll = Instant::now();
         let mut next_heartbeat = Instant::now() + cfg.lease / 3;
         let mut stopping_since: Option<Instant> = None;
         loop {
@@ -167,33 +205,39 @@ impl Owner {
                     break;
                 }
                 if now >= since + cfg.shutdown_grace {
-                    self.give_up_in_flight().await;
+                    Box::pin(self.give_up_in_flight()).await;
                     break;
                 }
             }
-            if now >= next_poll {
-                self.want_refill = true;
-                next_poll = now + cfg.poll_interval;
-            }
-            if now >= next_heartbeat {
+            if self.in_flight.is_empty() {
+                // Nothing to renew: the first lease renewal comes a third of a lease
+                // after the next claim, and an idle owner keeps no timer for it.
                 next_heartbeat = now + cfg.lease / 3;
-                self.heartbeat().await;
+            } else if now >= next_heartbeat {
+                next_heartbeat = now + cfg.lease / 3;
+                Box::pin(self.heartbeat()).await;
             }
             if !self.uncommitted.is_empty() && self.db_retry_at.is_none_or(|t| t <= now) {
                 let results = std::mem::take(&mut self.uncommitted);
-                self.complete(results).await;
+                Box::pin(self.complete(results)).await;
             }
             if stopping_since.is_none() && self.db_retry_at.is_none_or(|t| t <= now) {
                 if self.want_reload {
-                    self.reload().await;
+                    Box::pin(self.reload()).await;
                 } else if self.want_refill {
-                    self.refill().await;
+                    Box::pin(self.refill()).await;
                 }
                 self.lanes.fire_timers(Instant::now());
-                self.start_ready().await;
+                Box::pin(self.start_ready()).await;
             }
 
-            let mut deadline = next_poll.min(next_heartbeat);
+            // Only what is due wakes the owner: lease renewals while attempts run, a
+            // head's retry time or foreign lease, a database retry, a breaker probe.
+            let mut deadline = if self.in_flight.is_empty() {
+                now + IDLE_WAIT
+            } else {
+                next_heartbeat
+            };
             if let Some(t) = self.lanes.next_timer() {
                 deadline = deadline.min(t);
             }
@@ -210,11 +254,11 @@ impl Owner {
                 biased;
                 _ = self.stop.cancelled(), if stopping_since.is_none() => {}
                 Some(first) = self.results_rx.recv() => {
-                    let mut batch = vec![first];
+                    let mut batch = vec![*first];
                     while let Ok(more) = self.results_rx.try_recv() {
-                        batch.push(more);
+                        batch.push(*more);
                     }
-                    self.complete(batch).await;
+                    Box::pin(self.complete(batch)).await;
                 }
                 changed = self.config_rx.changed() => {
                     if changed.is_ok() {
@@ -224,7 +268,7 @@ impl Owner {
                         self.breaker.probe_now(Instant::now());
                     }
                 }
-                _ = self.wake.notified() => { self.want_refill = true; }
+                _ = self.wake.notify.notified() => { self.want_refill = true; }
                 _ = sleep_until(deadline) => {}
             }
         }
@@ -289,7 +333,8 @@ impl Owner {
     async fn refill(&mut self) {
         let window = self.shared.cfg.window;
         if self.lanes.loaded() >= window / 2 {
-            self.want_refill = false;
+            // The window is full enough: the table is read again once it drains below
+            // half (want_refill stays set, so no wake-up is lost meanwhile).
             return;
         }
         let limit = (window - self.lanes.loaded()) as i64;
@@ -309,6 +354,7 @@ impl Owner {
                 );
                 if let Some(last) = rows.last() {
                     self.counted_max_id = self.counted_max_id.max(last.id);
+                    self.wake.seen(last.id);
                 }
                 self.stats
                     .set_load(self.in_flight.len(), self.lanes.loaded() + rows.len());
@@ -407,13 +453,13 @@ impl Owner {
                     Some(verdict) => Reply::unsent(verdict),
                     None => send_event(&runtime, &event, exec_timeout).await,
                 };
-                let _ = tx.send(AttemptResult {
+                let _ = tx.send(Box::new(AttemptResult {
                     user_id,
                     event,
                     token,
                     reply,
                     duration: started.elapsed(),
-                });
+                }));
             });
         }
         self.stats

@@ -521,8 +521,14 @@ pub enum Store {
 macro_rules! on_backend {
     ($self:expr, $s:ident => $body:expr) => {
         match $self {
-            Store::Postgres($s) => $body,
-            Store::Sqlite($s) => $body,
+            Store::Postgres($s) => {
+                $s.count_call();
+                $body
+            }
+            Store::Sqlite($s) => {
+                $s.count_call();
+                $body
+            }
         }
     };
 }
@@ -539,6 +545,21 @@ impl Store {
         } else {
             Err(StoreError::UnsupportedUrl(url.to_string()))
         }
+    }
+
+    /// Calls made to the database through this store (and its clones) so far: each is
+    /// one statement or one transaction. Benchmarks print it per second.
+    pub fn calls(&self) -> u64 {
+        match self {
+            Store::Postgres(s) => s.calls(),
+            Store::Sqlite(s) => s.calls(),
+        }
+    }
+
+    /// Per NAS, the highest event id above `after_id`: the daemon-wide safety net that
+    /// finds events no wake-up announced.
+    pub async fn stack_heads_after(&self, after_id: i64) -> Result<Vec<(i64, i64)>, StoreError> {
+        on_backend!(self, s => s.stack_heads_after(after_id).await)
     }
 
     pub fn backend_name(&self) -> &'static str {

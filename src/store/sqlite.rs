@@ -22,6 +22,8 @@ use crate::model::Vars;
 
 #[derive(Clone)]
 pub struct SqliteStore {
+    /// Calls made through `Store` (each one statement or one transaction).
+    calls: std::sync::Arc<std::sync::atomic::AtomicU64>,
     pool: SqlitePool,
 }
 
@@ -42,6 +44,30 @@ fn placeholders(start: usize, n: usize) -> String {
 }
 
 impl SqliteStore {
+    pub(super) fn count_call(&self) {
+        self.calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub(super) fn calls(&self) -> u64 {
+        self.calls.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Per NAS, the highest event id above `after_id` (new rows since the last look).
+    pub async fn stack_heads_after(&self, after_id: i64) -> Result<Vec<(i64, i64)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT nas_id, MAX(id) AS max_id FROM events_stack WHERE id > ?1 GROUP BY nas_id",
+        )
+        .bind(after_id)
+        .fetch_all(&self.pool)
+        .await
+        .ctx("look for new events")?;
+        rows.iter()
+            .map(|r| Ok((r.try_get::<i64, _>(0)?, r.try_get::<i64, _>(1)?)))
+            .collect::<Result<_, sqlx::Error>>()
+            .ctx("look for new events")
+    }
+
     pub async fn connect(url: &str) -> Result<SqliteStore, StoreError> {
         let opts = SqliteConnectOptions::from_str(url)
             .ctx("open sqlite")?
@@ -63,7 +89,10 @@ impl SqliteStore {
             .connect_with(opts)
             .await
             .ctx("open sqlite")?;
-        Ok(SqliteStore { pool })
+        Ok(SqliteStore {
+            calls: Default::default(),
+            pool,
+        })
     }
 
     pub async fn migrate(&self) -> Result<(), StoreError> {

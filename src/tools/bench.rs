@@ -71,6 +71,14 @@ pub struct BenchOptions {
     /// with the account log directories and files already there, as in production.
     #[arg(long)]
     pub log_dir: Option<std::path::PathBuf>,
+    /// Idle mode: configure this many NAS (local-script scheme, no events), start the
+    /// daemon with its default timings and print how long the owners took to start, then
+    /// the CPU, RSS and database calls per second over `--seconds`.
+    #[arg(long, default_value_t = 0)]
+    pub idle_nas: i64,
+    /// Idle mode: how long to measure.
+    #[arg(long, default_value_t = 60)]
+    pub seconds: u64,
 }
 
 pub struct BenchResult {
@@ -335,6 +343,31 @@ async fn process_per_command(
 }
 
 pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
+    if opts.idle_nas > 0 {
+        let r = measure_idle(&opts).await?;
+        println!(
+            "bench: idle database={} nas={} seconds={}",
+            if opts.database == "sqlite" {
+                "sqlite"
+            } else {
+                "postgres"
+            },
+            opts.idle_nas,
+            opts.seconds
+        );
+        println!(
+            "bench: {} owners started in {:.2}s; over {}s idle: CPU {:.2}% of one core, RSS {} MB (peak {} MB), {:.2} database calls/s ({} in all)",
+            r.owners,
+            r.started_in.as_secs_f64(),
+            opts.seconds,
+            r.cpu_percent,
+            r.rss_kb / 1024,
+            r.peak_rss_kb / 1024,
+            r.calls as f64 / opts.seconds.max(1) as f64,
+            r.calls
+        );
+        return Ok(());
+    }
     let result = measure(&opts).await?;
     println!(
         "bench: database={} transport={} events={} accounts={} nas={} workers={} max_sessions={} latency={} rate={}",
@@ -431,6 +464,125 @@ pub async fn measure(opts: &BenchOptions) -> anyhow::Result<BenchResult> {
     }
     db.remove().await;
     result
+}
+
+/// What the idle benchmark saw.
+pub struct IdleResult {
+    pub owners: usize,
+    /// From `nasd run` (the daemon's start) until every owner was running.
+    pub started_in: Duration,
+    /// Process CPU time over the measured seconds, as a percentage of one core.
+    pub cpu_percent: f64,
+    /// Resident memory at the end, and the most it reached (VmHWM), in KiB.
+    pub rss_kb: u64,
+    pub peak_rss_kb: u64,
+    /// Database calls the daemon made while idle (each one statement or transaction).
+    pub calls: u64,
+}
+
+/// User plus system CPU time of this process, from /proc/self/stat (in clock ticks of
+/// 1/100 s, Linux's USER_HZ).
+fn process_cpu_ticks() -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    // The command name may hold spaces; the fields after its closing parenthesis are
+    // state (3rd field) onwards, so utime and stime (14th, 15th) are the 12th and 13th.
+    let after = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .ok_or_else(|| anyhow::anyhow!("/proc/self/stat: unexpected format"))?;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let field = |i: usize| -> anyhow::Result<u64> {
+        fields
+            .get(i)
+            .and_then(|f| f.parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("/proc/self/stat: no field {i}"))
+    };
+    Ok(field(11)? + field(12)?)
+}
+
+/// A `VmRSS:`-style line of /proc/self/status, in KiB.
+fn status_kb(key: &str) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("/proc/self/status: no {key}"))
+}
+
+/// `--idle-nas`: many NAS, no events, the daemon's default timings.
+pub async fn measure_idle(opts: &BenchOptions) -> anyhow::Result<IdleResult> {
+    let scratch_dir = ScratchDir::create("nasd-bench-idle")?;
+    let tmp = scratch_dir.path();
+    write_schemes(&tmp.join("schemes"))?;
+    let db = ScratchDb::create(
+        &opts.database,
+        &tmp.join("bench.db"),
+        &format!("nasd_bench_idle_{}", std::process::id()),
+    )
+    .await?;
+    let result = measure_idle_on(opts, &db.url, tmp).await;
+    db.remove().await;
+    result
+}
+
+async fn measure_idle_on(opts: &BenchOptions, url: &str, tmp: &Path) -> anyhow::Result<IdleResult> {
+    let mut cfg = Config::default();
+    cfg.database.url = url.to_string();
+    cfg.daemon.log_dir = tmp.join("log");
+    cfg.daemon.schemes_dir = tmp.join("schemes");
+    cfg.daemon.transport.known_hosts = tmp.join("known_hosts");
+    cfg.validate()?;
+    let store: Store = crate::daemon::open_store(&cfg).await?;
+    for n in 1..=opts.idle_nas {
+        store
+            .nas_upsert(&Nas {
+                scheme: Some("bench-exec".into()),
+                n_workers: 4,
+                ..Nas::new(
+                    n,
+                    &format!("idle{n}"),
+                    &format!("10.{}.{}.{}", 100 + n / 65536, (n / 256) % 256, n % 256),
+                )
+            })
+            .await?;
+    }
+    drop(store);
+    let shutdown = CancellationToken::new();
+    let started = Instant::now();
+    let daemon = crate::daemon::start(cfg, shutdown.clone()).await?;
+    let want = opts.idle_nas as usize;
+    let owners = loop {
+        let running = daemon.stats.snapshot().iter().filter(|s| s.running).count();
+        if running >= want {
+            break running;
+        }
+        if started.elapsed() > Duration::from_secs(600) {
+            anyhow::bail!("only {running} of {want} owners started within 600 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let started_in = started.elapsed();
+    // Let the start settle (every owner's first read of its window), then measure.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let calls_before = daemon.store.calls();
+    let cpu_before = process_cpu_ticks()?;
+    tokio::time::sleep(Duration::from_secs(opts.seconds.max(1))).await;
+    let cpu = process_cpu_ticks()?.saturating_sub(cpu_before);
+    let calls = daemon.store.calls().saturating_sub(calls_before);
+    let rss_kb = status_kb("VmRSS:")?;
+    let peak_rss_kb = status_kb("VmHWM:")?;
+    shutdown.cancel();
+    daemon.wait().await?;
+    Ok(IdleResult {
+        owners,
+        started_in,
+        cpu_percent: cpu as f64 / opts.seconds.max(1) as f64,
+        rss_kb,
+        peak_rss_kb,
+        calls,
+    })
 }
 
 /// Each NAS's `max_sessions`: `--max-sessions`, else one per worker up to 100.
