@@ -18,6 +18,7 @@ use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
 pub mod breaker;
+pub mod completer;
 pub mod lanes;
 pub mod outcome;
 pub mod retry;
@@ -51,6 +52,8 @@ pub struct Shared {
     pub stats: Arc<crate::stats::Stats>,
     /// Where NAS down / up transitions are announced (a no-op without `[alerts]`).
     pub alerts: crate::alerts::Alerts,
+    /// Records results, merging the batches of every owner into few transactions.
+    pub completer: completer::Completer,
 }
 
 /// How an owner is woken: by whoever put work in its stack (the expander after each
@@ -567,19 +570,16 @@ impl Owner {
                 }),
             }
         }
-        let applied: HashSet<i64> = match self
-            .shared
-            .store
-            .complete(&finishes, &reschedules, now)
-            .await
-        {
-            Ok(ids) => ids.into_iter().collect(),
-            Err(e) => {
-                self.uncommitted.extend(results);
-                self.db_failed("recording results", e);
-                return;
-            }
-        };
+        // Through the completer: other owners' results go into the same transaction.
+        let applied: HashSet<i64> =
+            match self.shared.completer.complete(finishes, reschedules).await {
+                Ok(ids) => ids.into_iter().collect(),
+                Err(e) => {
+                    self.uncommitted.extend(results);
+                    self.db_failed("recording results", e);
+                    return;
+                }
+            };
         self.db_retry_at = None;
         // A result the fence discarded is no outcome: it is neither counted nor fed to
         // the breaker nor journaled as one.
