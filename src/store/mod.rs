@@ -8,6 +8,8 @@ pub mod postgres;
 pub mod sqlite;
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -518,15 +520,29 @@ pub enum Store {
     Sqlite(sqlite::SqliteStore),
 }
 
+/// The number of calls a backend served, shared by its clones.
+#[derive(Clone, Default)]
+pub(crate) struct CallCounter(Arc<AtomicU64>);
+
+impl CallCounter {
+    fn count(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
 macro_rules! on_backend {
     ($self:expr, $s:ident => $body:expr) => {
         match $self {
             Store::Postgres($s) => {
-                $s.count_call();
+                $s.calls.count();
                 $body
             }
             Store::Sqlite($s) => {
-                $s.count_call();
+                $s.calls.count();
                 $body
             }
         }
@@ -551,8 +567,8 @@ impl Store {
     /// one statement or one transaction. Benchmarks print it per second.
     pub fn calls(&self) -> u64 {
         match self {
-            Store::Postgres(s) => s.calls(),
-            Store::Sqlite(s) => s.calls(),
+            Store::Postgres(s) => s.calls.get(),
+            Store::Sqlite(s) => s.calls.get(),
         }
     }
 

@@ -17,20 +17,11 @@ use crate::model::Vars;
 #[derive(Clone)]
 pub struct PgStore {
     /// Calls made through `Store` (each one statement or one transaction).
-    calls: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    pub(super) calls: super::CallCounter,
     pool: PgPool,
 }
 
 impl PgStore {
-    pub(super) fn count_call(&self) {
-        self.calls
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    pub(super) fn calls(&self) -> u64 {
-        self.calls.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
     /// Per NAS, the highest event id above `after_id` (new rows since the last look).
     pub async fn stack_heads_after(&self, after_id: i64) -> Result<Vec<(i64, i64)>, StoreError> {
         let rows = sqlx::query(
