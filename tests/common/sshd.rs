@@ -135,7 +135,10 @@ impl Sshd {
     }
 
     /// Kills sshd and every per-connection process it forked, so open sessions drop
-    /// as they would when a device reboots.
+    /// as they would when a device reboots. The sshd processes go first (parents before
+    /// children): killed the other way round, a session's sshd could see its command
+    /// die and report an exit status to the client, which would then read a command in
+    /// flight as finished instead of as a dropped connection.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let mut pids = vec![c.id()];
@@ -145,7 +148,7 @@ impl Sshd {
                 pids.extend(more);
                 i += 1;
             }
-            for pid in pids.iter().rev() {
+            for pid in &pids {
                 let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
             }
             let _ = c.wait();
