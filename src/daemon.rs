@@ -14,9 +14,6 @@ use crate::journal::Journal;
 use crate::store::Store;
 use crate::supervisor::{Supervisor, Wakers};
 
-/// Rows one completion transaction carries at most (results of many owners).
-const COMPLETE_ROWS: usize = 2000;
-
 /// Connects to the configured database and applies the migrations.
 pub async fn open_store(cfg: &Config) -> anyhow::Result<Store> {
     let store = Store::connect(&cfg.database.url, cfg.database.max_connections)
@@ -99,7 +96,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         cfg: cfg.daemon.clone(),
         stats: stats.clone(),
         alerts,
-        completer: crate::dispatch::completer::Completer::start(store.clone(), COMPLETE_ROWS),
+        batches: crate::dispatch::batch::Batches::start(store.clone(), cfg.daemon.lease),
     });
     let api = match (listener, &cfg.api) {
         (Some(listener), Some(api_cfg)) => {

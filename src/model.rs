@@ -141,7 +141,7 @@ pub struct NewStackEvent {
 }
 
 /// A row of `events_stack`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct StackEvent {
     pub id: i64,
     pub compact_id: Option<i64>,

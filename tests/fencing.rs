@@ -9,10 +9,13 @@ mod common;
 use std::time::Duration;
 
 use common::{Backend, TestEnv, add_accounts, event, nas, wait_for};
-use nasd::store::Store;
+use nasd::store::{Finish, Outcome, Store};
 use tokio_util::sync::CancellationToken;
 
-both_backends!(stale_claim_is_not_extended_and_its_result_is_discarded);
+both_backends!(
+    stale_claim_is_not_extended_and_its_result_is_discarded,
+    one_statement_serves_many_owners_each_row_under_its_own_token,
+);
 
 /// The token a "foreign owner" takes the event with.
 const FOREIGN_TOKEN: i64 = 777_777;
@@ -243,4 +246,155 @@ async fn stale_claim_is_not_extended_and_its_result_is_discarded(backend: Backen
         )),
         "{log}"
     );
+}
+
+/// The batchers merge the requests of many owners into one statement: each row must
+/// still be fenced by its own owner's token, exactly as in a statement of its own.
+async fn one_statement_serves_many_owners_each_row_under_its_own_token(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let store: Store = env.store().await;
+    let db = Db::open(&env).await;
+    for id in [1, 2] {
+        let script = env.path().join("unused.sh");
+        store
+            .nas_upsert(&nas(id, Some(&script), None, 2))
+            .await
+            .unwrap();
+    }
+    // Accounts 1 and 3 on NAS 1, 2 and 4 on NAS 2.
+    add_accounts(&store, 4, &[1, 2]).await;
+    store
+        .enqueue_compact(&(1..=4).map(|u| event("user_add", u)).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    let params_query = nasd::config::Config::default().database.params_query;
+    store.expand(&params_query, 100).await.unwrap();
+
+    // Two owners' windows in one call: each NAS's events, in id order.
+    let loaded = store
+        .load_windows(&[(2, 0, 100), (1, 0, 100)])
+        .await
+        .unwrap();
+    let of = |nas_id: i64| -> Vec<(i64, i64)> {
+        loaded
+            .iter()
+            .filter(|e| e.nas_id == nas_id)
+            .map(|e| (e.user_id, e.id))
+            .collect()
+    };
+    let (nas1, nas2) = (of(1), of(2));
+    assert_eq!(nas1.iter().map(|e| e.0).collect::<Vec<_>>(), vec![1, 3]);
+    assert_eq!(nas2.iter().map(|e| e.0).collect::<Vec<_>>(), vec![2, 4]);
+    assert!(nas1[0].1 < nas1[1].1 && nas2[0].1 < nas2[1].1);
+    // A window's limit holds per NAS, and `after_id` skips what the owner has read.
+    let again = store
+        .load_windows(&[(1, nas1[0].1, 100), (2, 0, 1)])
+        .await
+        .unwrap();
+    let mut again: Vec<i64> = again.iter().map(|e| e.id).collect();
+    again.sort();
+    let mut want = vec![nas1[1].1, nas2[0].1];
+    want.sort();
+    assert_eq!(again, want);
+
+    // Event of account 4 is held by a third owner whose lease has not run out.
+    let held = nas2[1].1;
+    let future_ms = chrono::Utc::now().timestamp_millis() + 600_000;
+    match &db {
+        Db::Pg(pool) => {
+            sqlx::query("UPDATE events_stack SET state = 'running' WHERE id = $1")
+                .bind(held)
+                .execute(pool)
+                .await
+                .unwrap();
+        }
+        Db::Sqlite(pool) => {
+            sqlx::query("UPDATE events_stack SET state = 'running' WHERE id = ?1")
+                .bind(held)
+                .execute(pool)
+                .await
+                .unwrap();
+        }
+    }
+    db.steal(held, future_ms).await;
+
+    // One claim statement for owner A (NAS 1, token 11) and owner B (NAS 2, token 22).
+    let (a, b) = (11i64, 22i64);
+    let now = chrono::Utc::now();
+    let claims = [(nas1[0].1, a), (nas1[1].1, a), (nas2[0].1, b), (held, b)];
+    let claimed = store
+        .claim(&claims, now, now + chrono::Duration::seconds(60))
+        .await
+        .unwrap();
+    let mut claimed: Vec<(i64, i32)> = claimed.iter().map(|c| (c.id, c.try_count)).collect();
+    claimed.sort();
+    let mut want: Vec<(i64, i32)> = vec![(nas1[0].1, 1), (nas1[1].1, 1), (nas2[0].1, 1)];
+    want.sort();
+    assert_eq!(
+        claimed, want,
+        "the held row must be left out, the rest taken once"
+    );
+    assert_eq!(db.claim_of(nas1[0].1).await.0, Some(a));
+    assert_eq!(db.claim_of(nas1[1].1).await.0, Some(a));
+    assert_eq!(db.claim_of(nas2[0].1).await.0, Some(b));
+    assert_eq!(
+        db.claim_of(held).await,
+        (Some(FOREIGN_TOKEN), Some(future_ms))
+    );
+
+    // One renewal for both owners: B's claim on the held row is not its own.
+    let mut renewed = store
+        .extend_leases(
+            &[(nas1[0].1, a), (nas2[0].1, b), (held, b)],
+            now + chrono::Duration::seconds(120),
+        )
+        .await
+        .unwrap();
+    renewed.sort();
+    let mut want = vec![nas1[0].1, nas2[0].1];
+    want.sort();
+    assert_eq!(renewed, want);
+    assert_eq!(
+        db.claim_of(held).await,
+        (Some(FOREIGN_TOKEN), Some(future_ms))
+    );
+
+    // One completion for both owners, one row with the wrong token: only the rows
+    // fenced by their own token are applied.
+    let finish = |id: i64, claim_token: i64| Finish {
+        id,
+        claim_token,
+        outcome: Outcome::Done,
+        commands: vec![format!("cmd {id}")],
+        answer: "ok".into(),
+        error: None,
+        duration_ms: 1,
+    };
+    let mut applied = store
+        .complete(
+            &[
+                finish(nas1[0].1, a),
+                finish(nas2[0].1, b),
+                finish(nas1[1].1, b),
+            ],
+            &[],
+            chrono::Utc::now(),
+        )
+        .await
+        .unwrap();
+    applied.sort();
+    let mut want = vec![nas1[0].1, nas2[0].1];
+    want.sort();
+    assert_eq!(applied, want);
+    assert_eq!(
+        db.claim_of(nas1[1].1).await.0,
+        Some(a),
+        "a foreign token finished a row"
+    );
+    assert_eq!(
+        db.stack_id(1).await,
+        None,
+        "account 1's event left the stack"
+    );
+    assert_eq!(db.stack_id(3).await, Some(nas1[1].1));
 }

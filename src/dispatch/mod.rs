@@ -17,8 +17,8 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
+pub mod batch;
 pub mod breaker;
-pub mod completer;
 pub mod lanes;
 pub mod outcome;
 pub mod retry;
@@ -52,8 +52,8 @@ pub struct Shared {
     pub stats: Arc<crate::stats::Stats>,
     /// Where NAS down / up transitions are announced (a no-op without `[alerts]`).
     pub alerts: crate::alerts::Alerts,
-    /// Records results, merging the batches of every owner into few transactions.
-    pub completer: completer::Completer,
+    /// Claims, completions and lease renewals, merged across owners into few statements.
+    pub batches: batch::Batches,
 }
 
 /// How an owner is woken: by whoever put work in its stack (the expander after each
@@ -284,8 +284,7 @@ impl Owner {
     /// fence when it arrives.
     async fn heartbeat(&mut self) {
         let claims: Vec<(i64, i64)> = self.in_flight.iter().map(|(id, t)| (*id, *t)).collect();
-        let until = Utc::now() + self.shared.cfg.lease;
-        match self.shared.store.extend_leases(&claims, until).await {
+        match self.shared.batches.renew(claims.clone()).await {
             Ok(extended) => {
                 if extended.len() < claims.len() {
                     let extended: HashSet<i64> = extended.into_iter().collect();
@@ -341,9 +340,10 @@ impl Owner {
             return;
         }
         let limit = (window - self.lanes.loaded()) as i64;
+        // Through the load batcher: the owners one expansion woke load together.
         match self
             .shared
-            .store
+            .batches
             .load_window(self.nas_id(), self.max_id, limit)
             .await
         {
@@ -409,14 +409,10 @@ impl Owner {
                 break t;
             }
         };
-        let now = Utc::now();
-        let ids: Vec<i64> = heads.iter().map(|(_, id)| *id).collect();
-        let claimed = match self
-            .shared
-            .store
-            .claim(&ids, token, now, now + self.shared.cfg.lease)
-            .await
-        {
+        // Through the claim batcher: other owners' claims go into the same statement,
+        // each row under its own owner's token.
+        let claims: Vec<(i64, i64)> = heads.iter().map(|(_, id)| (*id, token)).collect();
+        let claimed = match self.shared.batches.claim(claims).await {
             Ok(c) => c,
             Err(e) => {
                 let now = Instant::now();
@@ -570,16 +566,17 @@ impl Owner {
                 }),
             }
         }
-        // Through the completer: other owners' results go into the same transaction.
-        let applied: HashSet<i64> =
-            match self.shared.completer.complete(finishes, reschedules).await {
-                Ok(ids) => ids.into_iter().collect(),
-                Err(e) => {
-                    self.uncommitted.extend(results);
-                    self.db_failed("recording results", e);
-                    return;
-                }
-            };
+        // Through the completion batcher: other owners' results go into the same
+        // transaction.
+        let applied: HashSet<i64> = match self.shared.batches.complete(finishes, reschedules).await
+        {
+            Ok(ids) => ids.into_iter().collect(),
+            Err(e) => {
+                self.uncommitted.extend(results);
+                self.db_failed("recording results", e);
+                return;
+            }
+        };
         self.db_retry_at = None;
         // A result the fence discarded is no outcome: it is neither counted nor fed to
         // the breaker nor journaled as one.

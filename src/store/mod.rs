@@ -634,29 +634,32 @@ impl Store {
         on_backend!(self, s => s.expand(params_query, limit).await)
     }
 
-    /// Events of one NAS with id > `after_id`, in id order.
-    pub async fn load_window(
+    /// For each `(nas_id, after_id, limit)`: up to `limit` events of that NAS with id >
+    /// `after_id`; in id order (so each NAS's events are in id order too). One call may
+    /// serve the windows of many owners.
+    pub async fn load_windows(
         &self,
-        nas_id: i64,
-        after_id: i64,
-        limit: i64,
+        windows: &[(i64, i64, i64)],
     ) -> Result<Vec<StackEvent>, StoreError> {
-        on_backend!(self, s => s.load_window(nas_id, after_id, limit).await)
+        if windows.is_empty() {
+            return Ok(Vec::new());
+        }
+        on_backend!(self, s => s.load_windows(windows).await)
     }
 
-    /// Marks events running under `claim_token` until `lease_until`, if they are ready or
-    /// their lease has expired. Returns what was taken.
+    /// Marks each `(id, claim token)` running under its own token until `lease_until`,
+    /// if it is ready or its lease has expired. Returns what was taken. One call may
+    /// carry the claims of many owners (each row fenced by its own token).
     pub async fn claim(
         &self,
-        ids: &[i64],
-        claim_token: i64,
+        claims: &[(i64, i64)],
         now: DateTime<Utc>,
         lease_until: DateTime<Utc>,
     ) -> Result<Vec<Claimed>, StoreError> {
-        if ids.is_empty() {
+        if claims.is_empty() {
             return Ok(Vec::new());
         }
-        on_backend!(self, s => s.claim(ids, claim_token, now, lease_until).await)
+        on_backend!(self, s => s.claim(claims, now, lease_until).await)
     }
 
     /// Records results in one transaction, fenced by claim token. Returns the ids applied

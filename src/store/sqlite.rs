@@ -358,59 +358,74 @@ impl SqliteStore {
         })
     }
 
-    pub async fn load_window(
+    pub async fn load_windows(
         &self,
-        nas_id: i64,
-        after_id: i64,
-        limit: i64,
+        windows: &[(i64, i64, i64)],
     ) -> Result<Vec<StackEvent>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id, compact_id, event_date, enqueued_at, cmd, user_id, abonent_id, nas_id, \
-             usluga_id, acct_session_id, params, try_count, state, retry_at, claim_token, \
-             lease_until, last_error FROM events_stack WHERE nas_id = ?1 AND id > ?2 \
-             ORDER BY id LIMIT ?3",
-        )
-        .bind(nas_id)
-        .bind(after_id)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await
-        .ctx("load events")?;
-        rows.iter()
-            .map(stack_from_row)
-            .collect::<Result<_, _>>()
-            .ctx("load events")
+        // In-process: one query per window costs no round trip worth merging.
+        let mut events = Vec::new();
+        for (nas_id, after_id, limit) in windows {
+            let rows = sqlx::query(
+                "SELECT id, compact_id, event_date, enqueued_at, cmd, user_id, abonent_id, nas_id, \
+                 usluga_id, acct_session_id, params, try_count, state, retry_at, claim_token, \
+                 lease_until, last_error FROM events_stack WHERE nas_id = ?1 AND id > ?2 \
+                 ORDER BY id LIMIT ?3",
+            )
+            .bind(nas_id)
+            .bind(after_id)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+            .ctx("load events")?;
+            for row in &rows {
+                events.push(stack_from_row(row).ctx("load events")?);
+            }
+        }
+        Ok(events)
     }
 
     pub async fn claim(
         &self,
-        ids: &[i64],
-        claim_token: i64,
+        claims: &[(i64, i64)],
         now: DateTime<Utc>,
         lease_until: DateTime<Utc>,
     ) -> Result<Vec<Claimed>, StoreError> {
-        let mut claimed = Vec::with_capacity(ids.len());
-        // SQLite caps bound parameters; claim in slices well under the limit.
-        for chunk in ids.chunks(500) {
-            let sql = format!(
-                "UPDATE events_stack SET state = 'running', claim_token = ?1, claimed_at = ?2, \
-                 lease_until = ?3, try_count = try_count + 1 WHERE id IN ({}) \
-                 AND (state = 'ready' OR lease_until < ?2) RETURNING id, try_count",
-                placeholders(4, chunk.len())
-            );
-            let mut q = sqlx::query_as::<_, (i64, i32)>(&sql)
-                .bind(claim_token)
-                .bind(ms(now))
-                .bind(ms(lease_until));
-            for id in chunk {
-                q = q.bind(id);
-            }
-            let rows = q.fetch_all(&self.pool).await.ctx("claim events")?;
-            claimed.extend(
-                rows.into_iter()
-                    .map(|(id, try_count)| Claimed { id, try_count }),
-            );
+        // One statement per token (one per owner in the batch), all in one transaction.
+        let mut by_token: std::collections::HashMap<i64, Vec<i64>> =
+            std::collections::HashMap::new();
+        for (id, token) in claims {
+            by_token.entry(*token).or_default().push(*id);
         }
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .ctx("claim events")?;
+        let mut claimed = Vec::with_capacity(claims.len());
+        for (token, ids) in &by_token {
+            // SQLite caps bound parameters; claim in slices well under the limit.
+            for chunk in ids.chunks(500) {
+                let sql = format!(
+                    "UPDATE events_stack SET state = 'running', claim_token = ?1, claimed_at = ?2, \
+                     lease_until = ?3, try_count = try_count + 1 WHERE id IN ({}) \
+                     AND (state = 'ready' OR lease_until < ?2) RETURNING id, try_count",
+                    placeholders(4, chunk.len())
+                );
+                let mut q = sqlx::query_as::<_, (i64, i32)>(&sql)
+                    .bind(token)
+                    .bind(ms(now))
+                    .bind(ms(lease_until));
+                for id in chunk {
+                    q = q.bind(id);
+                }
+                let rows = q.fetch_all(&mut *tx).await.ctx("claim events")?;
+                claimed.extend(
+                    rows.into_iter()
+                        .map(|(id, try_count)| Claimed { id, try_count }),
+                );
+            }
+        }
+        tx.commit().await.ctx("claim events: commit")?;
         Ok(claimed)
     }
 

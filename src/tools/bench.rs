@@ -79,6 +79,12 @@ pub struct BenchOptions {
     /// Idle mode: how long to measure.
     #[arg(long, default_value_t = 60)]
     pub seconds: u64,
+    /// First run the same events spread over this many NAS with the default 64 workers
+    /// (the reference), then this run, and print this run's rate as a share of the
+    /// reference's, measured in the same minute (the many-NAS check: `--nas 1000
+    /// --workers 4 --compare-nas 2`).
+    #[arg(long, default_value_t = 0)]
+    pub compare_nas: i64,
 }
 
 pub struct BenchResult {
@@ -368,6 +374,17 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
         );
         return Ok(());
     }
+    let reference = if opts.compare_nas > 0 {
+        let reference_opts = BenchOptions {
+            nas: opts.compare_nas,
+            workers: 64,
+            compare_nas: 0,
+            ..opts.clone()
+        };
+        Some(measure(&reference_opts).await?)
+    } else {
+        None
+    };
     let result = measure(&opts).await?;
     println!(
         "bench: database={} transport={} events={} accounts={} nas={} workers={} max_sessions={} latency={} rate={}",
@@ -399,6 +416,17 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
         result.p99_ms,
         result.failed
     );
+    if let Some(reference) = reference {
+        let rate = |r: &BenchResult| r.events as f64 / r.elapsed.as_secs_f64().max(1e-9);
+        println!(
+            "bench: reference nas={} workers=64: {} events in {:.2}s = {:.0} events/s; this run reaches {:.0}% of it",
+            opts.compare_nas,
+            reference.events,
+            reference.elapsed.as_secs_f64(),
+            rate(&reference),
+            100.0 * rate(&result) / rate(&reference).max(1e-9)
+        );
+    }
     if let Some((serial, parallel)) = result.baseline {
         println!(
             "bench: process per command (new `ssh` client and connection each, as the original daemon): {serial:.1} commands/s serial, {parallel:.1} commands/s 8 in parallel"
