@@ -257,6 +257,10 @@ impl Owner {
                 biased;
                 _ = self.stop.cancelled(), if stopping_since.is_none() => {}
                 Some(first) = self.results_rx.recv() => {
+                    // Attempts started together tend to end together: let the workers
+                    // that are about to report do so, so that their results share this
+                    // completion instead of waiting for the next one.
+                    tokio::task::yield_now().await;
                     let mut batch = vec![*first];
                     while let Ok(more) = self.results_rx.try_recv() {
                         batch.push(*more);

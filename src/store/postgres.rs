@@ -19,7 +19,13 @@ pub struct PgStore {
     /// Calls made through `Store` (each one statement or one transaction).
     pub(super) calls: super::CallCounter,
     pool: PgPool,
+    /// `params_query` -> its form for many users in one statement, or None when the
+    /// server refused that form (then each user is looked up on its own).
+    batched_params: std::sync::Arc<std::sync::Mutex<Option<BatchedParams>>>,
 }
+
+/// A `params_query` and its batched form (None: run per user).
+type BatchedParams = (String, Option<String>);
 
 impl PgStore {
     /// Per NAS, the highest event id above `after_id` (new rows since the last look).
@@ -41,12 +47,18 @@ impl PgStore {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(std::time::Duration::from_secs(10))
+            // No ping before each statement (sqlx's default is one extra round trip per
+            // acquire, doubling the cost of a short statement): a connection that broke
+            // while idle fails its statement instead, which every caller already treats
+            // as the database being away for a moment (retried), and sqlx closes it.
+            .test_before_acquire(false)
             .connect(url)
             .await
             .ctx("connect")?;
         Ok(PgStore {
             calls: Default::default(),
             pool,
+            batched_params: Default::default(),
         })
     }
 
@@ -243,11 +255,33 @@ impl PgStore {
         let nas_by_ip: HashMap<String, i64> =
             nas.iter().map(|(id, ip)| (ip.clone(), *id)).collect();
         let nas_ids: Vec<i64> = nas.iter().map(|(id, _)| *id).collect();
-        let mut params: HashMap<i64, Option<Vars>> = HashMap::new();
-        for row in &compact {
-            if let std::collections::hash_map::Entry::Vacant(slot) = params.entry(row.event.user_id)
-            {
-                slot.insert(params_for(&mut tx, params_query, row.event.user_id).await?);
+        let mut users: Vec<i64> = compact.iter().map(|r| r.event.user_id).collect();
+        users.sort_unstable();
+        users.dedup();
+        let mut params: HashMap<i64, Option<Vars>> = HashMap::with_capacity(users.len());
+        match self.batched_params_query(params_query).await? {
+            Some(batched) => {
+                // One statement for every user of the batch instead of one each.
+                let rows = sqlx::query(&batched)
+                    .bind(&users)
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(|e| StoreError::ParamsQuery(e.to_string()))?;
+                for row in &rows {
+                    let user_id: i64 = row
+                        .try_get(0)
+                        .map_err(|e| StoreError::ParamsQuery(e.to_string()))?;
+                    let vars = row_to_vars(row, 1).map_err(StoreError::ParamsQuery)?;
+                    params.insert(user_id, Some(vars));
+                }
+                for user_id in users {
+                    params.entry(user_id).or_insert(None);
+                }
+            }
+            None => {
+                for user_id in users {
+                    params.insert(user_id, params_for(&mut tx, params_query, user_id).await?);
+                }
             }
         }
         let (events, failures) = plan_expansion(&compact, &params, &nas_by_ip, &nas_ids);
@@ -364,13 +398,11 @@ impl PgStore {
         lease_until: DateTime<Utc>,
     ) -> Result<Vec<Claimed>, StoreError> {
         let (ids, tokens): (Vec<i64>, Vec<i64>) = claims.iter().copied().unzip();
-        let mut tx = self.pool.begin().await.ctx("claim events")?;
-        sqlx::query("SET LOCAL synchronous_commit = off")
-            .execute(&mut *tx)
-            .await
-            .ctx("claim events")?;
+        // One round trip: the statement's own implicit transaction commits with the
+        // setting it made (set_config(..., true) lasts until that commit).
         let rows: Vec<(i64, i32)> = sqlx::query_as(
-            "WITH f AS (SELECT * FROM unnest($1::bigint[], $2::bigint[]) AS f(id, tok)), \
+            "WITH sc AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true)), \
+             f AS (SELECT u.* FROM sc, unnest($1::bigint[], $2::bigint[]) AS u(id, tok)), \
              c AS MATERIALIZED (SELECT s.id, f.tok FROM events_stack s JOIN f ON s.id = f.id \
              WHERE (s.state = 'ready' OR s.lease_until < $3) FOR UPDATE OF s SKIP LOCKED) \
              UPDATE events_stack s SET state = 'running', claim_token = c.tok, claimed_at = $3, \
@@ -381,86 +413,75 @@ impl PgStore {
         .bind(&tokens)
         .bind(now)
         .bind(lease_until)
-        .fetch_all(&mut *tx)
+        .fetch_all(&self.pool)
         .await
         .ctx("claim events")?;
-        tx.commit().await.ctx("claim events: commit")?;
         Ok(rows
             .into_iter()
             .map(|(id, try_count)| Claimed { id, try_count })
             .collect())
     }
 
+    /// Records finishes and reschedules in one statement (its own transaction, one
+    /// round trip): data-modifying CTEs of one statement commit or fail together.
     pub async fn complete(
         &self,
         finishes: &[Finish],
         reschedules: &[Reschedule],
         now: DateTime<Utc>,
     ) -> Result<Vec<i64>, StoreError> {
-        let mut tx = self.pool.begin().await.ctx("complete events")?;
-        let mut applied = Vec::with_capacity(finishes.len() + reschedules.len());
-        if !finishes.is_empty() {
-            let ids: Vec<i64> = finishes.iter().map(|f| f.id).collect();
-            let tokens: Vec<i64> = finishes.iter().map(|f| f.claim_token).collect();
-            let outcomes: Vec<&str> = finishes.iter().map(|f| f.outcome.as_str()).collect();
-            let commands: Vec<String> = finishes
-                .iter()
-                .map(|f| serde_json::to_string(&f.commands).unwrap_or_else(|_| "[]".into()))
-                .collect();
-            let answers: Vec<&str> = finishes.iter().map(|f| f.answer.as_str()).collect();
-            let errors: Vec<Option<&str>> = finishes.iter().map(|f| f.error.as_deref()).collect();
-            let durations: Vec<i64> = finishes.iter().map(|f| f.duration_ms).collect();
-            let done: Vec<i64> = sqlx::query_scalar(
-                "WITH f AS (SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], \
-                 $5::text[], $6::text[], $7::bigint[]) AS f(id, tok, outcome, commands, answer, error, \
-                 duration_ms)), \
-                 moved AS (DELETE FROM events_stack s USING f WHERE s.id = f.id AND s.claim_token = f.tok \
-                 RETURNING s.*, f.outcome AS f_outcome, f.commands AS f_commands, f.answer AS f_answer, \
-                 f.error AS f_error, f.duration_ms AS f_duration) \
-                 INSERT INTO events_history (event_id, compact_id, event_date, enqueued_at, cmd, user_id, \
-                 abonent_id, nas_id, usluga_id, acct_session_id, params, outcome, attempts, commands, \
-                 answer, error, duration_ms, finished_at) \
-                 SELECT id, compact_id, event_date, enqueued_at, cmd, user_id, abonent_id, nas_id, \
-                 usluga_id, acct_session_id, params, f_outcome, try_count, f_commands::jsonb, f_answer, \
-                 f_error, f_duration, $8 FROM moved ORDER BY id RETURNING event_id",
-            )
-            .bind(&ids)
-            .bind(&tokens)
-            .bind(&outcomes)
-            .bind(&commands)
-            .bind(&answers)
-            .bind(&errors)
-            .bind(&durations)
-            .bind(now)
-            .fetch_all(&mut *tx)
-            .await
-            .ctx("finish events")?;
-            applied.extend(done);
-        }
-        if !reschedules.is_empty() {
-            let ids: Vec<i64> = reschedules.iter().map(|r| r.id).collect();
-            let tokens: Vec<i64> = reschedules.iter().map(|r| r.claim_token).collect();
-            let retry_at: Vec<DateTime<Utc>> = reschedules.iter().map(|r| r.retry_at).collect();
-            let errors: Vec<&str> = reschedules.iter().map(|r| r.error.as_str()).collect();
-            let refunds: Vec<i32> = reschedules.iter().map(|r| i32::from(r.refund)).collect();
-            let done: Vec<i64> = sqlx::query_scalar(
-                "UPDATE events_stack s SET state = 'ready', retry_at = f.retry_at, last_error = f.error, \
-                 claim_token = NULL, lease_until = NULL, try_count = s.try_count - f.refund \
-                 FROM unnest($1::bigint[], $2::bigint[], \
-                 $3::timestamptz[], $4::text[], $5::int[]) AS f(id, tok, retry_at, error, refund) \
-                 WHERE s.id = f.id AND s.claim_token = f.tok RETURNING s.id",
-            )
-            .bind(&ids)
-            .bind(&tokens)
-            .bind(&retry_at)
-            .bind(&errors)
-            .bind(&refunds)
-            .fetch_all(&mut *tx)
-            .await
-            .ctx("reschedule events")?;
-            applied.extend(done);
-        }
-        tx.commit().await.ctx("complete events: commit")?;
+        let ids: Vec<i64> = finishes.iter().map(|f| f.id).collect();
+        let tokens: Vec<i64> = finishes.iter().map(|f| f.claim_token).collect();
+        let outcomes: Vec<&str> = finishes.iter().map(|f| f.outcome.as_str()).collect();
+        let commands: Vec<String> = finishes
+            .iter()
+            .map(|f| serde_json::to_string(&f.commands).unwrap_or_else(|_| "[]".into()))
+            .collect();
+        let answers: Vec<&str> = finishes.iter().map(|f| f.answer.as_str()).collect();
+        let errors: Vec<Option<&str>> = finishes.iter().map(|f| f.error.as_deref()).collect();
+        let durations: Vec<i64> = finishes.iter().map(|f| f.duration_ms).collect();
+        let r_ids: Vec<i64> = reschedules.iter().map(|r| r.id).collect();
+        let r_tokens: Vec<i64> = reschedules.iter().map(|r| r.claim_token).collect();
+        let retry_at: Vec<DateTime<Utc>> = reschedules.iter().map(|r| r.retry_at).collect();
+        let r_errors: Vec<&str> = reschedules.iter().map(|r| r.error.as_str()).collect();
+        let refunds: Vec<i32> = reschedules.iter().map(|r| i32::from(r.refund)).collect();
+        let applied: Vec<i64> = sqlx::query_scalar(
+            "WITH f AS (SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], \
+             $5::text[], $6::text[], $7::bigint[]) AS f(id, tok, outcome, commands, answer, error, \
+             duration_ms)), \
+             moved AS (DELETE FROM events_stack s USING f WHERE s.id = f.id AND s.claim_token = f.tok \
+             RETURNING s.*, f.outcome AS f_outcome, f.commands AS f_commands, f.answer AS f_answer, \
+             f.error AS f_error, f.duration_ms AS f_duration), \
+             finished AS (INSERT INTO events_history (event_id, compact_id, event_date, enqueued_at, \
+             cmd, user_id, abonent_id, nas_id, usluga_id, acct_session_id, params, outcome, attempts, \
+             commands, answer, error, duration_ms, finished_at) \
+             SELECT id, compact_id, event_date, enqueued_at, cmd, user_id, abonent_id, nas_id, \
+             usluga_id, acct_session_id, params, f_outcome, try_count, f_commands::jsonb, f_answer, \
+             f_error, f_duration, $8 FROM moved ORDER BY id RETURNING event_id), \
+             rescheduled AS (UPDATE events_stack s SET state = 'ready', retry_at = r.retry_at, \
+             last_error = r.error, claim_token = NULL, lease_until = NULL, \
+             try_count = s.try_count - r.refund \
+             FROM unnest($9::bigint[], $10::bigint[], $11::timestamptz[], $12::text[], $13::int[]) \
+             AS r(id, tok, retry_at, error, refund) \
+             WHERE s.id = r.id AND s.claim_token = r.tok RETURNING s.id) \
+             SELECT event_id FROM finished UNION ALL SELECT id FROM rescheduled",
+        )
+        .bind(&ids)
+        .bind(&tokens)
+        .bind(&outcomes)
+        .bind(&commands)
+        .bind(&answers)
+        .bind(&errors)
+        .bind(&durations)
+        .bind(now)
+        .bind(&r_ids)
+        .bind(&r_tokens)
+        .bind(&retry_at)
+        .bind(&r_errors)
+        .bind(&refunds)
+        .fetch_all(&self.pool)
+        .await
+        .ctx("complete events")?;
         Ok(applied)
     }
 
@@ -470,26 +491,22 @@ impl PgStore {
         lease_until: DateTime<Utc>,
     ) -> Result<Vec<i64>, StoreError> {
         let (ids, tokens): (Vec<i64>, Vec<i64>) = claims.iter().copied().unzip();
-        // Asynchronous commit, as for claims: only a crash of the server can lose a
-        // renewal, and that ends every session holding a lease anyway.
-        let mut tx = self.pool.begin().await.ctx("extend leases")?;
-        sqlx::query("SET LOCAL synchronous_commit = off")
-            .execute(&mut *tx)
-            .await
-            .ctx("extend leases")?;
+        // Asynchronous commit, as for claims (one round trip, the same way): only a
+        // crash of the server can lose a renewal, and that ends every session holding
+        // a lease anyway.
         let extended: Vec<i64> = sqlx::query_scalar(
-            "UPDATE events_stack s SET lease_until = $3 \
-             FROM unnest($1::bigint[], $2::bigint[]) AS f(id, tok) \
+            "WITH sc AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true)) \
+             UPDATE events_stack s SET lease_until = $3 \
+             FROM sc, unnest($1::bigint[], $2::bigint[]) AS f(id, tok) \
              WHERE s.id = f.id AND s.claim_token = f.tok AND s.state = 'running' \
              RETURNING s.id",
         )
         .bind(&ids)
         .bind(&tokens)
         .bind(lease_until)
-        .fetch_all(&mut *tx)
+        .fetch_all(&self.pool)
         .await
         .ctx("extend leases")?;
-        tx.commit().await.ctx("extend leases: commit")?;
         Ok(extended)
     }
 
@@ -623,6 +640,95 @@ fn nas_from_row(r: &PgRow) -> Result<Nas, sqlx::Error> {
     })
 }
 
+impl PgStore {
+    /// The batched form of `params_query` (see `lateral_params_query`), checked once
+    /// against the server: a query the form does not suit (the server refuses it) is
+    /// run per user as written.
+    async fn batched_params_query(&self, params_query: &str) -> Result<Option<String>, StoreError> {
+        if let Ok(cached) = self.batched_params.lock()
+            && let Some((query, batched)) = cached.as_ref()
+            && query == params_query
+        {
+            return Ok(batched.clone());
+        }
+        let batched = match lateral_params_query(params_query) {
+            None => None,
+            Some(batched) => {
+                match sqlx::query(&batched)
+                    .bind(Vec::<i64>::new())
+                    .fetch_all(&self.pool)
+                    .await
+                {
+                    Ok(_) => Some(batched),
+                    Err(sqlx::Error::Database(e)) => {
+                        tracing::info!(
+                            "params_query is run once per user: its batched form was refused ({e})"
+                        );
+                        None
+                    }
+                    Err(e) => {
+                        return Err(StoreError::Sql {
+                            context: "params_query",
+                            source: e,
+                        });
+                    }
+                }
+            }
+        };
+        if let Ok(mut cached) = self.batched_params.lock() {
+            *cached = Some((params_query.to_string(), batched.clone()));
+        }
+        Ok(batched)
+    }
+}
+
+/// `params_query` for many users in one statement: the query (its `$1` replaced by
+/// each user id of the array `$1`) runs as a LATERAL subquery per user, keeping its
+/// first row as a lookup of its own would. The first column is the user id. None when
+/// the query has no `$1` outside quotes, or other parameters.
+fn lateral_params_query(params_query: &str) -> Option<String> {
+    let query = params_query.trim().trim_end_matches(';').trim_end();
+    let bytes = query.as_bytes();
+    let mut out = String::with_capacity(query.len() + 160);
+    let mut found = false;
+    let mut quote: Option<u8> = None;
+    let mut i = 0;
+    while i < bytes.len() {
+        let c = bytes[i];
+        match quote {
+            Some(q) if c == q => quote = None,
+            Some(_) => {}
+            None if c == b'\'' || c == b'"' => quote = Some(c),
+            None if c == b'$' && bytes.get(i + 1).is_some_and(u8::is_ascii_digit) => {
+                let digits = bytes[i + 1..]
+                    .iter()
+                    .take_while(|b| b.is_ascii_digit())
+                    .count();
+                if &query[i + 1..i + 1 + digits] != "1" {
+                    return None;
+                }
+                out.push_str("nasd_u.uid");
+                found = true;
+                i += 1 + digits;
+                continue;
+            }
+            None if c == b'$' => return None, // dollar quoting: leave the query alone
+            None => {}
+        }
+        // Copy one whole UTF-8 character.
+        let len = query[i..].chars().next().map_or(1, char::len_utf8);
+        out.push_str(&query[i..i + len]);
+        i += len;
+    }
+    if !found || quote.is_some() {
+        return None;
+    }
+    Some(format!(
+        "SELECT nasd_u.uid, nasd_p.* FROM unnest($1::bigint[]) AS nasd_u(uid) \
+         CROSS JOIN LATERAL (SELECT * FROM ({out}) AS nasd_q LIMIT 1) AS nasd_p"
+    ))
+}
+
 async fn params_for(
     conn: &mut sqlx::PgConnection,
     params_query: &str,
@@ -635,16 +741,18 @@ async fn params_for(
         .map_err(|e| StoreError::ParamsQuery(format!("user_id={user_id}: {e}")))?;
     match row {
         None => Ok(None),
-        Some(row) => row_to_vars(&row).map(Some).map_err(StoreError::ParamsQuery),
+        Some(row) => row_to_vars(&row, 0)
+            .map(Some)
+            .map_err(StoreError::ParamsQuery),
     }
 }
 
 /// Turns one row of `params_query` into variables. NULL columns are left out, so a
 /// template that needs them fails with "undefined variable"; a JSON object column named
 /// `extra` is merged in.
-fn row_to_vars(row: &PgRow) -> Result<Vars, String> {
+fn row_to_vars(row: &PgRow, skip: usize) -> Result<Vars, String> {
     let mut vars = Vars::new();
-    for (i, col) in row.columns().iter().enumerate() {
+    for (i, col) in row.columns().iter().enumerate().skip(skip) {
         let name = col.name();
         let raw = row.try_get_raw(i).map_err(|e| e.to_string())?;
         if raw.is_null() {
@@ -966,6 +1074,52 @@ impl PgStore {
             size: self.pool.size(),
             idle: self.pool.num_idle() as u32,
             max: self.pool.options().get_max_connections(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lateral_params_query;
+
+    #[test]
+    fn params_query_batched_form() {
+        let wrap = |inner: &str| {
+            format!(
+                "SELECT nasd_u.uid, nasd_p.* FROM unnest($1::bigint[]) AS nasd_u(uid) \
+                 CROSS JOIN LATERAL (SELECT * FROM ({inner}) AS nasd_q LIMIT 1) AS nasd_p"
+            )
+        };
+        let cases: &[(&str, Option<&str>)] = &[
+            (
+                "SELECT ip FROM accounts WHERE user_id = $1",
+                Some("SELECT ip FROM accounts WHERE user_id = nasd_u.uid"),
+            ),
+            // Every $1, a cast, a trailing semicolon, quotes left alone.
+            (
+                "SELECT 'a$1' AS \"x$1\", ip FROM a WHERE id = $1::int OR owner = $1;  ",
+                Some(
+                    "SELECT 'a$1' AS \"x$1\", ip FROM a WHERE id = nasd_u.uid::int OR owner = nasd_u.uid",
+                ),
+            ),
+            (
+                "SELECT 'é', ip FROM a WHERE id = $1",
+                Some("SELECT 'é', ip FROM a WHERE id = nasd_u.uid"),
+            ),
+            // Not this form: no parameter, another parameter, $10, dollar quoting,
+            // an unclosed quote.
+            ("SELECT ip FROM a WHERE id = 1", None),
+            ("SELECT ip FROM a WHERE id = $1 AND n = $2", None),
+            ("SELECT ip FROM a WHERE id = $10", None),
+            ("SELECT $$x$$, ip FROM a WHERE id = $1", None),
+            ("SELECT 'x FROM a WHERE id = $1", None),
+        ];
+        for (query, want) in cases {
+            assert_eq!(
+                lateral_params_query(query),
+                want.map(wrap),
+                "query: {query}"
+            );
         }
     }
 }
