@@ -19,6 +19,7 @@ both_backends!(
     bad_templates_and_unknown_cmds_fail_with_reason,
     pools_resize_and_nas_come_and_go_without_restart,
     user_info_goes_first_but_never_past_the_event_in_flight,
+    params_query_forms_give_the_same_variables,
 );
 
 fn start(
@@ -589,4 +590,101 @@ async fn user_info_goes_first_but_never_past_the_event_in_flight(backend: Backen
         env.read("order.log"),
         "user_add\nuser_info\nuser_drop\nuser_rate_set\n"
     );
+}
+
+/// The expander looks up a whole batch's accounts at once where it can (PostgreSQL:
+/// the query as a LATERAL subquery) and per user otherwise; both give each event the
+/// variables its own lookup would, and an account without a row fails with the reason.
+async fn params_query_forms_give_the_same_variables(backend: Backend) {
+    let mut queries = vec![
+        // The default query: batched on PostgreSQL.
+        nasd::config::Config::default().database.params_query,
+    ];
+    if backend == Backend::Postgres {
+        // $1 twice, a cast, a literal holding "$1", an ORDER BY: batched too.
+        queries.push(
+            "SELECT user_id, nas_id, ip, login, '$1' AS tag FROM accounts \
+             WHERE user_id = $1::bigint AND abonent_id > 0 AND user_id = $1 ORDER BY ip"
+                .to_string(),
+        );
+        // A data-modifying WITH is refused inside a subquery: run per user.
+        queries.push(
+            "WITH touched AS (UPDATE accounts SET login = login WHERE user_id = $1 \
+             RETURNING *) SELECT user_id, nas_id, ip, login, '$1' AS tag FROM touched"
+                .to_string(),
+        );
+    }
+    for (n, query) in queries.iter().enumerate() {
+        let env = TestEnv::new(backend).await;
+        let store = env.store().await;
+        let script = env.path().join("unused.sh");
+        store
+            .nas_upsert(&nas(1, Some(&script), None, 2))
+            .await
+            .unwrap();
+        add_accounts(&store, 3, &[1]).await;
+        // Account 9 has no row; account 2 appears twice in the batch.
+        store
+            .enqueue_compact(&[
+                event("user_add", 1),
+                event("user_add", 2),
+                event("user_add", 9),
+                event("user_drop", 2),
+                event("user_add", 3),
+            ])
+            .await
+            .unwrap();
+        let report = store
+            .expand(query, 100)
+            .await
+            .unwrap_or_else(|e| panic!("query {n}: {e}"));
+        assert_eq!((report.expanded, report.failed), (4, 1), "query {n}");
+        let events = store.load_windows(&[(1, 0, 100)]).await.unwrap();
+        let seen: Vec<(i64, String, Option<String>, Option<String>)> = events
+            .iter()
+            .map(|e| {
+                let text = |k: &str| {
+                    e.params
+                        .get(k)
+                        .map(|v| v.as_str().unwrap_or("").to_string())
+                };
+                (e.user_id, e.cmd.clone(), text("ip"), text("login"))
+            })
+            .collect();
+        let want = |u: i64, cmd: &str| {
+            (
+                u,
+                cmd.to_string(),
+                Some(format!("10.88.0.{}", u + 1)),
+                Some(format!("user{u}")),
+            )
+        };
+        assert_eq!(
+            seen,
+            vec![
+                want(1, "user_add"),
+                want(2, "user_add"),
+                want(2, "user_drop"),
+                want(3, "user_add")
+            ],
+            "query {n}"
+        );
+        if n > 0 {
+            for e in &events {
+                assert_eq!(
+                    e.params.get("tag").and_then(|v| v.as_str()),
+                    Some("$1"),
+                    "query {n}"
+                );
+            }
+        }
+        let history = store.history(None, 10).await.unwrap();
+        assert_eq!(history.len(), 1, "query {n}");
+        assert_eq!(history[0].user_id, 9);
+        assert_eq!(
+            history[0].error.as_deref(),
+            Some("unknown account user_id=9"),
+            "query {n}"
+        );
+    }
 }
