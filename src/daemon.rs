@@ -23,62 +23,6 @@ pub async fn open_store(cfg: &Config) -> anyhow::Result<Store> {
     Ok(store)
 }
 
-/// SQLite is one daemon: `nasd run` holds an exclusive lock on `<database>.daemon.lock`
-/// (with its pid inside) for as long as it runs; the kernel drops it when the process
-/// ends, however it ends. None for PostgreSQL and in-memory databases.
-fn lock_sqlite(url: &str) -> anyhow::Result<Option<std::fs::File>> {
-    use std::io::{Read, Seek, Write};
-    if !url.starts_with("sqlite:") {
-        return Ok(None);
-    }
-    let opts: sqlx::sqlite::SqliteConnectOptions = url
-        .parse()
-        .with_context(|| "parsing [database] url".to_string())?;
-    let db = opts.get_filename();
-    if db.as_os_str().is_empty() || db.as_os_str() == ":memory:" {
-        return Ok(None);
-    }
-    let mut lock_path = db.as_os_str().to_owned();
-    lock_path.push(".daemon.lock");
-    let lock_path = std::path::PathBuf::from(lock_path);
-    if let Some(dir) = lock_path.parent()
-        && !dir.as_os_str().is_empty()
-    {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&lock_path)
-        .with_context(|| format!("opening {}", lock_path.display()))?;
-    match file.try_lock() {
-        Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => {
-            let mut holder = String::new();
-            let _ = file.read_to_string(&mut holder);
-            let holder = holder.trim();
-            anyhow::bail!(
-                "the SQLite database {} is in use by another `nasd run` (pid {}, lock {}): \
-                 one SQLite database serves one daemon. To run several daemons on one \
-                 queue, put nasd on PostgreSQL ([database] url = \"postgres://...\")",
-                db.display(),
-                if holder.is_empty() { "unknown" } else { holder },
-                lock_path.display()
-            );
-        }
-        Err(std::fs::TryLockError::Error(e)) => {
-            return Err(e).with_context(|| format!("locking {}", lock_path.display()));
-        }
-    }
-    file.set_len(0)
-        .and_then(|_| file.rewind())
-        .and_then(|_| writeln!(file, "{}", std::process::id()))
-        .with_context(|| format!("writing {}", lock_path.display()))?;
-    Ok(Some(file))
-}
-
 fn backend_of(url: &str) -> &'static str {
     if url.starts_with("sqlite:") {
         "sqlite"
@@ -115,8 +59,6 @@ impl Running {
 /// Connects, migrates, opens the logs and binds the HTTP server (errors here are
 /// returned), then runs everything in the background until `shutdown` fires.
 pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Running> {
-    // Before anything else: a second daemon on the same SQLite file stops here.
-    let sqlite_lock = lock_sqlite(&cfg.database.url)?;
     let store = open_store(&cfg).await?;
     let running_store = store.clone();
     let journal = Journal::open_with(&cfg.daemon.log_dir, &cfg.log)
@@ -216,8 +158,6 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         journal.daemon("nasd stopped");
         let flushing = journal.clone();
         let _ = tokio::task::spawn_blocking(move || flushing.flush()).await;
-        // Held until everything above has stopped; closing the file releases it.
-        drop(sqlite_lock);
     });
     Ok(Running {
         api_addr,

@@ -688,33 +688,3 @@ async fn params_query_forms_give_the_same_variables(backend: Backend) {
         );
     }
 }
-
-/// SQLite is one daemon: a second `nasd run` on the same file is refused before it
-/// touches anything, naming the database, the running daemon's pid and PostgreSQL as
-/// the way to run several; once the first has stopped, a new one starts.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_second_daemon_on_one_sqlite_file_is_refused() {
-    let env = TestEnv::new(Backend::Sqlite).await;
-    let first_stop = CancellationToken::new();
-    let first = nasd::daemon::start(env.config(), first_stop.clone())
-        .await
-        .expect("first daemon");
-    let refused = match nasd::daemon::start(env.config(), CancellationToken::new()).await {
-        Ok(_) => panic!("a second daemon started on the same SQLite file"),
-        Err(e) => format!("{e:#}"),
-    };
-    assert!(
-        refused.contains("is in use by another `nasd run`")
-            && refused.contains(&format!("pid {}", std::process::id()))
-            && refused.contains("PostgreSQL"),
-        "{refused}"
-    );
-    first_stop.cancel();
-    first.wait().await.expect("first daemon stops");
-    let again_stop = CancellationToken::new();
-    let again = nasd::daemon::start(env.config(), again_stop.clone())
-        .await
-        .expect("a daemon starts once the first has stopped");
-    again_stop.cancel();
-    again.wait().await.expect("stops");
-}
