@@ -248,6 +248,11 @@ async fn stale_claim_is_not_extended_and_its_result_is_discarded(backend: Backen
     );
 }
 
+fn sorted<T: Ord>(mut v: Vec<T>) -> Vec<T> {
+    v.sort();
+    v
+}
+
 /// The batchers merge the requests of many owners into one statement: each row must
 /// still be fenced by its own owner's token, exactly as in a statement of its own.
 async fn one_statement_serves_many_owners_each_row_under_its_own_token(backend: Backend) {
@@ -291,11 +296,10 @@ async fn one_statement_serves_many_owners_each_row_under_its_own_token(backend: 
         .load_windows(&[(1, nas1[0].1, 100), (2, 0, 1)])
         .await
         .unwrap();
-    let mut again: Vec<i64> = again.iter().map(|e| e.id).collect();
-    again.sort();
-    let mut want = vec![nas1[1].1, nas2[0].1];
-    want.sort();
-    assert_eq!(again, want);
+    assert_eq!(
+        sorted(again.iter().map(|e| e.id).collect()),
+        sorted(vec![nas1[1].1, nas2[0].1])
+    );
 
     // Event of account 4 is held by a third owner whose lease has not run out.
     let held = nas2[1].1;
@@ -326,12 +330,9 @@ async fn one_statement_serves_many_owners_each_row_under_its_own_token(backend: 
         .claim(&claims, now, now + chrono::Duration::seconds(60))
         .await
         .unwrap();
-    let mut claimed: Vec<(i64, i32)> = claimed.iter().map(|c| (c.id, c.try_count)).collect();
-    claimed.sort();
-    let mut want: Vec<(i64, i32)> = vec![(nas1[0].1, 1), (nas1[1].1, 1), (nas2[0].1, 1)];
-    want.sort();
     assert_eq!(
-        claimed, want,
+        sorted(claimed.iter().map(|c| (c.id, c.try_count)).collect()),
+        sorted(vec![(nas1[0].1, 1), (nas1[1].1, 1), (nas2[0].1, 1)]),
         "the held row must be left out, the rest taken once"
     );
     assert_eq!(db.claim_of(nas1[0].1).await.0, Some(a));
@@ -343,17 +344,14 @@ async fn one_statement_serves_many_owners_each_row_under_its_own_token(backend: 
     );
 
     // One renewal for both owners: B's claim on the held row is not its own.
-    let mut renewed = store
+    let renewed = store
         .extend_leases(
             &[(nas1[0].1, a), (nas2[0].1, b), (held, b)],
             now + chrono::Duration::seconds(120),
         )
         .await
         .unwrap();
-    renewed.sort();
-    let mut want = vec![nas1[0].1, nas2[0].1];
-    want.sort();
-    assert_eq!(renewed, want);
+    assert_eq!(sorted(renewed), sorted(vec![nas1[0].1, nas2[0].1]));
     assert_eq!(
         db.claim_of(held).await,
         (Some(FOREIGN_TOKEN), Some(future_ms))
@@ -370,7 +368,7 @@ async fn one_statement_serves_many_owners_each_row_under_its_own_token(backend: 
         error: None,
         duration_ms: 1,
     };
-    let mut applied = store
+    let applied = store
         .complete(
             &[
                 finish(nas1[0].1, a),
@@ -382,10 +380,7 @@ async fn one_statement_serves_many_owners_each_row_under_its_own_token(backend: 
         )
         .await
         .unwrap();
-    applied.sort();
-    let mut want = vec![nas1[0].1, nas2[0].1];
-    want.sort();
-    assert_eq!(applied, want);
+    assert_eq!(sorted(applied), sorted(vec![nas1[0].1, nas2[0].1]));
     assert_eq!(
         db.claim_of(nas1[1].1).await.0,
         Some(a),

@@ -1,5 +1,5 @@
-//! Statements shared by every owner: claims, completions and lease renewals of all NAS
-//! merged into few statements. An owner hands its rows to a batcher and waits for the
+//! Statements shared by every owner: claims, completions, lease renewals and window
+//! loads of all NAS merged into few statements. An owner hands its rows to a batcher and waits for the
 //! rows of its own that the statement took; the batcher takes whatever requests are
 //! waiting (up to `max_rows` rows), runs one statement for all of them and answers each
 //! owner with its own part of the result.
@@ -55,7 +55,7 @@ type Reply<T> = oneshot::Sender<Result<Vec<T>, String>>;
 struct Request<P, T> {
     payload: P,
     /// The keys of this request: what its part of the answer may hold.
-    ids: Vec<i64>,
+    keys: Vec<i64>,
     reply: Reply<T>,
 }
 
@@ -89,16 +89,16 @@ impl<P: Send + 'static, T: Keyed + Send + 'static> Batcher<P, T> {
         Batcher { tx, what }
     }
 
-    /// Runs `payload` (whose rows have the keys `ids`) in the next statement and
+    /// Runs `payload` (whose rows have the keys `keys`) in the next statement and
     /// returns the answer's rows with those keys, in the answer's order; an error means
     /// the statement did nothing.
-    pub async fn ask(&self, payload: P, ids: Vec<i64>) -> Result<Vec<T>, StoreError> {
+    pub async fn ask(&self, payload: P, keys: Vec<i64>) -> Result<Vec<T>, StoreError> {
         let (reply, answer) = oneshot::channel();
         let stopped = || StoreError::Invalid(format!("the {} batcher has stopped", self.what));
         self.tx
             .send(Request {
                 payload,
-                ids,
+                keys,
                 reply,
             })
             .map_err(|_| stopped())?;
@@ -126,12 +126,12 @@ async fn run<P, T, W, F>(
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
-        let mut rows = first.ids.len();
+        let mut rows = first.keys.len();
         let mut batch = vec![first];
         while rows < max_rows {
             match rx.try_recv() {
                 Ok(more) => {
-                    rows += more.ids.len();
+                    rows += more.keys.len();
                     batch.push(more);
                 }
                 Err(_) => break,
@@ -141,7 +141,7 @@ async fn run<P, T, W, F>(
         let mut waiting = Vec::with_capacity(batch.len());
         for request in batch {
             payloads.push(request.payload);
-            waiting.push((request.ids, request.reply));
+            waiting.push((request.keys, request.reply));
         }
         let statement = work(payloads);
         tokio::spawn(async move {
@@ -161,10 +161,10 @@ fn answer<T: Keyed>(result: Result<Vec<T>, StoreError>, waiting: Vec<(Vec<i64>, 
             for row in rows {
                 by_key.entry(row.key()).or_default().push(row);
             }
-            for (ids, reply) in waiting {
+            for (keys, reply) in waiting {
                 let mut part = Vec::new();
-                for id in ids {
-                    if let Some(rows) = by_key.remove(&id) {
+                for key in keys {
+                    if let Some(rows) = by_key.remove(&key) {
                         part.extend(rows);
                     }
                 }
@@ -399,7 +399,7 @@ mod tests {
         for (rows, reply) in [(vec![2, 3], second), (vec![4], third)] {
             let request = Request {
                 payload: rows.clone(),
-                ids: rows,
+                keys: rows,
                 reply,
             };
             assert!(batcher.tx.send(request).is_ok());

@@ -52,7 +52,8 @@ pub struct Shared {
     pub stats: Arc<crate::stats::Stats>,
     /// Where NAS down / up transitions are announced (a no-op without `[alerts]`).
     pub alerts: crate::alerts::Alerts,
-    /// Claims, completions and lease renewals, merged across owners into few statements.
+    /// Claims, completions, lease renewals and window loads, merged across owners into
+    /// few statements.
     pub batches: batch::Batches,
 }
 
