@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs and starts what the tests need, on a fresh Debian machine or this one:
-# a PostgreSQL server on 127.0.0.1:5432 that trusts local connections, and the device
-# peers nobody on this project wrote: OpenSSH sshd, busybox telnetd, radclient, and a
-# Python venv (.venv-peers) with pyrad, librouteros and fake-switches.
+# a PostgreSQL server on 127.0.0.1:5432 that trusts local connections, PgBouncer (tests
+# start their own), and the device peers nobody on this project wrote: OpenSSH sshd,
+# busybox telnetd, radclient, and a Python venv (.venv-peers) with pyrad, librouteros
+# and fake-switches.
 # Idempotent: does nothing that is already done. Needs root (or sudo) for installs.
 set -euo pipefail
 
@@ -53,6 +54,9 @@ command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
 [ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -qx telnetd || need+=(busybox-static)
 command -v radclient >/dev/null 2>&1 || need+=(freeradius-utils)
 command -v python3 >/dev/null 2>&1 || need+=(python3 python3-venv)
+# PgBouncer sits between nasd and PostgreSQL in tests/pgbouncer.rs; each test starts its
+# own on a free port, so no system PgBouncer is started or configured here.
+command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || need+=(pgbouncer)
 if [ ${#need[@]} -gt 0 ]; then
     echo "test-setup: installing ${need[*]}"
     apt_install "${need[@]}"

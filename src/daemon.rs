@@ -16,7 +16,11 @@ use crate::supervisor::{Supervisor, Wakers};
 
 /// Connects to the configured database and applies the migrations.
 pub async fn open_store(cfg: &Config) -> anyhow::Result<Store> {
-    let store = Store::connect(&cfg.database.url, cfg.database.max_connections)
+    let options = crate::store::ConnectOptions {
+        max_connections: cfg.database.max_connections,
+        statement_cache: cfg.database.statement_cache,
+    };
+    let store = Store::connect_with(&cfg.database.url, &options)
         .await
         .with_context(|| format!("opening the {} database", backend_of(&cfg.database.url)))?;
     store.migrate().await?;
@@ -44,6 +48,10 @@ pub struct Running {
     pub stats: Arc<crate::stats::Stats>,
     /// The daemon's database handle (benchmarks read its call counter).
     pub store: Store,
+    /// Its id in the cluster (`[cluster] name` or `<hostname>:<pid>`).
+    pub daemon_id: String,
+    /// The cluster's daemons as its last heartbeat saw them (PostgreSQL).
+    pub members: Option<Arc<Mutex<Vec<crate::store::cluster::Member>>>>,
     join: tokio::task::JoinHandle<()>,
 }
 
@@ -59,6 +67,8 @@ impl Running {
 /// Connects, migrates, opens the logs and binds the HTTP server (errors here are
 /// returned), then runs everything in the background until `shutdown` fires.
 pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Running> {
+    // Before anything else: a second daemon on the same SQLite file stops here.
+    let sqlite_lock = crate::daemon_lock::lock_sqlite(&cfg.database.url)?;
     let store = open_store(&cfg).await?;
     let running_store = store.clone();
     let journal = Journal::open_with(&cfg.daemon.log_dir, &cfg.log)
@@ -90,6 +100,34 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         }
         None => (crate::alerts::Alerts::off(), None),
     };
+    // Every PostgreSQL daemon is a member of the cluster (of one, when alone); SQLite
+    // is one daemon and serves every NAS.
+    let identity = crate::cluster::Identity::new(&cfg.cluster, api_addr.map(|a| a.to_string()));
+    let daemon_id = identity.id.clone();
+    let (fence, link, cluster, members) = match &store {
+        Store::Postgres(_) => {
+            let joining = crate::cluster::join(
+                store.clone(),
+                cfg.cluster.clone(),
+                identity,
+                journal.clone(),
+                alerts.clone(),
+            )
+            .await?;
+            (
+                joining.fence,
+                joining.link,
+                Some(joining.cluster),
+                Some(joining.members),
+            )
+        }
+        Store::Sqlite(_) => (
+            crate::cluster::Fence::always(),
+            crate::cluster::Link::single(),
+            None,
+            None,
+        ),
+    };
     let shared = Arc::new(Shared {
         store: store.clone(),
         journal: journal.clone(),
@@ -97,6 +135,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         stats: stats.clone(),
         alerts,
         batches: crate::dispatch::batch::Batches::start(store.clone(), cfg.daemon.lease),
+        fence,
     });
     let api = match (listener, &cfg.api) {
         (Some(listener), Some(api_cfg)) => {
@@ -104,6 +143,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
                 store,
                 stats: stats.clone(),
                 cfg: api_cfg.clone(),
+                daemon_id: daemon_id.clone(),
             });
             Some(tokio::spawn(crate::api::serve(
                 listener,
@@ -114,6 +154,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         _ => None,
     };
     let params_query = cfg.database.params_query.clone();
+    let supervisor_id = daemon_id.clone();
     let join = tokio::spawn(async move {
         let wakers: Wakers = Arc::new(Mutex::new(HashMap::new()));
         let expander = crate::expand::Expander {
@@ -122,6 +163,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
             params_query,
             batch: shared.cfg.expand_batch,
             poll: shared.cfg.poll_interval,
+            listen: cfg.database.listen,
         };
         let owners = wakers.clone();
         let wake = move |wake: crate::expand::Wake<'_>| {
@@ -146,8 +188,12 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
             }
         };
         let expander = tokio::spawn(crate::expand::run(expander, wake, shutdown.clone()));
-        let supervisor = Supervisor::new(shared.clone(), wakers);
+        let cluster_task = cluster.map(|c| tokio::spawn(c.run(shutdown.clone())));
+        let supervisor = Supervisor::new(shared.clone(), wakers, link, &supervisor_id);
         supervisor.run(shutdown.clone()).await;
+        if let Some(task) = cluster_task {
+            let _ = task.await;
+        }
         let _ = expander.await;
         if let Some(api) = api {
             let _ = api.await;
@@ -158,11 +204,16 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         journal.daemon("nasd stopped");
         let flushing = journal.clone();
         let _ = tokio::task::spawn_blocking(move || flushing.flush()).await;
+        // Held until everything above has stopped, so the next daemon finds it free
+        // only once this one is done with the database.
+        drop(sqlite_lock);
     });
     Ok(Running {
         api_addr,
         stats,
         store: running_store,
+        daemon_id,
+        members,
         join,
     })
 }

@@ -25,6 +25,9 @@ pub struct Expander {
     pub batch: i64,
     /// How often to look without a NOTIFY (`[daemon] poll_interval`).
     pub poll: Duration,
+    /// PostgreSQL: LISTEN for the compact stack's NOTIFY (`[database] listen`). Off, no
+    /// LISTEN connection is opened and the poll alone finds new events.
+    pub listen: bool,
 }
 
 /// Whom to wake, as the expander reports it.
@@ -50,16 +53,36 @@ pub async fn run(expander: Expander, wake: impl Fn(Wake<'_>) + Send, shutdown: C
         params_query,
         batch,
         poll,
+        listen,
     } = expander;
     let mut listener = None;
+    // Cleared for good when the connection turns out not to be a server session of its
+    // own (a pooler in transaction mode): LISTEN cannot work there until a restart with
+    // another setup, and every try would cost a connection and a few statements.
+    let mut try_listen = listen;
     // The safety net's position: the highest event id it has looked at.
     let mut looked_up_to = 0i64;
     let mut polls = 0u32;
     loop {
-        if listener.is_none()
+        if try_listen
+            && listener.is_none()
             && let Store::Postgres(pg) = &store
         {
-            listener = pg.listen_compact().await.ok();
+            match pg.listen_compact().await {
+                Ok(Some(l)) => listener = Some(l),
+                Ok(None) => {
+                    try_listen = false;
+                    journal.daemon(&format!(
+                        "LISTEN is off: the database connection is not a server session of its own \
+                         (a pooler in transaction mode?), so no notification could arrive; new events \
+                         are found by polling every {}. Set [database] listen = false to skip this check",
+                        crate::duration::format_duration(poll)
+                    ));
+                }
+                // The database being away: the expansion below fails too and waits;
+                // LISTEN is tried again on the next round.
+                Err(e) => tracing::debug!("listening for new compact events: {e}"),
+            }
         }
         let full = match store.expand(&params_query, batch).await {
             Ok(report) => {

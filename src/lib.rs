@@ -5,8 +5,10 @@
 pub mod alerts;
 pub mod api;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod daemon;
+pub mod daemon_lock;
 pub mod dispatch;
 pub mod duration;
 pub mod expand;

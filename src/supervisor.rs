@@ -6,10 +6,12 @@ use std::sync::{Arc, Mutex};
 
 use tokio_util::sync::CancellationToken;
 
+use crate::cluster::{Assignment, Link, Report};
 use crate::dispatch::{NasRuntime, OwnerHandle, OwnerWake, Shared, spawn_owner};
 use crate::scheme::SchemeSet;
 use crate::store::Nas;
 use crate::transport::device::{Device, DeviceKey, device_key};
+use crate::transport::send::Tenure;
 
 /// What one resync must do to make the running owners match the table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,23 +82,43 @@ fn describe_change(old: &Nas, new: &Nas) -> String {
 /// The owners' wake-up handles, shared with the expander.
 pub type Wakers = Arc<Mutex<HashMap<i64, Arc<OwnerWake>>>>;
 
+/// A running owner: the settings it has, its handle, and the ownership epoch it
+/// serves under (0 for one daemon).
+struct Running {
+    nas: Nas,
+    handle: OwnerHandle,
+    epoch: i64,
+}
+
 pub struct Supervisor {
     shared: Arc<Shared>,
-    owners: HashMap<i64, (Nas, OwnerHandle)>,
+    owners: HashMap<i64, Running>,
+    /// The cluster's side: which NAS to serve under which epoch, and where to report
+    /// owners that stopped.
+    link: Link,
+    /// The daemon's id, for the `daemon` variable of templates.
+    daemon_id: Arc<str>,
+    /// The NAS table and schemes as the last resync read them.
+    last_nas: Vec<Nas>,
+    schemes: SchemeSet,
     wakers: Wakers,
     /// Last "cannot serve" reason per NAS, so it is logged once, not every resync.
     reported: HashMap<i64, String>,
-    /// Owners of removed NAS still finishing their in-flight commands.
+    /// Owners stopped gracefully, still finishing their in-flight commands.
     stopping: Vec<tokio::task::JoinHandle<()>>,
     /// Device pools per NAS, kept while their settings do not change.
     devices: HashMap<i64, (DeviceKey, Device)>,
 }
 
 impl Supervisor {
-    pub fn new(shared: Arc<Shared>, wakers: Wakers) -> Supervisor {
+    pub fn new(shared: Arc<Shared>, wakers: Wakers, link: Link, daemon_id: &str) -> Supervisor {
         Supervisor {
             shared,
             owners: HashMap::new(),
+            link,
+            daemon_id: Arc::from(daemon_id),
+            last_nas: Vec::new(),
+            schemes: SchemeSet::default(),
             wakers,
             reported: HashMap::new(),
             stopping: Vec::new(),
@@ -104,12 +126,17 @@ impl Supervisor {
         }
     }
 
-    fn runtime_for(&mut self, nas: &Nas, schemes: &SchemeSet) -> NasRuntime {
+    fn runtime_for(&mut self, nas: &Nas, epoch: i64) -> NasRuntime {
+        let schemes = &self.schemes;
         let mut runtime = NasRuntime {
             nas: nas.clone(),
             scheme: None,
             unavailable: None,
             device: None,
+            tenure: Tenure {
+                daemon: self.daemon_id.clone(),
+                epoch,
+            },
         };
         if nas.script_name.is_some() {
             return runtime;
@@ -155,17 +182,14 @@ impl Supervisor {
         }
     }
 
-    /// One pass: reread NAS and schemes, apply the plan. A database error leaves the
-    /// running owners as they are.
+    /// One pass: reread NAS and schemes, tell the cluster which NAS are enabled, and
+    /// apply the plan. A database error leaves the running owners as they are.
     pub async fn resync(&mut self) {
-        self.stopping.retain(|join| !join.is_finished());
-        let shared = self.shared.clone();
-        let journal = &shared.journal;
         let desired = match self.shared.store.nas_list().await {
             Ok(list) => list,
             Err(e) => {
                 tracing::warn!("resync: {e}");
-                journal.daemon(&format!("resync failed: {e}"));
+                self.shared.journal.daemon(&format!("resync failed: {e}"));
                 return;
             }
         };
@@ -173,66 +197,173 @@ impl Supervisor {
         for e in &errors {
             tracing::warn!("{e}");
         }
+        self.schemes = schemes;
+        let enabled: Vec<(i64, String)> = desired
+            .iter()
+            .filter(|n| n.enabled)
+            .map(|n| (n.id, n.ip.clone()))
+            .collect();
+        self.last_nas = desired;
+        self.link.nas.send_if_modified(|current| {
+            if current.as_deref() == Some(&enabled) {
+                false
+            } else {
+                *current = Some(Arc::new(enabled));
+                true
+            }
+        });
+        self.apply(false).await;
+    }
+
+    /// The epoch this daemon serves a NAS under, if it serves it.
+    fn served(assignment: &Assignment, nas_id: i64) -> Option<i64> {
+        match &assignment.serve {
+            None => Some(0),
+            Some(serve) => serve.get(&nas_id).copied(),
+        }
+    }
+
+    /// Makes the running owners match the last NAS table and the cluster's assignment:
+    /// starts, updates and stops owners. `fresh` is true when only the assignment
+    /// changed (owners that keep running get no new settings then).
+    async fn apply(&mut self, fresh: bool) {
+        self.stopping.retain(|join| !join.is_finished());
+        let shared = self.shared.clone();
+        let journal = &shared.journal;
+        let assignment = self.link.assignment.borrow_and_update().clone();
+        // An owner serving under another epoch than the one now held (the NAS was lost
+        // and taken again) is replaced.
+        let mut hard: Vec<i64> = self
+            .owners
+            .iter()
+            .filter(|(id, r)| Self::served(&assignment, **id).is_some_and(|epoch| epoch != r.epoch))
+            .map(|(id, _)| *id)
+            .collect();
+        let desired: Vec<Nas> = self
+            .last_nas
+            .iter()
+            .filter(|n| n.enabled && Self::served(&assignment, n.id).is_some())
+            .cloned()
+            .collect();
         let running: HashMap<i64, Nas> = self
             .owners
             .iter()
-            .map(|(id, (nas, _))| (*id, nas.clone()))
+            .filter(|(id, _)| !hard.contains(id))
+            .map(|(id, r)| (*id, r.nas.clone()))
             .collect();
-        for action in plan(&desired, &running) {
+        let actions = plan(&desired, &running);
+        if assignment.hard_stop {
+            hard.extend(actions.iter().filter_map(|a| match a {
+                Action::Stop(id) => Some(*id),
+                _ => None,
+            }));
+        }
+        hard.sort_unstable();
+        hard.dedup();
+        // Hard stops first: the lease is lost, nothing of these owners may go on.
+        let mut aborted = Vec::new();
+        for id in &hard {
+            if let Some(r) = self.owners.remove(id) {
+                r.handle.join.abort();
+                if let Ok(mut w) = self.wakers.lock() {
+                    w.remove(id);
+                }
+                aborted.push((r, self.devices.remove(id)));
+                self.reported.remove(id);
+            }
+        }
+        for (r, device) in aborted {
+            let _ = r.handle.join.await;
+            if let Some((_, device)) = device {
+                device.close().await;
+            }
+            journal.daemon(&format!(
+                "Stopped work with nas nasid={} nas_ip={} at once (lease lost; in-flight commands abandoned)",
+                r.nas.id, r.nas.ip
+            ));
+            let _ = self.link.reports.send(Report::Stopped {
+                nas_id: r.nas.id,
+                epoch: r.epoch,
+            });
+        }
+        if assignment.hard_stop {
+            let _ = self.link.reports.send(Report::AllStopped);
+        }
+        for action in actions {
             match action {
                 Action::Start(id) => {
-                    let Some(nas) = desired.iter().find(|n| n.id == id) else {
+                    let Some(nas) = desired.iter().find(|n| n.id == id).cloned() else {
                         continue;
                     };
+                    let epoch = Self::served(&assignment, id).unwrap_or(0);
                     journal.daemon(&format!(
-                        "Start work with nas nasid={} nas_ip={} oss_pathname={} script_name={}",
+                        "Start work with nas nasid={} nas_ip={} oss_pathname={} script_name={}{}",
                         nas.id,
                         nas.ip,
-                        self.oss_pathname(nas),
-                        nas.script_name.as_deref().unwrap_or("<null>")
+                        self.oss_pathname(&nas),
+                        nas.script_name.as_deref().unwrap_or("<null>"),
+                        if assignment.serve.is_some() {
+                            format!(" epoch={epoch}")
+                        } else {
+                            String::new()
+                        }
                     ));
-                    let runtime = self.runtime_for(nas, &schemes);
+                    let runtime = self.runtime_for(&nas, epoch);
                     let handle = spawn_owner(self.shared.clone(), runtime);
                     if let Ok(mut w) = self.wakers.lock() {
                         w.insert(id, handle.wake.clone());
                     }
-                    self.owners.insert(id, (nas.clone(), handle));
+                    self.owners.insert(id, Running { nas, handle, epoch });
                 }
                 Action::Update(id, change) => {
-                    if let Some((nas, _)) = self.owners.get(&id) {
+                    if let Some(r) = self.owners.get(&id) {
                         journal.daemon(&format!(
                             "Update settings of nas nasid={} nas_ip={}: {change}",
-                            id, nas.ip
+                            id, r.nas.ip
                         ));
                     }
                 }
                 Action::Stop(id) => {
-                    if let Some((nas, handle)) = self.owners.remove(&id) {
-                        journal.daemon(&format!(
-                            "Stop work with nas nasid={} nas_ip={} (removed or disabled; in-flight commands finish first)",
-                            nas.id, nas.ip
-                        ));
-                        if let Ok(mut w) = self.wakers.lock() {
-                            w.remove(&id);
-                        }
-                        handle.stop.cancel();
-                        self.stopping.push(handle.join);
-                        if let Some((_, device)) = self.devices.remove(&id) {
-                            // Closed once the owner has let its in-flight commands finish.
-                            let grace = self.shared.cfg.shutdown_grace;
-                            tokio::spawn(async move {
-                                tokio::time::sleep(grace).await;
-                                device.close().await;
-                            });
-                        }
-                        self.reported.remove(&id);
+                    let Some(r) = self.owners.remove(&id) else {
+                        continue;
+                    };
+                    let why = if self.last_nas.iter().any(|n| n.id == id && n.enabled) {
+                        "handed over"
+                    } else {
+                        "removed or disabled"
+                    };
+                    journal.daemon(&format!(
+                        "Stop work with nas nasid={} nas_ip={} ({why}; in-flight commands finish first)",
+                        r.nas.id, r.nas.ip
+                    ));
+                    if let Ok(mut w) = self.wakers.lock() {
+                        w.remove(&id);
                     }
+                    r.handle.stop.cancel();
+                    let device = self.devices.remove(&id).map(|(_, d)| d);
+                    let reports = self.link.reports.clone();
+                    let (nas_id, epoch) = (r.nas.id, r.epoch);
+                    // The device closes once the owner has let its in-flight commands
+                    // finish, and only then is the NAS reported stopped: the next owner
+                    // never finds this daemon's sessions still open.
+                    self.stopping.push(tokio::spawn(async move {
+                        let _ = r.handle.join.await;
+                        if let Some(device) = device {
+                            device.close().await;
+                        }
+                        let _ = reports.send(Report::Stopped { nas_id, epoch });
+                    }));
+                    self.reported.remove(&id);
                 }
             }
         }
+        if fresh {
+            return;
+        }
         // Every owner gets the fresh settings and schemes (schemes may have been edited).
-        for nas in desired.iter().filter(|n| n.enabled) {
-            let runtime = self.runtime_for(nas, &schemes);
+        for nas in desired {
+            let epoch = Self::served(&assignment, nas.id).unwrap_or(0);
+            let runtime = self.runtime_for(&nas, epoch);
             if let Some(why) = &runtime.unavailable {
                 if self.reported.get(&nas.id) != Some(why) {
                     journal.daemon(&format!(
@@ -244,13 +375,13 @@ impl Supervisor {
             } else {
                 self.reported.remove(&nas.id);
             }
-            if let Some((old, handle)) = self.owners.get_mut(&nas.id) {
-                *old = nas.clone();
+            if let Some(r) = self.owners.get_mut(&nas.id) {
+                r.nas = nas.clone();
                 // Only a change reaches the owner: a resync of ten thousand unchanged
                 // NAS wakes none of them.
-                if !same_runtime(&handle.config.borrow(), &runtime) {
-                    handle.config.send_replace(Arc::new(runtime));
-                    handle.wake.notify();
+                if !same_runtime(&r.handle.config.borrow(), &runtime) {
+                    r.handle.config.send_replace(Arc::new(runtime));
+                    r.handle.wake.notify();
                 }
             }
         }
@@ -259,18 +390,35 @@ impl Supervisor {
     /// Stops every owner and waits for them (each finishes in-flight work within the
     /// shutdown grace, then releases what is left).
     pub async fn shutdown(&mut self) {
-        for (_, (_, handle)) in self.owners.iter() {
-            handle.stop.cancel();
+        for r in self.owners.values() {
+            r.handle.stop.cancel();
         }
-        for (_, (_, handle)) in self.owners.drain() {
-            let _ = handle.join.await;
+        // Each NAS is reported stopped as soon as its own owner has finished (and its
+        // sessions are closed), so the cluster hands it over without waiting for the
+        // slowest owner.
+        let mut finishing = tokio::task::JoinSet::new();
+        for (id, r) in self.owners.drain() {
+            let device = self.devices.remove(&id).map(|(_, d)| d);
+            let reports = self.link.reports.clone();
+            finishing.spawn(async move {
+                let _ = r.handle.join.await;
+                if let Some(device) = device {
+                    device.close().await;
+                }
+                let _ = reports.send(Report::Stopped {
+                    nas_id: id,
+                    epoch: r.epoch,
+                });
+            });
         }
+        while finishing.join_next().await.is_some() {}
         for join in self.stopping.drain(..) {
             let _ = join.await;
         }
         for (_, (_, device)) in self.devices.drain() {
             device.close().await;
         }
+        let _ = self.link.reports.send(Report::AllStopped);
     }
 
     /// Resyncs every `resync_interval` until `shutdown`. Under systemd it sends
@@ -301,6 +449,11 @@ impl Supervisor {
             }
             tokio::select! {
                 _ = shutdown.cancelled() => break,
+                changed = self.link.assignment.changed() => {
+                    if changed.is_ok() {
+                        self.apply(true).await;
+                    }
+                }
                 _ = tokio::time::sleep_until(wake) => {}
             }
         }

@@ -426,6 +426,7 @@ async fn billing_filter_and_get_on_both_models(backend: Backend) {
         store: store.clone(),
         stats: nasd::stats::Stats::new(),
         cfg: api_config(),
+        daemon_id: "api-only".into(),
     });
     let listener = nasd::api::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
         .await
@@ -611,6 +612,18 @@ async fn json_api_follows_an_event_from_enqueue_to_history(backend: Backend) {
     assert_eq!(n["running"], true);
     assert_eq!(n["in_flight"], 0);
     assert_eq!(n["queue_depth"], 0);
+    // The daemon that delivered the events owns the NAS (epoch 0 on SQLite, where one
+    // daemon serves everything; the first taking on PostgreSQL).
+    assert_eq!(n["owner"], d.running.daemon_id.as_str());
+    let epoch = if backend == Backend::Sqlite { 0 } else { 1 };
+    assert_eq!(n["owner_epoch"], epoch);
+    let cluster = d.get("/api/v1/cluster").await.json();
+    assert_eq!(cluster["daemon_id"], d.running.daemon_id.as_str());
+    assert_eq!(cluster["unowned"], json!([]));
+    match backend {
+        Backend::Sqlite => assert_eq!(cluster["daemons"], json!([])),
+        Backend::Postgres => assert_eq!(cluster["daemons"][0]["owned"], 1),
+    }
     assert!(n["last_success_at"].is_string());
     assert!(n["last_error"].is_string());
     assert!(n.get("password").is_none() && !r.text().contains("nas-password-do-not-log"));
@@ -787,7 +800,8 @@ async fn status_names_an_unreachable_nas_and_an_old_event(backend: Backend) {
     )
     .await;
     let r = request(d.addr, "GET", "/status", &[], b"").await.unwrap();
-    assert_eq!((r.status, r.text().as_str()), (200, "OK\n"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().starts_with("OK\n"), "{}", r.text());
     // An event for the NAS that never answers, one for the disabled NAS (it waits).
     for user in [1, 2] {
         let r = d
@@ -815,8 +829,21 @@ async fn status_names_an_unreachable_nas_and_an_old_event(backend: Backend) {
     );
     assert!(text.contains("last error: exit 254"), "{text}");
     assert!(text.contains("last success: never"), "{text}");
+    // After the problems, the cluster block names the owner of each NAS.
     assert!(
-        !text.contains("nas 2 "),
+        text.contains(&format!(
+            "\nnas 1 (NAS 1, 10.20.0.1): owner {}",
+            d.running.daemon_id
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains("\nnas 2 (NAS 2, 10.20.0.2): disabled, no owner\n"),
+        "{text}"
+    );
+    let problems = text.split("\n\n").next().unwrap_or_default();
+    assert!(
+        !problems.contains("nas 2 "),
         "a disabled NAS is not a problem: {text}"
     );
     wait_for(
@@ -949,7 +976,25 @@ async fn metrics_expose_counters_latency_and_queues(backend: Backend) {
         .parse()
         .unwrap();
     assert!(age > 0.0);
-    // Labels: NAS ids, cmds and outcomes only; no account ids or addresses.
+    // One daemon owns the enabled NAS (the disabled one has no series), on SQLite and
+    // as a cluster of one on PostgreSQL.
+    for line in [
+        "nasd_nas_owned_here{nas=\"1\"} 1".to_string(),
+        "nasd_cluster_daemons{state=\"live\"} 1".to_string(),
+        "nasd_cluster_daemons{state=\"lost\"} 0".to_string(),
+        format!(
+            "nasd_cluster_nas_owned{{daemon=\"{}\"}} 1",
+            d.running.daemon_id
+        ),
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing `{line}` in\n{text}"
+        );
+    }
+    assert!(!text.contains("nasd_nas_owned_here{nas=\"2\"}"), "{text}");
+    // Labels: NAS ids, cmds, outcomes, states and daemon ids only; no account ids or
+    // addresses.
     for l in text.lines().filter(|l| !l.starts_with('#')) {
         if let Some(labels) = l
             .split_once('{')
@@ -958,7 +1003,7 @@ async fn metrics_expose_counters_latency_and_queues(backend: Backend) {
             for pair in labels.split(',') {
                 let key = pair.split('=').next().unwrap();
                 assert!(
-                    ["nas", "cmd", "outcome", "le", "state"].contains(&key),
+                    ["nas", "cmd", "outcome", "le", "state", "daemon"].contains(&key),
                     "{l}"
                 );
             }
@@ -1145,7 +1190,7 @@ async fn schemathesis_finds_no_server_error(backend: Backend) {
     eprintln!("{text}");
     assert!(out.status.success(), "schemathesis failed:\n{text}");
     assert!(
-        text.contains("Tested: 13"),
+        text.contains("Tested: 14"),
         "every operation was tested:\n{text}"
     );
     assert!(!text.contains(TOKEN), "the token is not echoed back");

@@ -117,6 +117,27 @@ fn operator_workflow() {
     assert_eq!(list[0]["n_workers"], 2);
     assert_eq!(list[0]["password_set"], true);
     assert!(!String::from_utf8_lossy(&out.stdout).contains("topsecret"));
+    // SQLite runs one daemon: no cluster to show, and no owner the command could name.
+    assert_eq!(list[0]["owner"], serde_json::Value::Null);
+    let out = nasd(d, &["nas", "list"]);
+    let (listed, _) = text(&out);
+    let lines: Vec<&str> = listed.lines().collect();
+    assert!(lines[0].ends_with(" enabled owner"), "{listed}");
+    assert!(
+        lines[1..].iter().all(|l| l.ends_with(" yes     -")),
+        "{listed}"
+    );
+    let out = nasd(d, &["cluster", "status"]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    assert_eq!(
+        text(&out).0,
+        "SQLite runs one daemon, which owns every enabled NAS; several daemons need \
+         PostgreSQL (set [database] url to a postgres:// database)\n"
+    );
+    let out = nasd(d, &["cluster", "status", "--json"]);
+    let cluster: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(cluster["backend"], "sqlite");
+    assert_eq!(cluster["daemons"], serde_json::json!([]));
 
     std::fs::write(d.join("acc.csv"), "user_id,abonent_id,nas_id,login,ip,rate_in,rate_out,tariff\n1,101,1,alice,10.88.0.1,1024,512,gold\n2,102,2,bob,10.88.0.2,2048,1024,\n").unwrap();
     let out = nasd(d, &["accounts", "import", "acc.csv"]);

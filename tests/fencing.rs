@@ -325,7 +325,12 @@ async fn one_statement_serves_many_owners_each_row_under_its_own_token(backend: 
     // One claim statement for owner A (NAS 1, token 11) and owner B (NAS 2, token 22).
     let (a, b) = (11i64, 22i64);
     let now = chrono::Utc::now();
-    let claims = [(nas1[0].1, a), (nas1[1].1, a), (nas2[0].1, b), (held, b)];
+    let claims = [
+        (nas1[0].1, a, 0),
+        (nas1[1].1, a, 0),
+        (nas2[0].1, b, 0),
+        (held, b, 0),
+    ];
     let claimed = store
         .claim(&claims, now, now + chrono::Duration::seconds(60))
         .await

@@ -1,6 +1,7 @@
 //! `/api/v1`: enqueue one event or a batch, an event's status, an account's events,
-//! stack counts, the NAS list with live figures, retry and cancel. Bodies are JSON
-//! objects with no unknown fields; every error is `{"error": "..."}` naming the problem.
+//! stack counts, the NAS list with live figures and owners, the cluster's daemons, retry
+//! and cancel. Bodies are JSON objects with no unknown fields; every error is
+//! `{"error": "..."}` naming the problem.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,14 +12,15 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::Response;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use super::{ApiError, ApiState, EventInput, json_response};
 use crate::stats::NasSnapshot;
-use crate::store::{CancelOutcome, Nas, RetryOutcome};
+use crate::store::cluster::{Member, NasOwner};
+use crate::store::{CancelOutcome, Nas, RetryOutcome, Store, StoreError};
 
 type ApiResult = Result<Response, ApiError>;
 
@@ -245,11 +247,160 @@ pub async fn stack_counts(State(state): State<Arc<ApiState>>) -> ApiResult {
     ))
 }
 
-/// One NAS as the API shows it: settings (no secrets) and live figures.
+/// Who owns each NAS, as operators are shown it: on PostgreSQL the rows of `nas_owner`
+/// (an ownership counts only while its daemon's lease is current); on SQLite the one
+/// daemon, which serves every enabled NAS.
+pub struct Owners {
+    /// SQLite: the database has no owner rows, because one daemon serves everything.
+    sqlite: bool,
+    /// SQLite: that daemon's id, when the caller is the daemon (the CLI is not, so it
+    /// cannot name one).
+    single: Option<String>,
+    rows: HashMap<i64, NasOwner>,
+}
+
+impl Owners {
+    /// From the rows `Store::nas_owners` returned; `me` is the asking daemon's id.
+    pub fn new(sqlite: bool, me: Option<&str>, rows: Vec<NasOwner>) -> Owners {
+        Owners {
+            sqlite,
+            single: me.map(str::to_string),
+            rows: rows.into_iter().map(|o| (o.nas_id, o)).collect(),
+        }
+    }
+
+    /// Reads the owners (one query on PostgreSQL, none on SQLite).
+    pub async fn load(store: &Store, me: Option<&str>) -> Result<Owners, StoreError> {
+        let rows = store.nas_owners().await?;
+        Ok(Owners::new(matches!(store, Store::Sqlite(_)), me, rows))
+    }
+
+    /// Whether the database is SQLite (one daemon, no cluster).
+    pub fn sqlite(&self) -> bool {
+        self.sqlite
+    }
+
+    /// The valid owner of `nas` and its epoch. On SQLite: the daemon itself, epoch 0,
+    /// for an enabled NAS.
+    pub fn of(&self, nas: &Nas) -> Option<(&str, i64)> {
+        if self.sqlite {
+            return match (&self.single, nas.enabled) {
+                (Some(me), true) => Some((me.as_str(), 0)),
+                _ => None,
+            };
+        }
+        let row = self.rows.get(&nas.id)?;
+        if !row.valid {
+            return None;
+        }
+        Some((row.daemon_id.as_deref()?, row.epoch))
+    }
+
+    /// The ownership row of a NAS, valid or not (PostgreSQL only): who held it last.
+    pub fn row(&self, nas_id: i64) -> Option<&NasOwner> {
+        self.rows.get(&nas_id)
+    }
+
+    /// The enabled NAS that no daemon validly owns: their events wait. Never any on
+    /// SQLite, where the daemon serves every enabled NAS.
+    pub fn unowned<'a>(&self, nas: &'a [Nas]) -> Vec<&'a Nas> {
+        if self.sqlite {
+            return Vec::new();
+        }
+        nas.iter()
+            .filter(|n| n.enabled && self.of(n).is_none())
+            .collect()
+    }
+}
+
+/// Seconds from a duration, with millisecond precision and never negative: the times
+/// come from the database's clock, which may run slightly ahead of this host's.
+pub fn seconds(d: chrono::Duration) -> f64 {
+    d.num_milliseconds().max(0) as f64 / 1000.0
+}
+
+/// One daemon of the cluster as the API shows it; `me` marks the asking daemon.
+pub fn daemon_info(m: &Member, me: Option<&str>, now: DateTime<Utc>) -> Value {
+    json!({
+        "id": m.id,
+        "this": me == Some(m.id.as_str()),
+        "host": m.host,
+        "pid": m.pid,
+        "version": m.version,
+        "api": m.api,
+        "state": m.state,
+        "alive": m.alive,
+        "started_at": m.started_at,
+        "heartbeat_at": m.heartbeat_at,
+        "heartbeat_age_seconds": seconds(now - m.heartbeat_at),
+        "lease_until": m.lease_until,
+        "lease_left_seconds": if m.alive { seconds(m.lease_until - now) } else { 0.0 },
+        "owned": m.owned,
+    })
+}
+
+/// What SQLite says instead of a list of daemons.
+pub const SQLITE_CLUSTER_NOTE: &str =
+    "SQLite runs one daemon, which owns every enabled NAS; several daemons need PostgreSQL";
+
+/// The cluster as `GET /api/v1/cluster` and `nasd cluster status --json` show it: the
+/// daemons, how many are live, and the enabled NAS without a valid owner.
+pub fn cluster_value(
+    me: Option<&str>,
+    members: &[Member],
+    nas: &[Nas],
+    owners: &Owners,
+    now: DateTime<Utc>,
+) -> Value {
+    let unowned: Vec<Value> = owners
+        .unowned(nas)
+        .into_iter()
+        .map(|n| {
+            let row = owners.row(n.id);
+            json!({
+                "id": n.id,
+                "name": n.name,
+                "ip": n.ip,
+                "last_owner": row.and_then(|o| o.daemon_id.clone()),
+                "epoch": row.map(|o| o.epoch),
+            })
+        })
+        .collect();
+    json!({
+        "backend": if owners.sqlite() { "sqlite" } else { "postgres" },
+        "daemon_id": me,
+        "live": members.iter().filter(|m| m.is_live()).count(),
+        "daemons": members.iter().map(|m| daemon_info(m, me, now)).collect::<Vec<_>>(),
+        "unowned": unowned,
+        "note": owners.sqlite().then_some(SQLITE_CLUSTER_NOTE),
+    })
+}
+
+/// `GET /api/v1/cluster`: the daemons sharing the database, with their heartbeat and
+/// the NAS each owns, and the NAS nobody owns.
+pub async fn cluster(State(state): State<Arc<ApiState>>) -> ApiResult {
+    let members = state
+        .store
+        .cluster_members()
+        .await
+        .map_err(ApiError::store)?;
+    let nas = state.store.nas_list().await.map_err(ApiError::store)?;
+    let owners = Owners::load(&state.store, Some(&state.daemon_id))
+        .await
+        .map_err(ApiError::store)?;
+    Ok(json_response(
+        StatusCode::OK,
+        &cluster_value(Some(&state.daemon_id), &members, &nas, &owners, Utc::now()),
+    ))
+}
+
+/// One NAS as the API shows it: settings (no secrets), live figures and its valid
+/// owner with the ownership's epoch.
 pub fn nas_info(
     nas: &Nas,
     snap: Option<&NasSnapshot>,
     queue: Option<&crate::store::NasQueue>,
+    owner: Option<(&str, i64)>,
 ) -> Value {
     let empty = NasSnapshot::default();
     let s = snap.unwrap_or(&empty);
@@ -276,6 +427,8 @@ pub fn nas_info(
         "down": s.down_since.is_some(),
         "down_since": s.down_since,
         "down_reason": s.down_reason,
+        "owner": owner.map(|(daemon, _)| daemon),
+        "owner_epoch": owner.map(|(_, epoch)| epoch),
     })
 }
 
@@ -295,9 +448,12 @@ async fn nas_values(state: &ApiState) -> Result<Vec<Value>, ApiError> {
         .into_iter()
         .map(|s| (s.nas_id, s))
         .collect();
+    let owners = Owners::load(&state.store, Some(&state.daemon_id))
+        .await
+        .map_err(ApiError::store)?;
     Ok(list
         .iter()
-        .map(|n| nas_info(n, snaps.get(&n.id), queues.get(&n.id)))
+        .map(|n| nas_info(n, snaps.get(&n.id), queues.get(&n.id), owners.of(n)))
         .collect())
 }
 

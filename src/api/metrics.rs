@@ -1,7 +1,8 @@
 //! `GET /metrics`: Prometheus text exposition (format 0.0.4), written from the daemon's
 //! own `Stats` and a few cheap database queries at scrape time. Labels are only `nas`
-//! (the NAS id), `cmd` (bounded per NAS by `stats::MAX_CMDS`) and `outcome`; never an
-//! account id or an address.
+//! (the NAS id), `cmd` (bounded per NAS by `stats::MAX_CMDS`), `outcome`, and for the
+//! cluster `state` (four values) and `daemon` (one per live daemon); never an account
+//! id or an address.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -14,29 +15,36 @@ use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 
 use super::ApiState;
+use super::json::Owners;
 use crate::stats::{LATENCY_BUCKETS, NasSnapshot};
-use crate::store::{NasQueue, PoolFigures};
+use crate::store::cluster::Member;
+use crate::store::{Nas, NasQueue, PoolFigures};
 
 pub async fn handle(State(state): State<Arc<ApiState>>) -> Response {
     let snaps = state.stats.snapshot();
     let db = async {
         let queues = state.store.queue_by_nas().await?;
         let count = state.store.stack_count().await?;
-        Ok::<_, crate::store::StoreError>((queues, count.compact_total))
+        let nas = state.store.nas_list().await?;
+        let members = state.store.cluster_members().await?;
+        let owners = Owners::load(&state.store, Some(&state.daemon_id)).await?;
+        let cluster = ClusterFigures::new(&state.daemon_id, &members, &nas, &owners);
+        Ok::<_, crate::store::StoreError>((queues, count.compact_total, cluster))
     };
     let db = tokio::time::timeout(std::time::Duration::from_secs(5), db).await;
-    let (queues, compact, db_up) = match db {
-        Ok(Ok((q, c))) => (Some(q), Some(c), true),
+    let (queues, compact, cluster, db_up) = match db {
+        Ok(Ok((q, c, cl))) => (Some(q), Some(c), Some(cl), true),
         Ok(Err(e)) => {
             tracing::warn!("metrics: {e}");
-            (None, None, false)
+            (None, None, None, false)
         }
-        Err(_) => (None, None, false),
+        Err(_) => (None, None, None, false),
     };
     let text = render(
         &snaps,
         queues.as_deref(),
         compact,
+        cluster.as_ref(),
         db_up,
         state.store.pool_figures(),
         state.stats.api_enqueued.load(Ordering::Relaxed),
@@ -50,6 +58,60 @@ pub async fn handle(State(state): State<Arc<ApiState>>) -> Response {
         text,
     )
         .into_response()
+}
+
+/// The states a daemon row can have, each always exposed (0 when none) so that an
+/// alert on one of them has a series to compare.
+const DAEMON_STATES: [&str; 4] = ["live", "draining", "left", "lost"];
+
+/// What `/metrics` shows of the cluster, computed at scrape time.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ClusterFigures {
+    /// Each enabled NAS with whether this daemon validly owns it.
+    pub owned_here: Vec<(i64, bool)>,
+    /// Daemons per state, in the order of `DAEMON_STATES`.
+    pub daemons: [usize; 4],
+    /// Each live daemon with the NAS it owns.
+    pub owned_by: Vec<(String, i64)>,
+}
+
+impl ClusterFigures {
+    /// From the scrape's rows. A daemon marked `live` or `draining` whose lease has run
+    /// out counts as `lost`: the others stop counting it at once, even before one of
+    /// them marks it. On SQLite the one daemon is live and owns every enabled NAS.
+    pub fn new(me: &str, members: &[Member], nas: &[Nas], owners: &Owners) -> ClusterFigures {
+        let enabled = || nas.iter().filter(|n| n.enabled);
+        let owned_here: Vec<(i64, bool)> = enabled()
+            .map(|n| (n.id, owners.of(n).is_some_and(|(d, _)| d == me)))
+            .collect();
+        if owners.sqlite() {
+            return ClusterFigures {
+                daemons: [1, 0, 0, 0],
+                owned_by: vec![(me.to_string(), enabled().count() as i64)],
+                owned_here,
+            };
+        }
+        let mut daemons = [0; 4];
+        for m in members {
+            let state = if !m.alive && (m.state == "live" || m.state == "draining") {
+                "lost"
+            } else {
+                m.state.as_str()
+            };
+            if let Some(i) = DAEMON_STATES.iter().position(|s| *s == state) {
+                daemons[i] += 1;
+            }
+        }
+        ClusterFigures {
+            owned_here,
+            daemons,
+            owned_by: members
+                .iter()
+                .filter(|m| m.is_live())
+                .map(|m| (m.id.clone(), m.owned))
+                .collect(),
+        }
+    }
 }
 
 /// A label value with `\`, `"` and newlines escaped.
@@ -69,6 +131,7 @@ pub fn render(
     snaps: &[NasSnapshot],
     queues: Option<&[NasQueue]>,
     compact_depth: Option<i64>,
+    cluster: Option<&ClusterFigures>,
     db_up: bool,
     pool: PoolFigures,
     api_enqueued: i64,
@@ -236,6 +299,43 @@ pub fn render(
         );
         let _ = writeln!(out, "nasd_compact_queue_depth {c}");
     }
+    if let Some(c) = cluster {
+        head(
+            &mut out,
+            "nasd_nas_owned_here",
+            "gauge",
+            "1 while this daemon validly owns the NAS (SQLite: every enabled NAS), else 0; enabled NAS only.",
+        );
+        for (id, here) in &c.owned_here {
+            let _ = writeln!(
+                out,
+                "nasd_nas_owned_here{{nas=\"{id}\"}} {}",
+                u8::from(*here)
+            );
+        }
+        head(
+            &mut out,
+            "nasd_cluster_daemons",
+            "gauge",
+            "Daemons sharing the database, by state (a live daemon whose lease ran out counts as lost).",
+        );
+        for (state, n) in DAEMON_STATES.iter().zip(c.daemons) {
+            let _ = writeln!(out, "nasd_cluster_daemons{{state=\"{state}\"}} {n}");
+        }
+        head(
+            &mut out,
+            "nasd_cluster_nas_owned",
+            "gauge",
+            "NAS each live daemon owns now.",
+        );
+        for (daemon, n) in &c.owned_by {
+            let _ = writeln!(
+                out,
+                "nasd_cluster_nas_owned{{daemon=\"{}\"}} {n}",
+                esc(daemon)
+            );
+        }
+    }
     head(
         &mut out,
         "nasd_api_events_enqueued_total",
@@ -283,6 +383,57 @@ mod tests {
     use std::time::Duration;
 
     #[test]
+    fn cluster_figures_count_an_expired_live_daemon_as_lost() {
+        let now = Utc::now();
+        let member = |id: &str, state: &str, alive: bool, owned: i64| Member {
+            id: id.into(),
+            session: 1,
+            host: "h".into(),
+            pid: 1,
+            version: "0.1.0".into(),
+            api: None,
+            state: state.into(),
+            alive,
+            started_at: now,
+            heartbeat_at: now,
+            lease_until: now,
+            owned,
+        };
+        let members = [
+            member("a", "live", true, 2),
+            member("b", "live", false, 1),
+            member("c", "left", false, 0),
+        ];
+        let mut nas: Vec<Nas> = (1..=4).map(|i| Nas::new(i, "n", "10.0.0.1")).collect();
+        nas[3].enabled = false;
+        let owner = |nas_id: i64, daemon: &str, valid: bool| crate::store::cluster::NasOwner {
+            nas_id,
+            daemon_id: Some(daemon.into()),
+            epoch: 1,
+            valid,
+            since: None,
+        };
+        let owners = Owners::new(
+            false,
+            Some("a"),
+            vec![
+                owner(1, "a", true),
+                owner(2, "a", true),
+                owner(3, "b", false),
+            ],
+        );
+        let figures = ClusterFigures::new("a", &members, &nas, &owners);
+        assert_eq!(figures.owned_here, [(1, true), (2, true), (3, false)]);
+        assert_eq!(figures.daemons, [1, 0, 1, 1]);
+        assert_eq!(figures.owned_by, [("a".to_string(), 2)]);
+        let single =
+            ClusterFigures::new("solo", &[], &nas, &Owners::new(true, Some("solo"), vec![]));
+        assert_eq!(single.owned_here, [(1, true), (2, true), (3, true)]);
+        assert_eq!(single.daemons, [1, 0, 0, 0]);
+        assert_eq!(single.owned_by, [("solo".to_string(), 3)]);
+    }
+
+    #[test]
     fn exposition_has_counters_histograms_and_gauges() {
         let stats = Stats::new();
         let n = stats.nas(7);
@@ -311,6 +462,11 @@ mod tests {
                 oldest: Some(Utc::now() - chrono::Duration::seconds(10)),
             }]),
             Some(2),
+            Some(&ClusterFigures {
+                owned_here: vec![(7, true), (8, false)],
+                daemons: [2, 0, 1, 1],
+                owned_by: vec![("d1".into(), 1), ("d\"2".into(), 1)],
+            }),
             true,
             PoolFigures {
                 size: 3,
@@ -336,6 +492,14 @@ mod tests {
             "nasd_api_events_enqueued_total 5",
             "nasd_db_pool_connections{state=\"in_use\"} 2",
             "nasd_db_pool_max_connections 8",
+            "nasd_nas_owned_here{nas=\"7\"} 1",
+            "nasd_nas_owned_here{nas=\"8\"} 0",
+            "nasd_cluster_daemons{state=\"live\"} 2",
+            "nasd_cluster_daemons{state=\"draining\"} 0",
+            "nasd_cluster_daemons{state=\"left\"} 1",
+            "nasd_cluster_daemons{state=\"lost\"} 1",
+            "nasd_cluster_nas_owned{daemon=\"d1\"} 1",
+            "nasd_cluster_nas_owned{daemon=\"d\\\"2\"} 1",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line} in\n{text}");
         }

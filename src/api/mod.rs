@@ -29,6 +29,8 @@ pub struct ApiState {
     pub store: Store,
     pub stats: Arc<Stats>,
     pub cfg: ApiConfig,
+    /// This daemon's id in the cluster (`[cluster] name` or `<hostname>:<pid>`).
+    pub daemon_id: String,
 }
 
 /// An error answer: a status and a lowercase message naming the problem, sent as
@@ -108,6 +110,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/api/v1/stack", get(json::stack_counts))
         .route("/api/v1/nas", get(json::nas_list))
         .route("/api/v1/nas/{id}", get(json::nas_one))
+        .route("/api/v1/cluster", get(json::cluster))
         .route("/status", get(status::handle))
         .route("/metrics", get(metrics::handle))
         .fallback(not_found)

@@ -35,6 +35,7 @@ mod tests {
             ("/api/v1/stack", "get"),
             ("/api/v1/nas", "get"),
             ("/api/v1/nas/{id}", "get"),
+            ("/api/v1/cluster", "get"),
             ("/api/v1/openapi.json", "get"),
             ("/rest_api/v2/EventsStackCompact/", "post"),
             ("/rest_api/v2/EventsStack/", "post"),
@@ -43,6 +44,6 @@ mod tests {
         ] {
             assert!(paths[path][method].is_object(), "{method} {path}");
         }
-        assert_eq!(paths.len(), 14, "a route was added: document it");
+        assert_eq!(paths.len(), 15, "a route was added: document it");
     }
 }

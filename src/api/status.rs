@@ -1,5 +1,7 @@
 //! `GET /status`: `OK` (200) when the database answers, every enabled NAS is served
 //! and reachable, and no event waits too long; otherwise 503 and one line per problem.
+//! Then `warning:` lines (an enabled NAS no daemon validly owns), and after a blank line
+//! the cluster: this daemon, the daemons sharing the database, and each NAS's owner.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,19 +12,35 @@ use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 
 use super::ApiState;
+use super::json::{Owners, SQLITE_CLUSTER_NOTE, seconds};
 use crate::stats::NasSnapshot;
 use crate::store::Nas;
+use crate::store::cluster::Member;
 
 pub async fn handle(State(state): State<Arc<ApiState>>) -> Response {
-    let problems = problems(&state).await;
-    let (status, body) = if problems.is_empty() {
+    let report = report(&state).await;
+    let (status, mut body) = if report.problems.is_empty() {
         (StatusCode::OK, "OK\n".to_string())
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("FAIL\n{}\n", problems.join("\n")),
+            format!("FAIL\n{}\n", report.problems.join("\n")),
         )
     };
+    for warning in &report.warnings {
+        body.push_str("warning: ");
+        body.push_str(warning);
+        body.push('\n');
+    }
+    // A blank line first, so that a script reading the problems up to the first blank
+    // line never takes the cluster's description for one.
+    if !report.cluster.is_empty() {
+        body.push('\n');
+        for line in &report.cluster {
+            body.push_str(line);
+            body.push('\n');
+        }
+    }
     (
         status,
         [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
@@ -31,27 +49,41 @@ pub async fn handle(State(state): State<Arc<ApiState>>) -> Response {
         .into_response()
 }
 
-/// Everything that is wrong now, one sentence each.
-pub async fn problems(state: &ApiState) -> Vec<String> {
-    let mut out = Vec::new();
+/// What `/status` says.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// Everything that is wrong now, one sentence each (any makes the answer 503).
+    pub problems: Vec<String>,
+    /// What an operator should look at without it failing the check: an enabled NAS
+    /// without a valid owner is normal for a moment during a handover or a takeover.
+    pub warnings: Vec<String>,
+    /// The cluster block: this daemon, the daemons, and the owner of each NAS.
+    pub cluster: Vec<String>,
+}
+
+/// The state of the daemon: problems, warnings and the cluster block. Database work is
+/// a fixed number of queries, whatever the number of NAS.
+pub async fn report(state: &ApiState) -> Report {
+    let mut report = Report::default();
+    let out = &mut report.problems;
     let now = Utc::now();
     let ping = tokio::time::timeout(Duration::from_secs(3), state.store.ping()).await;
     match ping {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
             out.push(format!("database unreachable: {e}"));
-            return out;
+            return report;
         }
         Err(_) => {
             out.push("database unreachable: no answer to a ping within 3s".to_string());
-            return out;
+            return report;
         }
     }
     let nas = match state.store.nas_list().await {
         Ok(list) => list,
         Err(e) => {
             out.push(format!("database unreachable: {e}"));
-            return out;
+            return report;
         }
     };
     for n in nas.iter().filter(|n| n.enabled) {
@@ -76,7 +108,102 @@ pub async fn problems(state: &ApiState) -> Vec<String> {
         }
         Err(e) => out.push(format!("database unreachable: {e}")),
     }
-    out
+    let cluster = async {
+        let members = state.store.cluster_members().await?;
+        let owners = Owners::load(&state.store, Some(&state.daemon_id)).await?;
+        Ok::<_, crate::store::StoreError>((members, owners))
+    };
+    match cluster.await {
+        Ok((members, owners)) => {
+            let (lines, warnings) = cluster_lines(&state.daemon_id, &members, &nas, &owners, now);
+            report.cluster = lines;
+            report.warnings = warnings;
+        }
+        Err(e) => report.problems.push(format!("database unreachable: {e}")),
+    }
+    report
+}
+
+/// An age or a time left for people: `0.4s` under a minute, else as [`human`].
+pub fn short_age(secs: f64) -> String {
+    if secs < 60.0 {
+        format!("{secs:.1}s")
+    } else {
+        human(Duration::from_secs_f64(secs))
+    }
+}
+
+/// `nas 3 (Core, 10.0.0.3)`: how `/status` names a NAS.
+fn who(nas: &Nas) -> String {
+    format!("nas {} ({}, {})", nas.id, nas.name, nas.ip)
+}
+
+/// The cluster block of `/status` and its warnings (an enabled NAS without a valid
+/// owner). Pure, for tests.
+pub fn cluster_lines(
+    me: &str,
+    members: &[Member],
+    nas: &[Nas],
+    owners: &Owners,
+    now: DateTime<Utc>,
+) -> (Vec<String>, Vec<String>) {
+    let mut lines = Vec::with_capacity(members.len() + nas.len() + 1);
+    let mut warnings = Vec::new();
+    if owners.sqlite() {
+        lines.push(format!(
+            "cluster: this daemon is {me}; {SQLITE_CLUSTER_NOTE}"
+        ));
+    } else {
+        let live = members.iter().filter(|m| m.is_live()).count();
+        lines.push(format!(
+            "cluster: this daemon is {me}; {live} of {} daemon(s) live",
+            members.len()
+        ));
+        for m in members {
+            let lease = if m.alive {
+                format!("lease {} left", short_age(seconds(m.lease_until - now)))
+            } else {
+                "lease expired".to_string()
+            };
+            lines.push(format!(
+                "daemon {}{}: host {} pid {}, {}, heartbeat {} ago, {lease}, owns {} NAS",
+                m.id,
+                if m.id == me { " (this one)" } else { "" },
+                m.host,
+                m.pid,
+                m.state,
+                short_age(seconds(now - m.heartbeat_at)),
+                m.owned
+            ));
+        }
+    }
+    for n in nas {
+        match owners.of(n) {
+            // SQLite has no epochs: one daemon, which never hands a NAS over.
+            Some((daemon, _)) if owners.sqlite() => {
+                lines.push(format!("{}: owner {daemon}", who(n)));
+            }
+            Some((daemon, epoch)) => {
+                lines.push(format!("{}: owner {daemon}, epoch {epoch}", who(n)));
+            }
+            None if !n.enabled => lines.push(format!("{}: disabled, no owner", who(n))),
+            None => {
+                lines.push(format!("{}: no valid owner", who(n)));
+                let last = match owners.row(n.id) {
+                    Some(row) => match &row.daemon_id {
+                        Some(d) => format!("last owner {d}, epoch {}", row.epoch),
+                        None => "never owned".to_string(),
+                    },
+                    None => "not taken by any daemon yet".to_string(),
+                };
+                warnings.push(format!(
+                    "{} has no valid owner ({last}): its events wait until a live daemon takes it",
+                    who(n)
+                ));
+            }
+        }
+    }
+    (lines, warnings)
 }
 
 /// `45s`, `6m40s`, `2h5m`.
@@ -98,7 +225,7 @@ pub fn nas_problem(
     now: DateTime<Utc>,
     down_after: Duration,
 ) -> Option<String> {
-    let who = format!("nas {} ({}, {})", nas.id, nas.name, nas.ip);
+    let who = who(nas);
     if let Some(why) = &snap.unavailable {
         return Some(format!("{who} cannot be served: {why}"));
     }
@@ -133,6 +260,99 @@ pub fn nas_problem(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::cluster::NasOwner;
+
+    fn member(id: &str, state: &str, alive: bool, owned: i64, now: DateTime<Utc>) -> Member {
+        Member {
+            id: id.into(),
+            session: 1,
+            host: "h".into(),
+            pid: 7,
+            version: "0.1.0".into(),
+            api: None,
+            state: state.into(),
+            alive,
+            started_at: now - chrono::Duration::seconds(60),
+            heartbeat_at: now - chrono::Duration::milliseconds(if alive { 500 } else { 90_000 }),
+            lease_until: if alive {
+                now + chrono::Duration::milliseconds(2500)
+            } else {
+                now - chrono::Duration::seconds(80)
+            },
+            owned,
+        }
+    }
+
+    fn owner(nas_id: i64, daemon: &str, epoch: i64, valid: bool) -> NasOwner {
+        NasOwner {
+            nas_id,
+            daemon_id: Some(daemon.into()),
+            epoch,
+            valid,
+            since: None,
+        }
+    }
+
+    #[test]
+    fn the_cluster_block_names_each_owner_and_warns_of_an_unowned_nas() {
+        let now = Utc::now();
+        let members = [
+            member("a", "live", true, 1, now),
+            member("b", "lost", false, 0, now),
+        ];
+        let mut nas = vec![
+            Nas::new(1, "Core", "10.0.0.1"),
+            Nas::new(2, "Edge", "10.0.0.2"),
+            Nas::new(3, "Old", "10.0.0.3"),
+            Nas::new(4, "New", "10.0.0.4"),
+        ];
+        nas[2].enabled = false;
+        let owners = Owners::new(
+            false,
+            Some("a"),
+            vec![owner(1, "a", 3, true), owner(2, "b", 2, false)],
+        );
+        let (lines, warnings) = cluster_lines("a", &members, &nas, &owners, now);
+        assert_eq!(
+            lines,
+            [
+                "cluster: this daemon is a; 1 of 2 daemon(s) live",
+                "daemon a (this one): host h pid 7, live, heartbeat 0.5s ago, lease 2.5s left, owns 1 NAS",
+                "daemon b: host h pid 7, lost, heartbeat 1m30s ago, lease expired, owns 0 NAS",
+                "nas 1 (Core, 10.0.0.1): owner a, epoch 3",
+                "nas 2 (Edge, 10.0.0.2): no valid owner",
+                "nas 3 (Old, 10.0.0.3): disabled, no owner",
+                "nas 4 (New, 10.0.0.4): no valid owner",
+            ]
+        );
+        assert_eq!(
+            warnings,
+            [
+                "nas 2 (Edge, 10.0.0.2) has no valid owner (last owner b, epoch 2): its events wait until a live daemon takes it",
+                "nas 4 (New, 10.0.0.4) has no valid owner (not taken by any daemon yet): its events wait until a live daemon takes it",
+            ]
+        );
+    }
+
+    #[test]
+    fn on_sqlite_the_daemon_owns_every_enabled_nas() {
+        let mut nas = vec![
+            Nas::new(1, "Core", "10.0.0.1"),
+            Nas::new(2, "Off", "10.0.0.2"),
+        ];
+        nas[1].enabled = false;
+        let owners = Owners::new(true, Some("solo"), Vec::new());
+        let (lines, warnings) = cluster_lines("solo", &[], &nas, &owners, Utc::now());
+        assert_eq!(
+            lines,
+            [
+                format!("cluster: this daemon is solo; {SQLITE_CLUSTER_NOTE}"),
+                "nas 1 (Core, 10.0.0.1): owner solo".to_string(),
+                "nas 2 (Off, 10.0.0.2): disabled, no owner".to_string(),
+            ]
+        );
+        assert!(warnings.is_empty());
+    }
 
     #[test]
     fn nas_down_only_after_the_threshold() {

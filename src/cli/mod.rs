@@ -3,6 +3,7 @@
 //! [`run`]; one file here per command group.
 
 pub mod accounts;
+pub mod cluster;
 pub mod enqueue;
 pub mod nas;
 pub mod send;
@@ -29,6 +30,9 @@ pub enum Command {
     /// Manage the reference accounts table.
     #[command(subcommand)]
     Accounts(accounts::AccountsCommand),
+    /// The daemons sharing the PostgreSQL database and the NAS each owns.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCommand),
     /// Append one event to the compact stack and print its id, or many from a file
     /// (--from-file: CSV with a header row, or JSON lines).
     Enqueue(enqueue::EnqueueArgs),
@@ -112,6 +116,7 @@ async fn execute(command: Command, cfg: Config) -> anyhow::Result<ExitCode> {
         Command::Migrate => migrate(&cfg).await?,
         Command::Nas(cmd) => nas::run(cmd, &cfg).await?,
         Command::Accounts(cmd) => accounts::run(cmd, &cfg).await?,
+        Command::Cluster(cmd) => cluster::run(cmd, &cfg).await?,
         Command::Enqueue(args) => return enqueue::run(args, &cfg).await,
         Command::Stack(cmd) => stack::run(cmd, &cfg).await?,
         Command::History {

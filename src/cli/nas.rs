@@ -1,8 +1,10 @@
-//! `nasd nas add|set|remove|list`: the NAS table as an operator edits it.
+//! `nasd nas add|set|remove|list`: the NAS table as an operator edits it, with the
+//! owner of each NAS when several daemons share a PostgreSQL database.
 
 use anyhow::bail;
 use clap::{Args, Subcommand};
 
+use crate::api::json::Owners;
 use crate::config::Config;
 use crate::store::{Nas, Secret};
 
@@ -167,28 +169,33 @@ pub async fn run(cmd: NasCommand, cfg: &Config) -> anyhow::Result<()> {
         }
         NasCommand::List { json } => {
             let list = store.nas_list().await?;
+            // The command is not a daemon: on SQLite it cannot name the one daemon
+            // that serves every NAS, so the owner stays empty there.
+            let owners = Owners::load(&store, None).await?;
             if json {
                 let rows: Vec<serde_json::Value> = list
                     .iter()
                     .map(|n| {
+                        let owner = owners.of(n);
                         serde_json::json!({
                             "id": n.id, "name": n.name, "ip": n.ip, "scheme": n.scheme,
                             "script_name": n.script_name, "n_workers": n.n_workers,
                             "protocol": n.protocol, "port": n.port, "login": n.login,
                             "password_set": n.password.is_some(), "secret_set": n.secret.is_some(),
                             "max_sessions": n.max_sessions, "enabled": n.enabled,
+                            "owner": owner.map(|(d, _)| d), "owner_epoch": owner.map(|(_, e)| e),
                         })
                     })
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
                 println!(
-                    "{:<6} {:<20} {:<16} {:<20} {:>7} {:>8} enabled",
-                    "id", "name", "ip", "scheme/script", "workers", "sessions"
+                    "{:<6} {:<20} {:<16} {:<20} {:>7} {:>8} {:<7} owner",
+                    "id", "name", "ip", "scheme/script", "workers", "sessions", "enabled"
                 );
-                for n in list {
+                for n in &list {
                     println!(
-                        "{:<6} {:<20} {:<16} {:<20} {:>7} {:>8} {}",
+                        "{:<6} {:<20} {:<16} {:<20} {:>7} {:>8} {:<7} {}",
                         n.id,
                         n.name,
                         n.ip,
@@ -198,13 +205,23 @@ pub async fn run(cmd: NasCommand, cfg: &Config) -> anyhow::Result<()> {
                             .unwrap_or_default(),
                         n.n_workers,
                         n.max_sessions,
-                        if n.enabled { "yes" } else { "no" }
+                        if n.enabled { "yes" } else { "no" },
+                        owner_text(owners.of(n))
                     );
                 }
             }
         }
     }
     Ok(())
+}
+
+/// The OWNER column: `d1 (epoch 3)`, or `-` without a valid owner (and always on
+/// SQLite, where one daemon serves every enabled NAS).
+pub fn owner_text(owner: Option<(&str, i64)>) -> String {
+    match owner {
+        Some((daemon, epoch)) => format!("{daemon} (epoch {epoch})"),
+        None => "-".to_string(),
+    }
 }
 
 #[cfg(test)]

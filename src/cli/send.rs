@@ -75,9 +75,11 @@ pub async fn run(
         scheme: scheme.clone(),
         unavailable: None,
         device: device.clone(),
+        tenure: crate::transport::send::Tenure::new("nasd send", 0),
     };
     if dry_run {
-        let (vars, secrets) = attempt_vars(&event, &nas);
+        let (mut vars, secrets) = attempt_vars(&event, &nas);
+        runtime.tenure.add_vars(&mut vars);
         let lines = match (&nas.script_name, &scheme) {
             (Some(script), _) => vec![command_line(
                 std::path::Path::new(script),

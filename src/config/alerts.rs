@@ -23,10 +23,14 @@ pub enum AlertKind {
     QueueStalled,
     QueueMoving,
     EventsFailed,
+    /// A daemon of the cluster let its lease run out and its NAS are being taken over.
+    DaemonLost,
+    /// A daemon whose NAS were taken over joined the cluster again.
+    DaemonBack,
 }
 
 impl AlertKind {
-    pub const ALL: [AlertKind; 7] = [
+    pub const ALL: [AlertKind; 9] = [
         AlertKind::NasDown,
         AlertKind::NasUp,
         AlertKind::QueueHigh,
@@ -34,6 +38,8 @@ impl AlertKind {
         AlertKind::QueueStalled,
         AlertKind::QueueMoving,
         AlertKind::EventsFailed,
+        AlertKind::DaemonLost,
+        AlertKind::DaemonBack,
     ];
 
     pub fn name(self) -> &'static str {
@@ -45,6 +51,8 @@ impl AlertKind {
             AlertKind::QueueStalled => "queue_stalled",
             AlertKind::QueueMoving => "queue_moving",
             AlertKind::EventsFailed => "events_failed",
+            AlertKind::DaemonLost => "daemon_lost",
+            AlertKind::DaemonBack => "daemon_back",
         }
     }
 
@@ -77,6 +85,13 @@ impl AlertKind {
             AlertKind::EventsFailed => {
                 "nasd: NAS {{ nas_name }} ({{ nas_ip }}, id {{ nas_id }}): {{ failed }} events \
                  failed permanently; last error: {{ last_error }}"
+            }
+            AlertKind::DaemonLost => {
+                "nasd: daemon {{ daemon }} is LOST: its lease ran out and its NAS are being \
+                 taken over by the other daemons (seen by {{ reporter }})."
+            }
+            AlertKind::DaemonBack => {
+                "nasd: daemon {{ daemon }} is BACK in the cluster after its NAS were taken over."
             }
         }
     }
@@ -340,6 +355,15 @@ fn sample(kind: AlertKind) -> Alert {
             put("failed_total", 3.into());
             put("last_error", "device refused `x`: failure".into());
         }
+        AlertKind::DaemonLost => {
+            put("daemon", "nasd-2".into());
+            put("reporter", "nasd-1".into());
+            put("taken", 4.into());
+        }
+        AlertKind::DaemonBack => {
+            put("daemon", "nasd-2".into());
+            put("reporter", "nasd-2".into());
+        }
     }
     Alert {
         kind,
@@ -538,7 +562,13 @@ mod tests {
     fn every_default_template_renders_its_sample() {
         for kind in AlertKind::ALL {
             let text = render(kind.default_template(), &sample(kind)).unwrap();
-            assert!(text.contains("NAS nas (10.0.0.1, id 1)"), "{text}");
+            match kind {
+                // Daemon alerts concern a daemon of the cluster, not one NAS.
+                AlertKind::DaemonLost | AlertKind::DaemonBack => {
+                    assert!(text.contains("daemon nasd-2 is "), "{text}")
+                }
+                _ => assert!(text.contains("NAS nas (10.0.0.1, id 1)"), "{text}"),
+            }
         }
     }
 }

@@ -27,6 +27,43 @@ pub struct Config {
     pub alerts: Option<alerts::AlertsConfig>,
     /// `[log]`: format and rotation of the log files under `daemon.log_dir`.
     pub log: crate::journal::LogConfig,
+    /// `[cluster]`: several daemons on one PostgreSQL (ignored on SQLite).
+    pub cluster: ClusterConfig,
+}
+
+/// `[cluster]`: how a daemon takes part in a cluster of daemons sharing one PostgreSQL.
+/// Every PostgreSQL daemon is a member (a cluster of one when it is alone); none of
+/// these keys is needed to join.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// The daemon's id in the cluster; `<hostname>:<pid>` when not set.
+    pub name: Option<String>,
+    /// How long an ownership lasts without a heartbeat: a killed daemon's NAS are
+    /// taken over this long after its last heartbeat.
+    pub lease: Duration,
+    /// How often the daemon renews its lease and looks at the other daemons (also how
+    /// soon a released NAS is taken).
+    pub heartbeat: Duration,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> ClusterConfig {
+        ClusterConfig {
+            name: None,
+            lease: Duration::from_secs(10),
+            heartbeat: Duration::from_secs(1),
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// The part of the lease a daemon does not trust itself with: it stops claiming and
+    /// sending this long before its lease ends in the database (counted on its own
+    /// monotonic clock from the moment the renewal was sent), so clock drift and the
+    /// renewal's round trip never let two daemons send to one NAS.
+    pub fn safety_margin(&self) -> Duration {
+        (self.lease / 5).max(Duration::from_millis(500))
+    }
 }
 
 /// `[api]`: the REST API, `/status` and `/metrics`.
@@ -90,6 +127,13 @@ pub struct DatabaseConfig {
     pub url: String,
     pub params_query: String,
     pub max_connections: u32,
+    /// PostgreSQL: keep sqlx's per-connection cache of prepared statements. `false`
+    /// sets its capacity to 0 (see README "Running behind PgBouncer, a VIP or HAProxy").
+    pub statement_cache: bool,
+    /// PostgreSQL: the expander LISTENs for the compact stack's NOTIFY. `false`: it
+    /// never opens a LISTEN connection and `[daemon] poll_interval` carries the
+    /// wake-ups, as a pooler in transaction mode needs.
+    pub listen: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -173,6 +217,8 @@ impl Default for Config {
                 url: "sqlite://var/nasd.db".into(),
                 params_query: DEFAULT_PARAMS_QUERY.into(),
                 max_connections: 8,
+                statement_cache: true,
+                listen: true,
             },
             daemon: DaemonConfig {
                 resync_interval: Duration::from_secs(60),
@@ -201,6 +247,7 @@ impl Default for Config {
             api: None,
             alerts: None,
             log: crate::journal::LogConfig::default(),
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -220,6 +267,53 @@ struct RawConfig {
     alerts: Option<alerts::RawAlerts>,
     #[serde(default)]
     log: RawLog,
+    #[serde(default)]
+    cluster: RawCluster,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    name: Option<String>,
+    lease: Option<String>,
+    heartbeat: Option<String>,
+}
+
+fn cluster_section(raw: RawCluster) -> Result<ClusterConfig, ConfigError> {
+    let d = ClusterConfig::default();
+    let cfg = ClusterConfig {
+        name: raw.name.map(|n| n.trim().to_string()),
+        lease: duration_key("cluster.lease", raw.lease.as_ref(), d.lease)?,
+        heartbeat: duration_key("cluster.heartbeat", raw.heartbeat.as_ref(), d.heartbeat)?,
+    };
+    if let Some(name) = &cfg.name
+        && (name.is_empty() || name.len() > 200 || name.chars().any(|c| c.is_control()))
+    {
+        return Err(ConfigError::Key {
+            key: "cluster.name",
+            message: format!("`{name}` is not a usable name (1 to 200 printable characters)"),
+        });
+    }
+    if cfg.lease < Duration::from_secs(2) {
+        return Err(ConfigError::Key {
+            key: "cluster.lease",
+            message: format!(
+                "{} is too short: use at least 2s",
+                crate::duration::format_duration(cfg.lease)
+            ),
+        });
+    }
+    if cfg.heartbeat < Duration::from_millis(100) || cfg.heartbeat * 2 > cfg.lease {
+        return Err(ConfigError::Key {
+            key: "cluster.heartbeat",
+            message: format!(
+                "{} must be at least 100ms and at most half of cluster.lease ({})",
+                crate::duration::format_duration(cfg.heartbeat),
+                crate::duration::format_duration(cfg.lease)
+            ),
+        });
+    }
+    Ok(cfg)
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -380,6 +474,24 @@ struct RawDatabase {
     url: Option<String>,
     params_query: Option<String>,
     max_connections: Option<u32>,
+    /// Read as a value so that a wrong type is reported with the key's name.
+    statement_cache: Option<toml::Value>,
+    listen: Option<toml::Value>,
+}
+
+/// A `true`/`false` key; anything else is an error naming the key and the value.
+fn bool_key(
+    key: &'static str,
+    raw: Option<&toml::Value>,
+    default: bool,
+) -> Result<bool, ConfigError> {
+    match raw {
+        None => Ok(default),
+        Some(v) => v.as_bool().ok_or_else(|| ConfigError::Key {
+            key,
+            message: format!("{v} is not true or false"),
+        }),
+    }
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -441,6 +553,16 @@ impl Config {
                     .database
                     .max_connections
                     .unwrap_or(d.database.max_connections),
+                statement_cache: bool_key(
+                    "database.statement_cache",
+                    raw.database.statement_cache.as_ref(),
+                    d.database.statement_cache,
+                )?,
+                listen: bool_key(
+                    "database.listen",
+                    raw.database.listen.as_ref(),
+                    d.database.listen,
+                )?,
             },
             daemon: DaemonConfig {
                 resync_interval: duration_key(
@@ -507,6 +629,7 @@ impl Config {
             api: raw.api.map(api_section).transpose()?,
             alerts: raw.alerts.map(alerts::alerts_section).transpose()?,
             log: log_section(raw.log)?,
+            cluster: cluster_section(raw.cluster)?,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -632,6 +755,48 @@ mod tests {
     }
 
     #[test]
+    fn cluster_keys() {
+        let c = Config::from_toml("").unwrap().cluster;
+        assert_eq!(c, ClusterConfig::default());
+        assert_eq!(
+            (c.name.clone(), c.lease, c.heartbeat),
+            (None, Duration::from_secs(10), Duration::from_secs(1))
+        );
+        assert_eq!(c.safety_margin(), Duration::from_secs(2));
+        let c = Config::from_toml(
+            "[cluster]\nname = \"nasd-a\"\nlease = \"4s\"\nheartbeat = \"500ms\"\n",
+        )
+        .unwrap()
+        .cluster;
+        assert_eq!(
+            (c.name.as_deref(), c.lease, c.heartbeat),
+            (
+                Some("nasd-a"),
+                Duration::from_secs(4),
+                Duration::from_millis(500)
+            )
+        );
+        let bad = [
+            ("lease = \"1s\"", "cluster.lease", "1s is too short"),
+            ("heartbeat = \"6s\"", "cluster.heartbeat", "at most half"),
+            (
+                "heartbeat = \"50ms\"",
+                "cluster.heartbeat",
+                "at least 100ms",
+            ),
+            ("name = \"\"", "cluster.name", "not a usable name"),
+            ("lease = \"soon\"", "cluster.lease", "soon"),
+            ("leader = true", "unknown field", "leader"),
+        ];
+        for (text, key, words) in bad {
+            let e = Config::from_toml(&format!("[cluster]\n{text}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key) && e.contains(words), "{text:?}: {e}");
+        }
+    }
+
+    #[test]
     fn reads_keys() {
         let cfg = Config::from_toml(
             "[database]\nurl = \"postgres://u@h/db\"\n[daemon]\nresync_interval = \"5s\"\nmax_attempts = 3\nlog_dir = \"/tmp/x\"\n",
@@ -641,6 +806,48 @@ mod tests {
         assert_eq!(cfg.daemon.resync_interval, Duration::from_secs(5));
         assert_eq!(cfg.daemon.max_attempts, 3);
         assert_eq!(cfg.daemon.log_dir, PathBuf::from("/tmp/x"));
+    }
+
+    #[test]
+    fn database_pooler_keys() {
+        let d = Config::from_toml("").unwrap().database;
+        assert!(d.statement_cache && d.listen, "both on by default");
+        let cases = [
+            ("statement_cache = false", false, true),
+            ("listen = false", true, false),
+            ("statement_cache = false\nlisten = false", false, false),
+            ("statement_cache = true\nlisten = true", true, true),
+        ];
+        for (text, cache, listen) in cases {
+            let got = Config::from_toml(&format!("[database]\n{text}\n"))
+                .unwrap()
+                .database;
+            assert_eq!(
+                (got.statement_cache, got.listen),
+                (cache, listen),
+                "{text:?}"
+            );
+        }
+        let bad = [
+            ("statement_cache = \"no\"", "database.statement_cache"),
+            ("statement_cache = 0", "database.statement_cache"),
+            ("listen = \"off\"", "database.listen"),
+            ("listen = 1", "database.listen"),
+            ("statement_caches = false", "statement_caches"),
+        ];
+        for (text, needle) in bad {
+            let err = Config::from_toml(&format!("[database]\n{text}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{text:?} gave {err:?}");
+            if needle.starts_with("database.") {
+                let value = text.split(" = ").nth(1).unwrap_or_default();
+                assert!(
+                    err.contains(value),
+                    "{text:?} gave {err:?} without the value"
+                );
+            }
+        }
     }
 
     #[test]

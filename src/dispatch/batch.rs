@@ -192,8 +192,8 @@ const LOAD_NAS: usize = 500;
 pub struct Batches {
     /// Results, fenced by claim token; answers the ids applied.
     complete: Batcher<(Vec<Finish>, Vec<Reschedule>), i64>,
-    /// Claims `(id, token)` of ready rows; answers what was taken.
-    claim: Batcher<Vec<(i64, i64)>, Claimed>,
+    /// Claims `(id, token, epoch)` of ready rows; answers what was taken.
+    claim: Batcher<Vec<(i64, i64, i64)>, Claimed>,
     /// Lease renewals `(id, token)`; answers the ids extended.
     renew: Batcher<Vec<(i64, i64)>, i64>,
     /// Windows `(nas_id, after_id, limit)`; answers the events, keyed by NAS.
@@ -217,7 +217,7 @@ impl Batches {
         let claim = Batcher::start("claim", CLAIM_ROWS, 2, move |parts: Vec<Vec<_>>| {
             let store = s.clone();
             async move {
-                let claims: Vec<(i64, i64)> = parts.into_iter().flatten().collect();
+                let claims: Vec<(i64, i64, i64)> = parts.into_iter().flatten().collect();
                 let now = Utc::now();
                 store.claim(&claims, now, now + lease).await
             }
@@ -262,13 +262,14 @@ impl Batches {
         self.complete.ask((finishes, reschedules), ids).await
     }
 
-    /// Claims these `(id, token)` rows where they are ready (or their lease ran out);
-    /// returns what was taken, each row now held under its own token.
-    pub async fn claim(&self, claims: Vec<(i64, i64)>) -> Result<Vec<Claimed>, StoreError> {
+    /// Claims these `(id, token, epoch)` rows where they are ready (or their lease ran
+    /// out) and their NAS is still owned under that epoch; returns what was taken, each
+    /// row now held under its own token.
+    pub async fn claim(&self, claims: Vec<(i64, i64, i64)>) -> Result<Vec<Claimed>, StoreError> {
         if claims.is_empty() {
             return Ok(Vec::new());
         }
-        let ids = claims.iter().map(|(id, _)| *id).collect();
+        let ids = claims.iter().map(|c| c.0).collect();
         self.claim.ask(claims, ids).await
     }
 

@@ -55,6 +55,8 @@ pub struct Shared {
     /// Claims, completions, lease renewals and window loads, merged across owners into
     /// few statements.
     pub batches: batch::Batches,
+    /// This daemon's lease on its NAS: checked before every claim and every send.
+    pub fence: Arc<crate::cluster::Fence>,
 }
 
 /// How an owner is woken: by whoever put work in its stack (the expander after each
@@ -149,6 +151,14 @@ struct Owner {
     /// Highest event id counted as enqueued (not reset by a reload).
     counted_max_id: i64,
     breaker: Breaker,
+}
+
+impl Drop for Owner {
+    /// Also when the supervisor aborts the owner (its lease was lost): the figures stop
+    /// showing it as running, and dropping the `JoinSet` aborts its workers.
+    fn drop(&mut self) {
+        self.stats.stopped(self.stats_generation);
+    }
 }
 
 impl Owner {
@@ -281,7 +291,6 @@ impl Owner {
             }
         }
         self.workers.abort_all();
-        self.stats.stopped(self.stats_generation);
     }
 
     /// Extends the leases of the attempts in flight, each under its claim token. A claim
@@ -404,6 +413,11 @@ impl Owner {
         if free == 0 || !self.lanes.has_ready() {
             return;
         }
+        // A daemon whose lease may have run out claims nothing (its local deadline,
+        // a margin before the lease ends in the database).
+        if !self.shared.fence.holds() {
+            return;
+        }
         let heads = self.lanes.take_ready(free);
         if heads.is_empty() {
             return;
@@ -416,7 +430,9 @@ impl Owner {
         };
         // Through the claim batcher: other owners' claims go into the same statement,
         // each row under its own owner's token.
-        let claims: Vec<(i64, i64)> = heads.iter().map(|(_, id)| (*id, token)).collect();
+        let epoch = self.runtime.tenure.epoch;
+        let claims: Vec<(i64, i64, i64)> =
+            heads.iter().map(|(_, id)| (*id, token, epoch)).collect();
         let claimed = match self.shared.batches.claim(claims).await {
             Ok(c) => c,
             Err(e) => {
@@ -451,11 +467,29 @@ impl Owner {
             let tx = self.results_tx.clone();
             let exec_timeout = self.shared.cfg.exec_timeout;
             let max_attempts = self.shared.cfg.max_attempts;
+            let fence = self.shared.fence.clone();
             self.workers.spawn(async move {
                 let started = Instant::now();
+                let losses = fence.watch();
                 let reply = match outcome::before_attempt(event.try_count, max_attempts) {
                     Some(verdict) => Reply::unsent(verdict),
-                    None => send_event(&runtime, &event, exec_timeout).await,
+                    // The lease is checked again right before the send: the claim may
+                    // have waited for a free session past the local deadline.
+                    None if !fence.holds() => Reply::unsent(crate::transport::Verdict::Requeue(
+                        "this daemon's lease on the NAS may have run out; not sent".into(),
+                    )),
+                    // A send still running when the lease is lost is abandoned (its
+                    // session closes), before the lease ends in the database and a new
+                    // owner may connect.
+                    None => tokio::select! {
+                        reply = send_event(&runtime, &event, exec_timeout) => reply,
+                        _ = crate::cluster::Fence::revoked(losses) => Reply::unsent(
+                            crate::transport::Verdict::Requeue(
+                                "abandoned: this daemon lost its lease on the NAS during the send"
+                                    .into(),
+                            ),
+                        ),
+                    },
                 };
                 let _ = tx.send(Box::new(AttemptResult {
                     user_id,

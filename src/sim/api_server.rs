@@ -163,10 +163,7 @@ async fn session<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let Some(guard) = shared
-        .device
-        .try_open_session(Protocol::Api, shared.max_sessions)
-    else {
+    let Some(guard) = shared.open_session(Protocol::Api) else {
         tracing::info!(%peer, "sim: api session refused (max sessions reached)");
         let words = ["!fatal".to_string(), "too many sessions".to_string()];
         let _ = socket.write_all(&encode_sentence(&words)).await;

@@ -91,7 +91,8 @@ pub struct SimOptions {
     pub host_key: Option<std::path::PathBuf>,
     /// Appends one line per applied command to this file, `<unix ms> <kind> <command>`
     /// (kind `cli`, `api`, `coa` or `disconnect`), so a harness can count what reached
-    /// the device: losses, repeats and order.
+    /// the device: losses, repeats and order; and one line per connection refused for
+    /// `--max-sessions`, `<unix ms> refused <ssh|telnet|api>`.
     #[arg(long)]
     pub record: Option<std::path::PathBuf>,
 }
@@ -233,6 +234,22 @@ impl Shared {
         if let Some(recorder) = &self.record {
             recorder.line(kind, command);
         }
+    }
+
+    /// Takes a session slot for `protocol` unless `--max-sessions` of it are open; a
+    /// refusal is counted and recorded (`refused ssh`), so a harness can tell how many
+    /// connections a device turned away.
+    pub fn open_session(&self, protocol: Protocol) -> Option<routeros::SessionGuard> {
+        let guard = self.device.try_open_session(protocol, self.max_sessions);
+        if guard.is_none() {
+            let name = match protocol {
+                Protocol::Ssh => "ssh",
+                Protocol::Telnet => "telnet",
+                Protocol::Api => "api",
+            };
+            self.record("refused", name);
+        }
+        guard
     }
 
     pub fn prompt(&self) -> String {
@@ -685,6 +702,45 @@ mod tests {
         assert_eq!(editor.next_line(), (Vec::new(), Some("secret".to_string())));
         editor.feed(b"\n");
         assert_eq!(editor.next_line(), (Vec::new(), None));
+    }
+
+    #[test]
+    fn refused_sessions_are_recorded_one_line_each() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("record");
+        let shared = Shared {
+            device: Device::new("sim"),
+            user: "admin".into(),
+            password: "admin".into(),
+            latency: Duration::ZERO,
+            faults: Faults::default(),
+            max_sessions: 1,
+            record: Some(Recorder::open(&path).expect("open")),
+        };
+        let ssh = shared
+            .open_session(Protocol::Ssh)
+            .expect("first ssh session");
+        let telnet = shared
+            .open_session(Protocol::Telnet)
+            .expect("limits are per protocol");
+        assert!(shared.open_session(Protocol::Ssh).is_none());
+        assert!(shared.open_session(Protocol::Ssh).is_none());
+        assert!(shared.open_session(Protocol::Telnet).is_none());
+        drop(ssh);
+        let again = shared.open_session(Protocol::Ssh).expect("a slot freed");
+        assert!(shared.open_session(Protocol::Api).is_some());
+        let text = std::fs::read_to_string(&path).expect("read");
+        let kinds: Vec<&str> = text
+            .lines()
+            .map(|l| {
+                let (ms, rest) = l.split_once(' ').expect("time first");
+                assert!(ms.parse::<u128>().is_ok(), "{l}");
+                rest
+            })
+            .collect();
+        assert_eq!(kinds, ["refused ssh", "refused ssh", "refused telnet"]);
+        assert_eq!(shared.device.counters().sessions_refused, 3);
+        drop((telnet, again));
     }
 
     #[test]

@@ -58,9 +58,7 @@ pub(crate) async fn serve(
         // comes from our own listener, and with Nagle on every exec round trip waits
         // for the client's delayed ACK (~40 ms).
         let _ = socket.set_nodelay(true);
-        let guard = shared
-            .device
-            .try_open_session(Protocol::Ssh, shared.max_sessions);
+        let guard = shared.open_session(Protocol::Ssh);
         let refused = guard.is_none();
         if refused {
             tracing::info!(%peer, "sim: ssh session refused (max sessions reached)");

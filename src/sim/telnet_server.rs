@@ -45,10 +45,7 @@ pub(crate) async fn serve(
         let shared = shared.clone();
         let cancel = shutdown.child_token();
         tasks.spawn(async move {
-            let Some(guard) = shared
-                .device
-                .try_open_session(Protocol::Telnet, shared.max_sessions)
-            else {
+            let Some(guard) = shared.open_session(Protocol::Telnet) else {
                 tracing::info!(%peer, "sim: telnet session refused (max sessions reached)");
                 let mut socket = socket;
                 let _ = socket.write_all(b"too many sessions\r\n").await;

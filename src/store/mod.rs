@@ -4,6 +4,7 @@
 //! two backends answer the same calls; what differs (placeholders, arrays, time types,
 //! locking) stays inside their files.
 
+pub mod cluster;
 pub mod postgres;
 pub mod sqlite;
 
@@ -549,12 +550,53 @@ macro_rules! on_backend {
     };
 }
 
+/// A cluster call: PostgreSQL only (SQLite is one daemon and has no cluster tables).
+macro_rules! on_cluster {
+    ($self:expr, $s:ident => $body:expr) => {
+        match $self {
+            Store::Postgres($s) => {
+                $s.calls.count();
+                $body
+            }
+            Store::Sqlite(_) => Err(StoreError::Invalid(
+                "several daemons need PostgreSQL: SQLite serves one daemon".into(),
+            )),
+        }
+    };
+}
+
+/// How `Store::connect_with` connects: the pool size and, on PostgreSQL, what a
+/// connection pooler in front of the server may need (`[database]` keys).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectOptions {
+    /// PostgreSQL pool size (SQLite uses one connection).
+    pub max_connections: u32,
+    /// PostgreSQL: keep sqlx's per-connection cache of prepared statements; `false`
+    /// sets its capacity to 0 (`[database] statement_cache`).
+    pub statement_cache: bool,
+}
+
+impl ConnectOptions {
+    /// `max_connections` with the defaults of everything else (the statement cache on).
+    pub fn new(max_connections: u32) -> ConnectOptions {
+        ConnectOptions {
+            max_connections,
+            statement_cache: true,
+        }
+    }
+}
+
 impl Store {
     /// Connects to `url` (`postgres://...` or `sqlite://path`); an SQLite file is created.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Store, StoreError> {
+        Store::connect_with(url, &ConnectOptions::new(max_connections)).await
+    }
+
+    /// `connect` with every option (`[database]` keys beside the url).
+    pub async fn connect_with(url: &str, options: &ConnectOptions) -> Result<Store, StoreError> {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             Ok(Store::Postgres(
-                postgres::PgStore::connect(url, max_connections).await?,
+                postgres::PgStore::connect_with(url, options).await?,
             ))
         } else if url.starts_with("sqlite:") {
             Ok(Store::Sqlite(sqlite::SqliteStore::connect(url).await?))
@@ -647,12 +689,15 @@ impl Store {
         on_backend!(self, s => s.load_windows(windows).await)
     }
 
-    /// Marks each `(id, claim token)` running under its own token until `lease_until`,
-    /// if it is ready or its lease has expired. Returns what was taken. One call may
-    /// carry the claims of many owners (each row fenced by its own token).
+    /// Marks each `(id, claim token, epoch)` running under its own token until
+    /// `lease_until`, if it is ready or its lease has expired. Returns what was taken.
+    /// One call may carry the claims of many owners (each row fenced by its own token).
+    /// On PostgreSQL a row is taken only while its NAS is owned under that epoch by a
+    /// daemon whose lease is current (epoch 0: no ownership check, for a daemon outside
+    /// any cluster); SQLite is one daemon and ignores the epoch.
     pub async fn claim(
         &self,
-        claims: &[(i64, i64)],
+        claims: &[(i64, i64, i64)],
         now: DateTime<Utc>,
         lease_until: DateTime<Utc>,
     ) -> Result<Vec<Claimed>, StoreError> {
@@ -687,6 +732,88 @@ impl Store {
             return Ok(Vec::new());
         }
         on_backend!(self, s => s.extend_leases(claims, lease_until).await)
+    }
+
+    /// Joins the cluster (PostgreSQL only); see `PgStore::cluster_join`.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn cluster_join(
+        &self,
+        id: &str,
+        session: i64,
+        previous_session: Option<i64>,
+        host: &str,
+        pid: i32,
+        api: Option<&str>,
+        lease: std::time::Duration,
+    ) -> Result<cluster::Joined, StoreError> {
+        on_cluster!(self, s => s.cluster_join(id, session, previous_session, host, pid, api, lease).await)
+    }
+
+    /// Renews this daemon's lease and lists the daemons (PostgreSQL only).
+    pub async fn cluster_heartbeat(
+        &self,
+        id: &str,
+        session: i64,
+        lease: std::time::Duration,
+    ) -> Result<cluster::Beat, StoreError> {
+        on_cluster!(self, s => s.cluster_heartbeat(id, session, lease).await)
+    }
+
+    /// Takes the NAS nobody validly owns (PostgreSQL only).
+    pub async fn cluster_take(
+        &self,
+        id: &str,
+        session: i64,
+        nas_ids: &[i64],
+    ) -> Result<Vec<cluster::Taken>, StoreError> {
+        on_cluster!(self, s => s.cluster_take(id, session, nas_ids).await)
+    }
+
+    /// Marks daemons whose lease ran out as lost; returns those this call marked.
+    pub async fn cluster_mark_lost(&self, ids: &[String]) -> Result<Vec<String>, StoreError> {
+        on_cluster!(self, s => s.cluster_mark_lost(ids).await)
+    }
+
+    /// Releases NAS this daemon owns (PostgreSQL only).
+    pub async fn cluster_release(
+        &self,
+        id: &str,
+        session: i64,
+        nas_ids: &[i64],
+    ) -> Result<u64, StoreError> {
+        on_cluster!(self, s => s.cluster_release(id, session, nas_ids).await)
+    }
+
+    /// Sets this daemon's state (`draining`, `left`).
+    pub async fn cluster_set_state(
+        &self,
+        id: &str,
+        session: i64,
+        state: &str,
+    ) -> Result<(), StoreError> {
+        on_cluster!(self, s => s.cluster_set_state(id, session, state).await)
+    }
+
+    /// The daemons of the cluster (none on SQLite: one daemon, no table).
+    pub async fn cluster_members(&self) -> Result<Vec<cluster::Member>, StoreError> {
+        match self {
+            Store::Postgres(s) => {
+                s.calls.count();
+                s.cluster_members().await
+            }
+            Store::Sqlite(_) => Ok(Vec::new()),
+        }
+    }
+
+    /// The owner of each NAS (none on SQLite, where the one daemon owns every NAS).
+    pub async fn nas_owners(&self) -> Result<Vec<cluster::NasOwner>, StoreError> {
+        match self {
+            Store::Postgres(s) => {
+                s.calls.count();
+                s.nas_owners().await
+            }
+            Store::Sqlite(_) => Ok(Vec::new()),
+        }
     }
 
     /// Puts claimed events back to ready (shutdown), keeping their try count.

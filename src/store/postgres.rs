@@ -1,11 +1,18 @@
 //! PostgreSQL backend: batched statements with arrays (`unnest`), `FOR UPDATE SKIP LOCKED`
 //! claims, and LISTEN/NOTIFY as a wake-up hint for new compact rows.
+//!
+//! Every call opens its connection with `PgStore::open` and ends it with
+//! `Session::done`. With `[database] statement_cache = false` ("pooled mode") that
+//! connection is an explicit transaction and every statement is unnamed
+//! (`persistent(false)`), which is what PgBouncer before 1.21 in `pool_mode =
+//! transaction` needs (see `Session`).
 
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use sqlx::postgres::{PgListener, PgPool, PgPoolOptions, PgRow};
-use sqlx::{Column, Row, TypeInfo, ValueRef};
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
+use sqlx::{Column, PgConnection, Postgres, Row, Transaction, TypeInfo, ValueRef};
 
 use super::{
     AccountRecord, Claimed, CompactEvent, CompactRow, EventStatus, ExpandReport, Filter,
@@ -22,10 +29,68 @@ pub struct PgStore {
     /// `params_query` -> its form for many users in one statement, or None when the
     /// server refused that form (then each user is looked up on its own).
     batched_params: std::sync::Arc<std::sync::Mutex<Option<BatchedParams>>>,
+    /// Whether statements are named and kept by sqlx (`[database] statement_cache`,
+    /// the default). False is the pooled mode: each call runs in an explicit
+    /// transaction of its own and every statement is unnamed, passed to each query as
+    /// `.persistent(self.persistent)`.
+    pub(super) persistent: bool,
+}
+
+/// The connection one call of `PgStore` runs its statements on (`PgStore::open`).
+///
+/// sqlx runs a statement with parameters in two round trips: Parse/Describe/Sync, then
+/// Bind/Execute/Sync. A pooler in transaction mode (PgBouncer before 1.21, or later
+/// ones without `max_prepared_statements`) may hand the server connection to another
+/// client at each Sync outside a transaction, so the second half can reach another
+/// server than the first: a named statement is missing there or collides with another
+/// client's name, and even an unnamed one runs whatever that server last parsed.
+/// Inside a transaction the pooler keeps one server for the client from BEGIN to
+/// COMMIT, so both halves of every unnamed statement reach the same server.
+pub(super) enum Session {
+    /// A connection of the pool on which each statement is its own implicit
+    /// transaction (the default, `statement_cache = true`): no BEGIN or COMMIT.
+    Plain(PoolConnection<Postgres>),
+    /// An explicit transaction around the whole call (pooled mode).
+    Tx(Transaction<'static, Postgres>),
+}
+
+impl Session {
+    /// The connection to run the call's statements on.
+    pub(super) fn exec(&mut self) -> &mut PgConnection {
+        match self {
+            Session::Plain(conn) => conn,
+            Session::Tx(tx) => tx,
+        }
+    }
+
+    /// Ends the call: commits the transaction in pooled mode; a plain connection goes
+    /// back to the pool when dropped. A session dropped without this rolls back, which
+    /// is how a call that failed half-way leaves nothing behind.
+    pub(super) async fn done(self) -> Result<(), sqlx::Error> {
+        match self {
+            Session::Plain(_) => Ok(()),
+            Session::Tx(tx) => tx.commit().await,
+        }
+    }
 }
 
 /// A `params_query` and its batched form (None: run per user).
 type BatchedParams = (String, Option<String>);
+
+/// The advisory lock key that serialises expansion across daemons ("nasdexpd").
+const EXPAND_LOCK: i64 = 0x6e61_7364_6578_7064;
+
+/// The payload of the `nasd_stack` notification: the NAS ids that got events, comma
+/// separated; empty when they would not fit a notification (then nobody is woken by
+/// it, and the daemons' safety net finds the events).
+pub fn stack_notice(nas_ids: &[i64]) -> String {
+    let text = nas_ids
+        .iter()
+        .map(|id| id.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    if text.len() > 7000 { String::new() } else { text }
+}
 
 impl PgStore {
     /// Per NAS, the highest event id above `after_id` (new rows since the last look).
@@ -44,15 +109,31 @@ impl PgStore {
     }
 
     pub async fn connect(url: &str, max_connections: u32) -> Result<PgStore, StoreError> {
+        PgStore::connect_with(url, &super::ConnectOptions::new(max_connections)).await
+    }
+
+    /// Connects with `options`: the pool size and whether sqlx keeps its per-connection
+    /// cache of prepared statements (`[database] statement_cache`).
+    pub async fn connect_with(
+        url: &str,
+        options: &super::ConnectOptions,
+    ) -> Result<PgStore, StoreError> {
+        let mut connect: PgConnectOptions = url.parse().ctx("connect: parse the url")?;
+        if !options.statement_cache {
+            // Capacity 0 is sqlx's switch for "no cache". Note that sqlx 0.8 still
+            // names every statement it prepares then, and never closes those (README
+            // "Running behind PgBouncer, a VIP or HAProxy" says what follows).
+            connect = connect.statement_cache_capacity(0);
+        }
         let pool = PgPoolOptions::new()
-            .max_connections(max_connections)
+            .max_connections(options.max_connections)
             .acquire_timeout(std::time::Duration::from_secs(10))
             // No ping before each statement (sqlx's default is one extra round trip per
             // acquire, doubling the cost of a short statement): a connection that broke
             // while idle fails its statement instead, which every caller already treats
             // as the database being away for a moment (retried), and sqlx closes it.
             .test_before_acquire(false)
-            .connect(url)
+            .connect_with(connect)
             .await
             .ctx("connect")?;
         Ok(PgStore {
@@ -66,11 +147,46 @@ impl PgStore {
         &self.pool
     }
 
-    /// A listener on the channel the compact-stack trigger notifies.
-    pub async fn listen_compact(&self) -> Result<PgListener, StoreError> {
+    /// A listener on the channel the compact-stack trigger notifies, or `None` when the
+    /// connection is not one server session of its own (a pooler in transaction or
+    /// statement mode, such as PgBouncer's `pool_mode = transaction`). There LISTEN
+    /// would register on whichever server connection happened to run it: the listener
+    /// would receive nothing, and the notifications would arrive later in the middle of
+    /// other clients' statements on that server connection, which sqlx fails with
+    /// "unexpected message: NotificationResponse". So the check runs before LISTEN.
+    pub async fn listen_compact(&self) -> Result<Option<PgListener>, StoreError> {
         let mut listener = PgListener::connect_with(&self.pool).await.ctx("listen")?;
+        if !self
+            .owns_its_session(&mut listener)
+            .await
+            .ctx("listen: check that the connection is one server session")?
+        {
+            return Ok(None);
+        }
         listener.listen("nasd_compact").await.ctx("listen")?;
-        Ok(listener)
+        Ok(Some(listener))
+    }
+
+    /// Whether `listener`'s connection is one server session of its own: its backend
+    /// stays the same across statements and no other connection of the pool ever runs
+    /// on it. Behind a pooler in transaction mode the backend changes between
+    /// statements or turns up under another client (PgBouncer hands out the server it
+    /// released last), which a few rounds of `pg_backend_pid()` show without changing
+    /// any session state. The simple protocol is used, so the check itself works where
+    /// prepared statements do not.
+    async fn owns_its_session(&self, listener: &mut PgListener) -> Result<bool, sqlx::Error> {
+        use sqlx::Executor;
+        // A bare string is sent as a simple query (no parameters, nothing prepared).
+        const BACKEND: &str = "SELECT pg_backend_pid()";
+        let own: i32 = (&mut *listener).fetch_one(BACKEND).await?.try_get(0)?;
+        for _ in 0..3 {
+            let other: i32 = (&self.pool).fetch_one(BACKEND).await?.try_get(0)?;
+            let again: i32 = (&mut *listener).fetch_one(BACKEND).await?.try_get(0)?;
+            if other == own || again != own {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     pub async fn migrate(&self) -> Result<(), StoreError> {
@@ -226,11 +342,23 @@ impl PgStore {
     /// lost ids would name events that exist nowhere (the fault harness counts them).
     pub async fn expand(&self, params_query: &str, limit: i64) -> Result<ExpandReport, StoreError> {
         let mut tx = self.pool.begin().await.ctx("expand")?;
+        // One expander at a time in the whole cluster: the main stack's ids must follow
+        // compact-id order (owners refill their windows by `id > max_loaded_id`), so two
+        // daemons must not expand side by side. A transaction-level advisory lock (it
+        // works through a transaction-mode pooler and ends with the transaction); a
+        // daemon that does not get it reads no rows and looks again at its next poll.
+        // A daemon frozen in the middle of this transaction would hold the lock (and so
+        // every expansion of the cluster) while it is stopped: the server ends a
+        // transaction left idle for 5 s (set for this transaction only).
         let rows = sqlx::query(
             "SELECT id, cmd, user_id, abonent_id, nas_ip, usluga_id, acct_session_id, created_at \
-             FROM events_stack_compact ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+             FROM events_stack_compact, \
+             (SELECT set_config('idle_in_transaction_session_timeout', '5000', true)) AS t \
+             WHERE pg_try_advisory_xact_lock($2) \
+             ORDER BY id LIMIT $1 FOR UPDATE OF events_stack_compact SKIP LOCKED",
         )
         .bind(limit)
+        .bind(EXPAND_LOCK)
         .fetch_all(&mut *tx)
         .await
         .ctx("expand: read compact stack")?;
@@ -339,15 +467,21 @@ impl PgStore {
             .ctx("expand: write history")?;
         }
         let ids: Vec<i64> = compact.iter().map(|r| r.id).collect();
-        sqlx::query("DELETE FROM events_stack_compact WHERE id = ANY($1)")
-            .bind(&ids)
-            .execute(&mut *tx)
-            .await
-            .ctx("expand: delete compact rows")?;
-        tx.commit().await.ctx("expand: commit")?;
         let mut touched: Vec<i64> = events.iter().map(|e| e.nas_id).collect();
         touched.sort_unstable();
         touched.dedup();
+        // The other daemons of the cluster learn which NAS got events (their owners are
+        // woken; a hint delivered at commit, they poll as well).
+        sqlx::query(
+            "WITH d AS (DELETE FROM events_stack_compact WHERE id = ANY($1) RETURNING 1) \
+             SELECT pg_notify('nasd_stack', $2) WHERE $2 <> '' AND EXISTS (SELECT 1 FROM d)",
+        )
+        .bind(&ids)
+        .bind(stack_notice(&touched))
+        .execute(&mut *tx)
+        .await
+        .ctx("expand: delete compact rows")?;
+        tx.commit().await.ctx("expand: commit")?;
         Ok(ExpandReport {
             expanded: events.len(),
             failed: failures.len(),
@@ -387,26 +521,36 @@ impl PgStore {
     /// WAL up to and including the claim, so no result outlives the claim it fences.
     pub async fn claim(
         &self,
-        claims: &[(i64, i64)],
+        claims: &[(i64, i64, i64)],
         now: DateTime<Utc>,
         lease_until: DateTime<Utc>,
     ) -> Result<Vec<Claimed>, StoreError> {
-        let (ids, tokens): (Vec<i64>, Vec<i64>) = claims.iter().copied().unzip();
+        let ids: Vec<i64> = claims.iter().map(|c| c.0).collect();
+        let tokens: Vec<i64> = claims.iter().map(|c| c.1).collect();
+        let epochs: Vec<i64> = claims.iter().map(|c| c.2).collect();
         // One round trip: the statement's own implicit transaction commits with the
         // setting it made (set_config(..., true) lasts until that commit).
-        let rows: Vec<(i64, i32)> = sqlx::query_as(
+        // The epoch fence: a row is taken only while its NAS is owned under the claim's
+        // epoch by a daemon whose lease is current, so a daemon that lost the NAS (and
+        // has not noticed yet) claims nothing.
+        let rows: Vec<(i64, i32)> = sqlx::query_as(&format!(
             "WITH sc AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true)), \
-             f AS (SELECT u.* FROM sc, unnest($1::bigint[], $2::bigint[]) AS u(id, tok)), \
+             f AS (SELECT u.* FROM sc, unnest($1::bigint[], $2::bigint[], $5::bigint[]) \
+             AS u(id, tok, epoch)), \
              c AS MATERIALIZED (SELECT s.id, f.tok FROM events_stack s JOIN f ON s.id = f.id \
-             WHERE (s.state = 'ready' OR s.lease_until < $3) FOR UPDATE OF s SKIP LOCKED) \
+             WHERE (s.state = 'ready' OR s.lease_until < $3) AND (f.epoch = 0 OR EXISTS \
+             (SELECT 1 FROM nas_owner o WHERE o.nas_id = s.nas_id AND o.epoch = f.epoch \
+             AND {})) FOR UPDATE OF s SKIP LOCKED) \
              UPDATE events_stack s SET state = 'running', claim_token = c.tok, claimed_at = $3, \
              lease_until = $4, try_count = s.try_count + 1 FROM c WHERE s.id = c.id \
              RETURNING s.id, s.try_count",
-        )
+            super::cluster::VALID_OWNER
+        ))
         .bind(&ids)
         .bind(&tokens)
         .bind(now)
         .bind(lease_until)
+        .bind(&epochs)
         .fetch_all(&self.pool)
         .await
         .ctx("claim events")?;

@@ -386,14 +386,15 @@ impl SqliteStore {
 
     pub async fn claim(
         &self,
-        claims: &[(i64, i64)],
+        claims: &[(i64, i64, i64)],
         now: DateTime<Utc>,
         lease_until: DateTime<Utc>,
     ) -> Result<Vec<Claimed>, StoreError> {
         // One statement per token (one per owner in the batch), all in one transaction.
+        // SQLite is one daemon: there is no ownership to fence, the epoch is ignored.
         let mut by_token: std::collections::HashMap<i64, Vec<i64>> =
             std::collections::HashMap::new();
-        for (id, token) in claims {
+        for (id, token, _epoch) in claims {
             by_token.entry(*token).or_default().push(*id);
         }
         let mut tx = self

@@ -23,6 +23,33 @@ pub struct NasRuntime {
     pub unavailable: Option<String>,
     /// How the NAS's scheme reaches the device: a pool, a client, or a local script.
     pub device: Option<Device>,
+    /// Who sends, under which ownership of the NAS.
+    pub tenure: Tenure,
+}
+
+/// The daemon that sends to a NAS and the epoch of its ownership: templates and
+/// scripts see them as `daemon` and `nas_epoch`, so a device (or a test) can tell which
+/// owner sent a command. The epoch grows at every change of owner; it is 0 where there
+/// is no cluster (SQLite, `nasd send`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tenure {
+    pub daemon: Arc<str>,
+    pub epoch: i64,
+}
+
+impl Tenure {
+    pub fn new(daemon: &str, epoch: i64) -> Tenure {
+        Tenure {
+            daemon: Arc::from(daemon),
+            epoch,
+        }
+    }
+
+    /// Adds `daemon` and `nas_epoch` to an attempt's variables.
+    pub fn add_vars(&self, vars: &mut Vars) {
+        vars.insert("daemon".into(), self.daemon.as_ref().into());
+        vars.insert("nas_epoch".into(), self.epoch.into());
+    }
 }
 
 impl Reply {
@@ -79,7 +106,8 @@ pub async fn send_event(runtime: &NasRuntime, event: &StackEvent, exec_timeout: 
 }
 
 async fn send_unmasked(runtime: &NasRuntime, event: &StackEvent, exec_timeout: Duration) -> Reply {
-    let (vars, secrets) = attempt_vars(event, &runtime.nas);
+    let (mut vars, secrets) = attempt_vars(event, &runtime.nas);
+    runtime.tenure.add_vars(&mut vars);
     if let Some(script) = &runtime.nas.script_name {
         return Device::script(script, exec_timeout)
             .send(None, &event.cmd, vars, secrets)

@@ -2,8 +2,11 @@
 //! server and on SQLite files, scripts that record what they receive, polling.
 #![allow(dead_code)]
 
+pub mod harness;
+pub mod pgbouncer;
 pub mod pyrad;
 pub mod sshd;
+pub mod webhook;
 
 /// Declares each named `async fn NAME(backend: Backend)` of the calling file as two
 /// tests, `postgres::NAME` and `sqlite::NAME`.
