@@ -104,6 +104,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
     // is one daemon and serves every NAS.
     let identity = crate::cluster::Identity::new(&cfg.cluster, api_addr.map(|a| a.to_string()));
     let daemon_id = identity.id.clone();
+    let devices: crate::cluster::Devices = Arc::default();
     let (fence, link, cluster, members) = match &store {
         Store::Postgres(_) => {
             let joining = crate::cluster::join(
@@ -112,6 +113,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
                 identity,
                 journal.clone(),
                 alerts.clone(),
+                devices.clone(),
             )
             .await?;
             (
@@ -189,7 +191,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         };
         let expander = tokio::spawn(crate::expand::run(expander, wake, shutdown.clone()));
         let cluster_task = cluster.map(|c| tokio::spawn(c.run(shutdown.clone())));
-        let supervisor = Supervisor::new(shared.clone(), wakers, link, &supervisor_id);
+        let supervisor = Supervisor::new(shared.clone(), wakers, link, &supervisor_id, devices);
         supervisor.run(shutdown.clone()).await;
         if let Some(task) = cluster_task {
             let _ = task.await;

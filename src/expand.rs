@@ -63,6 +63,8 @@ pub async fn run(expander: Expander, wake: impl Fn(Wake<'_>) + Send, shutdown: C
     // The safety net's position: the highest event id it has looked at.
     let mut looked_up_to = 0i64;
     let mut polls = 0u32;
+    // The server processes that sent this daemon's own `nasd_stack` notifications.
+    let mut own_notifiers: std::collections::VecDeque<i32> = std::collections::VecDeque::new();
     loop {
         if try_listen
             && listener.is_none()
@@ -95,6 +97,12 @@ pub async fn run(expander: Expander, wake: impl Fn(Wake<'_>) + Send, shutdown: C
                 if !report.nas_ids.is_empty() {
                     wake(Wake::Got(&report.nas_ids));
                 }
+                if let Some(pid) = report.notified_by {
+                    own_notifiers.push_back(pid);
+                    if own_notifiers.len() > 32 {
+                        own_notifiers.pop_front();
+                    }
+                }
                 (report.expanded + report.failed) as i64 >= batch
             }
             Err(e) => {
@@ -113,7 +121,10 @@ pub async fn run(expander: Expander, wake: impl Fn(Wake<'_>) + Send, shutdown: C
             continue;
         }
         polls += 1;
-        if polls >= SAFETY_NET_POLLS {
+        // Without LISTEN nothing tells this daemon about events another daemon of the
+        // cluster expanded: the safety net looks at every poll then.
+        if polls >= SAFETY_NET_POLLS || (listener.is_none() && matches!(store, Store::Postgres(_)))
+        {
             polls = 0;
             // One statement for the whole daemon, reading only rows it has not seen.
             match store.stack_heads_after(looked_up_to).await {
@@ -126,17 +137,33 @@ pub async fn run(expander: Expander, wake: impl Fn(Wake<'_>) + Send, shutdown: C
                 Err(e) => tracing::warn!("looking for events no wake-up announced: {e}"),
             }
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(poll) => {}
-            notified = async {
-                match listener.as_mut() {
-                    Some(l) => l.recv().await.map(|_| ()),
-                    None => std::future::pending().await,
-                }
-            } => {
-                if notified.is_err() {
-                    listener = None;
+        // Waits for the next poll or a notification; a `nasd_stack` notification from
+        // another daemon wakes the owners of its NAS and keeps waiting (nothing to
+        // expand), anything else expands at once.
+        let next_poll = tokio::time::Instant::now() + poll;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep_until(next_poll) => break,
+                notified = async {
+                    match listener.as_mut() {
+                        Some(l) => l.recv().await.map(Some),
+                        None => std::future::pending().await,
+                    }
+                } => match notified {
+                    Ok(Some(n)) if n.channel() == "nasd_stack" => {
+                        if !own_notifiers.contains(&(n.process_id() as i32)) {
+                            let ids = crate::store::postgres::parse_stack_notice(n.payload());
+                            if !ids.is_empty() {
+                                wake(Wake::Got(&ids));
+                            }
+                        }
+                    }
+                    Ok(_) => break,
+                    Err(_) => {
+                        listener = None;
+                        break;
+                    }
                 }
             }
         }

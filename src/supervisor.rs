@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::cluster::{Assignment, Link, Report};
+use crate::cluster::{Assignment, Devices, Link, Report};
 use crate::dispatch::{NasRuntime, OwnerHandle, OwnerWake, Shared, spawn_owner};
 use crate::scheme::SchemeSet;
 use crate::store::Nas;
@@ -108,10 +108,19 @@ pub struct Supervisor {
     stopping: Vec<tokio::task::JoinHandle<()>>,
     /// Device pools per NAS, kept while their settings do not change.
     devices: HashMap<i64, (DeviceKey, Device)>,
+    /// The same devices, shared with the cluster task (which closes them all when the
+    /// lease is lost).
+    registry: Devices,
 }
 
 impl Supervisor {
-    pub fn new(shared: Arc<Shared>, wakers: Wakers, link: Link, daemon_id: &str) -> Supervisor {
+    pub fn new(
+        shared: Arc<Shared>,
+        wakers: Wakers,
+        link: Link,
+        daemon_id: &str,
+        registry: Devices,
+    ) -> Supervisor {
         Supervisor {
             shared,
             owners: HashMap::new(),
@@ -123,6 +132,18 @@ impl Supervisor {
             reported: HashMap::new(),
             stopping: Vec::new(),
             devices: HashMap::new(),
+            registry,
+        }
+    }
+
+    /// Copies the device map into the registry the cluster task sees.
+    fn sync_registry(&self) {
+        if let Ok(mut registry) = self.registry.lock() {
+            *registry = self
+                .devices
+                .iter()
+                .map(|(id, (_, device))| (*id, device.clone()))
+                .collect();
         }
     }
 
@@ -264,6 +285,8 @@ impl Supervisor {
         let mut aborted = Vec::new();
         for id in &hard {
             if let Some(r) = self.owners.remove(id) {
+                // Everything of the owner ends at once: its sends in progress are
+                // dropped (those events are sent again by the NAS's next owner).
                 r.handle.join.abort();
                 if let Ok(mut w) = self.wakers.lock() {
                     w.remove(id);
@@ -278,7 +301,7 @@ impl Supervisor {
                 device.close().await;
             }
             journal.daemon(&format!(
-                "Stopped work with nas nasid={} nas_ip={} at once (lease lost; in-flight commands abandoned)",
+                "Stopped work with nas nasid={} nas_ip={} at once (lease lost; commands in progress abandoned)",
                 r.nas.id, r.nas.ip
             ));
             let _ = self.link.reports.send(Report::Stopped {
@@ -357,6 +380,7 @@ impl Supervisor {
                 }
             }
         }
+        self.sync_registry();
         if fresh {
             return;
         }
@@ -385,6 +409,7 @@ impl Supervisor {
                 }
             }
         }
+        self.sync_registry();
     }
 
     /// Stops every owner and waits for them (each finishes in-flight work within the

@@ -268,6 +268,10 @@ impl Run {
         add_accounts(&store, devices.len() as i64).await;
         drop(store);
 
+        // One daemon: its cluster lease (30 s) outlasts the longest PostgreSQL outage
+        // made here (15 s), so an outage only delays delivery. An outage past the lease
+        // makes the daemon drop its NAS and take them again, which sends the events
+        // whose results it could not record once more: tests/cluster.rs covers that.
         let config = dir.join("nasd.toml");
         std::fs::write(
             &config,
@@ -276,7 +280,8 @@ impl Run {
                  [daemon]\nlog_dir = \"{log}\"\nschemes_dir = \"{schemes}\"\n\
                  resync_interval = \"1s\"\npoll_interval = \"100ms\"\nretry_base = \"100ms\"\n\
                  retry_cap = \"2s\"\nlease = \"3s\"\nmax_attempts = 10\nshutdown_grace = \"2s\"\n\
-                 [transport]\nknown_hosts = \"{known}\"\nssh_key = \"{key}\"\n",
+                 [transport]\nknown_hosts = \"{known}\"\nssh_key = \"{key}\"\n\
+                 [cluster]\nlease = \"30s\"\n",
                 log = dir.join("log").display(),
                 schemes = dir.join("schemes").display(),
                 known = dir.join("known_hosts").display(),

@@ -117,6 +117,11 @@ pub struct Assignment {
 /// resync.
 pub type EnabledNas = Option<Arc<Vec<(i64, String)>>>;
 
+/// The device of every NAS this daemon runs an owner for (kept by the supervisor): when
+/// the lease is lost the cluster task closes them all at once, so no session of this
+/// daemon outlives its lease, whatever the supervisor is busy with.
+pub type Devices = Arc<Mutex<HashMap<i64, crate::transport::device::Device>>>;
+
 /// What the supervisor tells the cluster task.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Report {
@@ -210,6 +215,7 @@ pub struct Cluster {
     members: Arc<Mutex<Vec<Member>>>,
     /// Take again soon: a NAS we should own is still held by a daemon handing it over.
     retry_take_at: Option<Instant>,
+    devices: Devices,
 }
 
 /// What `daemon::start` gets from joining: the cluster task to run, the supervisor's
@@ -229,9 +235,11 @@ pub async fn join(
     me: Identity,
     journal: Journal,
     alerts: Alerts,
+    devices: Devices,
 ) -> anyhow::Result<Joining> {
     let fence = Fence::leased();
     let session = new_session();
+    end_dead_local_leases(&store, &me, &journal).await;
     let started = Instant::now();
     let joined = store
         .cluster_join(
@@ -282,6 +290,7 @@ pub async fn join(
         stopped: HashSet::new(),
         members: members.clone(),
         retry_take_at: None,
+        devices,
     };
     cluster.log(&format!(
         "Joined the cluster as daemon {} (lease {}, heartbeat {})",
@@ -303,6 +312,49 @@ pub async fn join(
         fence,
         members,
     })
+}
+
+/// Whether process `pid` of this host is another nasd: it runs and has the same
+/// executable name as this process (a pid reused by another program does not count).
+fn nasd_runs(pid: i32) -> bool {
+    let comm = |p: &str| std::fs::read_to_string(format!("/proc/{p}/comm")).ok();
+    match (comm(&pid.to_string()), comm("self")) {
+        (Some(theirs), Some(ours)) => theirs == ours,
+        (Some(_), None) => true,
+        (None, _) => false,
+    }
+}
+
+/// A daemon restarted on the same host (a crash, `systemctl restart` after SIGKILL)
+/// need not wait out the lease of its previous life: a daemon row of this host whose
+/// process no longer runs is dead for certain, its sessions closed with it. Its lease
+/// is ended now; the NAS it held are then taken over at once.
+async fn end_dead_local_leases(store: &Store, me: &Identity, journal: &Journal) {
+    let Ok(members) = store.cluster_members().await else {
+        return;
+    };
+    let dead: Vec<String> = members
+        .iter()
+        .filter(|m| m.alive && matches!(m.state.as_str(), "live" | "draining"))
+        .filter(|m| m.host == me.host && m.pid != me.pid && !nasd_runs(m.pid))
+        .map(|m| m.id.clone())
+        .collect();
+    if dead.is_empty() {
+        return;
+    }
+    match store.cluster_expire(&dead).await {
+        Ok(ended) => {
+            for id in ended {
+                let line = format!(
+                    "Daemon {id} of this host no longer runs: its lease is ended now instead of \
+                     when it runs out"
+                );
+                tracing::warn!("{line}");
+                journal.daemon(&line);
+            }
+        }
+        Err(e) => tracing::warn!("cluster: ending the leases of dead daemons: {e}"),
+    }
 }
 
 impl Cluster {
@@ -394,6 +446,7 @@ impl Cluster {
     /// leaves.
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut next_beat = Instant::now();
+        let mut supervisor_up = true;
         loop {
             let deadline = self.fence.deadline();
             let mut wake = next_beat;
@@ -409,9 +462,12 @@ impl Cluster {
                     self.rejoin(&shutdown).await;
                     next_beat = Instant::now();
                 }
-                changed = self.nas.changed() => {
+                changed = self.nas.changed(), if supervisor_up => {
                     if changed.is_ok() {
                         self.act().await;
+                    } else {
+                        // The supervisor is gone (the daemon is stopping).
+                        supervisor_up = false;
                     }
                 }
                 _ = tokio::time::sleep_until(wake) => {
@@ -657,6 +713,7 @@ impl Cluster {
             self.me.id,
             self.held.len()
         ));
+        self.close_devices().await;
         self.held.clear();
         self.handing.clear();
         self.stopped.clear();
@@ -669,6 +726,23 @@ impl Cluster {
                 break;
             }
         }
+    }
+
+    /// Closes every device session of this daemon now (a polite goodbye where it is
+    /// quick; after a second the sessions are simply dropped, which closes them).
+    async fn close_devices(&self) {
+        let devices: Vec<crate::transport::device::Device> = self
+            .devices
+            .lock()
+            .map(|d| d.values().cloned().collect())
+            .unwrap_or_default();
+        let mut closing = tokio::task::JoinSet::new();
+        for device in devices {
+            closing.spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(1), device.close()).await;
+            });
+        }
+        while closing.join_next().await.is_some() {}
     }
 
     /// Joins again under a new session, after `lose`.
@@ -724,12 +798,15 @@ impl Cluster {
     /// Shutdown: marks this daemon draining (the others stop counting it), releases
     /// each NAS as soon as its owner has stopped, then leaves.
     async fn leave(&mut self) {
-        if let Err(e) = self
+        // A database that is away must not hold the stop up: the lease then simply
+        // runs out and the others take over.
+        let draining = self
             .store
-            .cluster_set_state(&self.me.id, self.session, "draining")
-            .await
-        {
-            tracing::warn!("cluster: marking this daemon draining: {e}");
+            .cluster_set_state(&self.me.id, self.session, "draining");
+        match tokio::time::timeout(LEAVE_CALL, draining).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("cluster: marking this daemon draining: {e}"),
+            Err(_) => tracing::warn!("cluster: marking this daemon draining: no answer"),
         }
         // Owners that stopped before the shutdown was seen: their reports count, an
         // earlier "all stopped" does not.
@@ -748,24 +825,55 @@ impl Cluster {
             ));
         }
         self.publish(false);
-        while let Some(report) = self.reports.recv().await {
-            match report {
-                Report::AllStopped => break,
-                other => self.on_report(other).await,
+        // The lease is still renewed while the owners finish what is in flight (that
+        // may take up to `shutdown_grace`, longer than a lease): the NAS are ours until
+        // released.
+        let mut next_beat = Instant::now() + self.cfg.heartbeat;
+        loop {
+            let deadline = self.fence.deadline();
+            tokio::select! {
+                // The lease ran out during the stop (the database is away): what is
+                // still being sent is abandoned, as after any loss of the lease.
+                _ = sleep_until_opt(deadline) => {
+                    self.warn("Lease lost while stopping: sends still in progress are abandoned");
+                    self.fence.revoke();
+                    self.close_devices().await;
+                }
+                report = self.reports.recv() => match report {
+                    None | Some(Report::AllStopped) => break,
+                    Some(other) => self.on_report(other).await,
+                },
+                _ = tokio::time::sleep_until(next_beat) => {
+                    next_beat = Instant::now() + self.cfg.heartbeat;
+                    let started = Instant::now();
+                    if let Some(Ok(beat)) = self
+                        .bounded(self.store.cluster_heartbeat(&self.me.id, self.session, self.cfg.lease))
+                        .await
+                        && beat.renewed
+                        && self.fence.deadline().is_some()
+                    {
+                        self.fence
+                            .set(Some(started + self.cfg.lease - self.cfg.safety_margin()));
+                    }
+                }
             }
         }
-        self.release_stopped().await;
-        if let Err(e) = self
+        let _ = tokio::time::timeout(LEAVE_CALL, self.release_stopped()).await;
+        let left = self
             .store
-            .cluster_set_state(&self.me.id, self.session, "left")
-            .await
-        {
-            tracing::warn!("cluster: marking this daemon left: {e}");
+            .cluster_set_state(&self.me.id, self.session, "left");
+        match tokio::time::timeout(LEAVE_CALL, left).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("cluster: marking this daemon left: {e}"),
+            Err(_) => tracing::warn!("cluster: marking this daemon left: no answer"),
         }
         self.fence.set(None);
         self.log(&format!("Left the cluster: daemon {}", self.me.id));
     }
 }
+
+/// The longest each database call of a stop may take.
+const LEAVE_CALL: Duration = Duration::from_secs(5);
 
 async fn sleep_until_opt(deadline: Option<Instant>) {
     match deadline {

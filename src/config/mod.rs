@@ -127,8 +127,10 @@ pub struct DatabaseConfig {
     pub url: String,
     pub params_query: String,
     pub max_connections: u32,
-    /// PostgreSQL: keep sqlx's per-connection cache of prepared statements. `false`
-    /// sets its capacity to 0 (see README "Running behind PgBouncer, a VIP or HAProxy").
+    /// PostgreSQL: keep sqlx's per-connection cache of prepared statements. `false` is
+    /// the pooled mode that PgBouncer in transaction mode needs: no cache, unnamed
+    /// statements, each database call in a transaction of its own, no LISTEN (see
+    /// README "Running behind PgBouncer, a VIP or HAProxy").
     pub statement_cache: bool,
     /// PostgreSQL: the expander LISTENs for the compact stack's NOTIFY. `false`: it
     /// never opens a LISTEN connection and `[daemon] poll_interval` carries the

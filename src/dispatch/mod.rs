@@ -92,6 +92,7 @@ impl OwnerWake {
 pub struct OwnerHandle {
     pub wake: Arc<OwnerWake>,
     pub config: watch::Sender<Arc<NasRuntime>>,
+    /// Stop claiming; finish what is in flight (within the shutdown grace), then end.
     pub stop: CancellationToken,
     pub join: tokio::task::JoinHandle<()>,
 }
@@ -297,6 +298,11 @@ impl Owner {
     /// that is no longer ours is not extended; its result will be discarded by the same
     /// fence when it arrives.
     async fn heartbeat(&mut self) {
+        // A daemon whose lease may have run out extends nothing: the next owner may
+        // claim these events once their leases end.
+        if !self.shared.fence.holds() {
+            return;
+        }
         let claims: Vec<(i64, i64)> = self.in_flight.iter().map(|(id, t)| (*id, *t)).collect();
         match self.shared.batches.renew(claims.clone()).await {
             Ok(extended) => {

@@ -1,7 +1,9 @@
 //! The cluster's tables on PostgreSQL: daemons with leases renewed in database time
 //! (`nasd_daemons`) and one owner per NAS with an epoch (`nas_owner`). Every statement
-//! here is one round trip; none depends on the number of NAS except taking, releasing
-//! and listing.
+//! here is one round trip once sqlx has it prepared; in pooled mode (`[database]
+//! statement_cache = false`) each call is a transaction of its own with unnamed
+//! statements instead (see `postgres::Session`). None depends on the number of NAS
+//! except taking, releasing and listing.
 
 use chrono::{DateTime, Utc};
 use sqlx::Row;
@@ -112,13 +114,14 @@ impl PgStore {
         api: Option<&str>,
         lease: std::time::Duration,
     ) -> Result<Joined, StoreError> {
-        let pool = self.pool();
+        let mut db = self.open().await.ctx("cluster: join")?;
         sqlx::query(
             "DELETE FROM nasd_daemons WHERE state IN ('left', 'lost') \
              AND heartbeat_at < now() - interval '1 day' AND id <> $1",
         )
+        .persistent(self.persistent)
         .bind(id)
-        .execute(pool)
+        .execute(db.exec())
         .await
         .ctx("cluster: forget old daemons")?;
         let row = sqlx::query(
@@ -135,6 +138,7 @@ impl PgStore {
              SELECT (SELECT count(*) FROM up) AS joined, prev.state, prev.host, prev.pid, \
              prev.lease_until FROM (SELECT 1) one LEFT JOIN prev ON true",
         )
+        .persistent(self.persistent)
         .bind(id)
         .bind(session)
         .bind(host)
@@ -143,9 +147,10 @@ impl PgStore {
         .bind(api)
         .bind(ms(lease))
         .bind(previous_session)
-        .fetch_one(pool)
+        .fetch_one(db.exec())
         .await
         .ctx("cluster: join")?;
+        db.done().await.ctx("cluster: join")?;
         let joined: i64 = row.try_get("joined").ctx("cluster: join")?;
         let state: Option<String> = row.try_get("state").ctx("cluster: join")?;
         if joined == 1 {
@@ -175,6 +180,7 @@ impl PgStore {
         session: i64,
         lease: std::time::Duration,
     ) -> Result<Beat, StoreError> {
+        let mut db = self.open().await.ctx("cluster: heartbeat")?;
         let rows = sqlx::query(&format!(
             "WITH hb AS (UPDATE nasd_daemons SET heartbeat_at = now(), \
              lease_until = now() + $3 * interval '1 millisecond' \
@@ -183,12 +189,14 @@ impl PgStore {
              (SELECT count(*) FROM nas_owner WHERE session = $2) AS held, {MEMBER_COLUMNS} \
              FROM nasd_daemons d ORDER BY d.id"
         ))
+        .persistent(self.persistent)
         .bind(id)
         .bind(session)
         .bind(ms(lease))
-        .fetch_all(self.pool())
+        .fetch_all(db.exec())
         .await
         .ctx("cluster: heartbeat")?;
+        db.done().await.ctx("cluster: heartbeat")?;
         let mut beat = Beat {
             renewed: false,
             members: Vec::with_capacity(rows.len()),
@@ -217,6 +225,7 @@ impl PgStore {
         if nas_ids.is_empty() {
             return Ok(Vec::new());
         }
+        let mut db = self.open().await.ctx("cluster: take nas")?;
         let rows = sqlx::query(&format!(
             "WITH me AS (SELECT 1 FROM nasd_daemons WHERE id = $1 AND session = $2 \
              AND state = 'live' AND lease_until > now()), \
@@ -239,12 +248,14 @@ impl PgStore {
              (SELECT count(*) FROM reset r WHERE r.nas_id = up.nas_id) AS reset \
              FROM up LEFT JOIN prev ON prev.nas_id = up.nas_id ORDER BY up.nas_id"
         ))
+        .persistent(self.persistent)
         .bind(id)
         .bind(session)
         .bind(nas_ids)
-        .fetch_all(self.pool())
+        .fetch_all(db.exec())
         .await
         .ctx("cluster: take nas")?;
+        db.done().await.ctx("cluster: take nas")?;
         rows.iter()
             .map(|r| {
                 let from: Option<String> = r.try_get("daemon_id")?;
@@ -265,14 +276,41 @@ impl PgStore {
     /// yet; returns the ids this call marked (each daemon is marked once, by one
     /// daemon of the cluster, which is what makes its alert fire once).
     pub async fn cluster_mark_lost(&self, ids: &[String]) -> Result<Vec<String>, StoreError> {
-        sqlx::query_scalar(
+        let mut db = self.open().await.ctx("cluster: mark lost daemons")?;
+        let marked = sqlx::query_scalar(
             "UPDATE nasd_daemons SET state = 'lost' WHERE id = ANY($1) \
              AND lease_until < now() AND state IN ('live', 'draining') RETURNING id",
         )
+        .persistent(self.persistent)
         .bind(ids)
-        .fetch_all(self.pool())
+        .fetch_all(db.exec())
         .await
-        .ctx("cluster: mark lost daemons")
+        .ctx("cluster: mark lost daemons")?;
+        db.done().await.ctx("cluster: mark lost daemons")?;
+        Ok(marked)
+    }
+
+    /// Ends the leases of these daemons now (they are known to be dead: processes of
+    /// this host that no longer run); returns the ids whose lease this ended.
+    pub async fn cluster_expire(&self, ids: &[String]) -> Result<Vec<String>, StoreError> {
+        let mut db = self
+            .open()
+            .await
+            .ctx("cluster: end the leases of dead daemons")?;
+        let ended = sqlx::query_scalar(
+            "UPDATE nasd_daemons SET lease_until = now() - interval '1 millisecond' \
+             WHERE id = ANY($1) AND state IN ('live', 'draining') AND lease_until > now() \
+             RETURNING id",
+        )
+        .persistent(self.persistent)
+        .bind(ids)
+        .fetch_all(db.exec())
+        .await
+        .ctx("cluster: end the leases of dead daemons")?;
+        db.done()
+            .await
+            .ctx("cluster: end the leases of dead daemons")?;
+        Ok(ended)
     }
 
     /// Gives these NAS up (after their owners stopped): anyone may take them now. The
@@ -284,16 +322,19 @@ impl PgStore {
         session: i64,
         nas_ids: &[i64],
     ) -> Result<u64, StoreError> {
+        let mut db = self.open().await.ctx("cluster: release nas")?;
         let done = sqlx::query(
             "UPDATE nas_owner SET session = NULL, since = now() \
              WHERE nas_id = ANY($3) AND daemon_id = $1 AND session = $2",
         )
+        .persistent(self.persistent)
         .bind(id)
         .bind(session)
         .bind(nas_ids)
-        .execute(self.pool())
+        .execute(db.exec())
         .await
         .ctx("cluster: release nas")?;
+        db.done().await.ctx("cluster: release nas")?;
         Ok(done.rows_affected())
     }
 
@@ -310,26 +351,32 @@ impl PgStore {
         } else {
             ""
         };
+        let mut db = self.open().await.ctx("cluster: set daemon state")?;
         sqlx::query(&format!(
             "UPDATE nasd_daemons SET state = $3{end_lease} WHERE id = $1 AND session = $2"
         ))
+        .persistent(self.persistent)
         .bind(id)
         .bind(session)
         .bind(state)
-        .execute(self.pool())
+        .execute(db.exec())
         .await
         .ctx("cluster: set daemon state")?;
+        db.done().await.ctx("cluster: set daemon state")?;
         Ok(())
     }
 
     /// Every daemon row with how many NAS it owns.
     pub async fn cluster_members(&self) -> Result<Vec<Member>, StoreError> {
+        let mut db = self.open().await.ctx("cluster: list daemons")?;
         let rows = sqlx::query(&format!(
             "SELECT {MEMBER_COLUMNS} FROM nasd_daemons d ORDER BY d.id"
         ))
-        .fetch_all(self.pool())
+        .persistent(self.persistent)
+        .fetch_all(db.exec())
         .await
         .ctx("cluster: list daemons")?;
+        db.done().await.ctx("cluster: list daemons")?;
         rows.iter()
             .map(member_from_row)
             .collect::<Result<_, _>>()
@@ -338,13 +385,16 @@ impl PgStore {
 
     /// The owner of every NAS that has an ownership row.
     pub async fn nas_owners(&self) -> Result<Vec<NasOwner>, StoreError> {
+        let mut db = self.open().await.ctx("cluster: list nas owners")?;
         let rows = sqlx::query(&format!(
             "SELECT o.nas_id, o.daemon_id, o.epoch, o.since, \
              (o.session IS NOT NULL AND {VALID_OWNER}) AS valid FROM nas_owner o ORDER BY o.nas_id"
         ))
-        .fetch_all(self.pool())
+        .persistent(self.persistent)
+        .fetch_all(db.exec())
         .await
         .ctx("cluster: list nas owners")?;
+        db.done().await.ctx("cluster: list nas owners")?;
         rows.iter()
             .map(|r| {
                 Ok(NasOwner {

@@ -95,6 +95,9 @@ pub struct ExpandReport {
     pub failed: usize,
     /// NAS ids that received new events, so their owners can be woken.
     pub nas_ids: Vec<i64>,
+    /// PostgreSQL: the server process that sent the `nasd_stack` notification of this
+    /// expansion (the expander ignores its own notifications).
+    pub notified_by: Option<i32>,
 }
 
 #[derive(Debug, Default, Clone, Serialize)]
@@ -571,8 +574,10 @@ macro_rules! on_cluster {
 pub struct ConnectOptions {
     /// PostgreSQL pool size (SQLite uses one connection).
     pub max_connections: u32,
-    /// PostgreSQL: keep sqlx's per-connection cache of prepared statements; `false`
-    /// sets its capacity to 0 (`[database] statement_cache`).
+    /// PostgreSQL: keep sqlx's per-connection cache of prepared statements
+    /// (`[database] statement_cache`). `false` is the pooled mode for a transaction
+    /// pooler: no cache, every statement unnamed, each call in a transaction of its own,
+    /// no LISTEN (see `postgres::Session`).
     pub statement_cache: bool,
 }
 
@@ -772,6 +777,11 @@ impl Store {
     /// Marks daemons whose lease ran out as lost; returns those this call marked.
     pub async fn cluster_mark_lost(&self, ids: &[String]) -> Result<Vec<String>, StoreError> {
         on_cluster!(self, s => s.cluster_mark_lost(ids).await)
+    }
+
+    /// Ends the leases of daemons known to be dead (PostgreSQL only).
+    pub async fn cluster_expire(&self, ids: &[String]) -> Result<Vec<String>, StoreError> {
+        on_cluster!(self, s => s.cluster_expire(ids).await)
     }
 
     /// Releases NAS this daemon owns (PostgreSQL only).

@@ -89,19 +89,35 @@ pub fn stack_notice(nas_ids: &[i64]) -> String {
         .map(|id| id.to_string())
         .collect::<Vec<_>>()
         .join(",");
-    if text.len() > 7000 { String::new() } else { text }
+    if text.len() > 7000 {
+        String::new()
+    } else {
+        text
+    }
+}
+
+/// The NAS ids of a `nasd_stack` notification (the ids that parse; an empty payload
+/// gives none).
+pub fn parse_stack_notice(payload: &str) -> Vec<i64> {
+    payload
+        .split(',')
+        .filter_map(|id| id.trim().parse().ok())
+        .collect()
 }
 
 impl PgStore {
     /// Per NAS, the highest event id above `after_id` (new rows since the last look).
     pub async fn stack_heads_after(&self, after_id: i64) -> Result<Vec<(i64, i64)>, StoreError> {
+        let mut db = self.open().await.ctx("look for new events")?;
         let rows = sqlx::query(
             "SELECT nas_id, MAX(id) AS max_id FROM events_stack WHERE id > $1 GROUP BY nas_id",
         )
+        .persistent(self.persistent)
         .bind(after_id)
-        .fetch_all(&self.pool)
+        .fetch_all(db.exec())
         .await
         .ctx("look for new events")?;
+        db.done().await.ctx("look for new events")?;
         rows.iter()
             .map(|r| Ok((r.try_get::<i64, _>(0)?, r.try_get::<i64, _>(1)?)))
             .collect::<Result<_, sqlx::Error>>()
@@ -120,9 +136,10 @@ impl PgStore {
     ) -> Result<PgStore, StoreError> {
         let mut connect: PgConnectOptions = url.parse().ctx("connect: parse the url")?;
         if !options.statement_cache {
-            // Capacity 0 is sqlx's switch for "no cache". Note that sqlx 0.8 still
-            // names every statement it prepares then, and never closes those (README
-            // "Running behind PgBouncer, a VIP or HAProxy" says what follows).
+            // Capacity 0 is sqlx's switch for "no cache". sqlx 0.8 would still name
+            // every statement run with `persistent(true)` and never close it; nasd's
+            // own statements are all unnamed in this mode (`Session`), and the
+            // migrator's named ones are cleaned up by `migrate_pooled`.
             connect = connect.statement_cache_capacity(0);
         }
         let pool = PgPoolOptions::new()
@@ -140,11 +157,29 @@ impl PgStore {
             calls: Default::default(),
             pool,
             batched_params: Default::default(),
+            persistent: options.statement_cache,
         })
     }
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// Whether this store runs in pooled mode (`[database] statement_cache = false`):
+    /// each call in a transaction of its own, every statement unnamed, no LISTEN.
+    pub fn pooled(&self) -> bool {
+        !self.persistent
+    }
+
+    /// The connection for one call: a plain connection of the pool, or in pooled mode
+    /// a transaction begun on one (one more round trip for BEGIN, one for COMMIT in
+    /// `Session::done`). See `Session` for why.
+    pub(super) async fn open(&self) -> Result<Session, sqlx::Error> {
+        if self.persistent {
+            Ok(Session::Plain(self.pool.acquire().await?))
+        } else {
+            Ok(Session::Tx(self.pool.begin().await?))
+        }
     }
 
     /// A listener on the channel the compact-stack trigger notifies, or `None` when the
@@ -154,7 +189,13 @@ impl PgStore {
     /// would receive nothing, and the notifications would arrive later in the middle of
     /// other clients' statements on that server connection, which sqlx fails with
     /// "unexpected message: NotificationResponse". So the check runs before LISTEN.
+    /// In pooled mode (`statement_cache = false`) there is no LISTEN at all: that mode
+    /// exists for transaction pooling, where it could not work, and the check would
+    /// cost a connection for nothing.
     pub async fn listen_compact(&self) -> Result<Option<PgListener>, StoreError> {
+        if self.pooled() {
+            return Ok(None);
+        }
         let mut listener = PgListener::connect_with(&self.pool).await.ctx("listen")?;
         if !self
             .owns_its_session(&mut listener)
@@ -163,7 +204,12 @@ impl PgStore {
         {
             return Ok(None);
         }
-        listener.listen("nasd_compact").await.ctx("listen")?;
+        // New compact rows (expand them) and events another daemon expanded (wake the
+        // owners of their NAS).
+        listener
+            .listen_all(["nasd_compact", "nasd_stack"])
+            .await
+            .ctx("listen")?;
         Ok(Some(listener))
     }
 
@@ -190,28 +236,81 @@ impl PgStore {
     }
 
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        sqlx::migrate!("migrations/postgres")
-            .run(&self.pool)
-            .await?;
+        let mut migrator = sqlx::migrate!("migrations/postgres");
+        if self.pooled() {
+            return self.migrate_pooled(&mut migrator).await;
+        }
+        migrator.run(&self.pool).await?;
+        Ok(())
+    }
+
+    /// The migrations in pooled mode, as one transaction. sqlx's migrator takes a
+    /// session-level advisory lock (`pg_advisory_lock`) for its whole run, which behind
+    /// a transaction pooler would stay held by whichever server connection ran it, and
+    /// it runs named statements outside any transaction, which a transaction pooler
+    /// breaks (see `Session`). So the transaction takes the migrator's own lock key at
+    /// transaction level (the commit releases it, and it still excludes a migrator on a
+    /// direct connection, which locks the same key), and runs sqlx's migrator inside
+    /// with its locking off, where each migration becomes a savepoint: daemons started
+    /// together through the pooler migrate one after the other. The named statements
+    /// the migrator leaves on the server are deallocated before the commit, since the
+    /// next client the pooler gives that server connection to would collide with them.
+    async fn migrate_pooled(
+        &self,
+        migrator: &mut sqlx::migrate::Migrator,
+    ) -> Result<(), StoreError> {
+        migrator.set_locking(false);
+        let mut tx = self.pool.begin().await.ctx("migrate: begin")?;
+        let database: String = sqlx::query_scalar("SELECT current_database()")
+            .persistent(false)
+            .fetch_one(&mut *tx)
+            .await
+            .ctx("migrate: name the database")?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .persistent(false)
+            .bind(migrator_lock_id(&database))
+            .execute(&mut *tx)
+            .await
+            .ctx("migrate: wait for the migration lock")?;
+        // Names left on this server connection by an earlier migrator that failed (a
+        // rollback does not remove prepared statements) or by a client with the cache
+        // on: the migrator below starts naming at sqlx_s_1 and would meet them.
+        deallocate_sqlx_statements(&mut tx)
+            .await
+            .ctx("migrate: deallocate leftover sqlx statements")?;
+        // `run_direct` is `run` on a connection: `run` with a borrowed transaction
+        // makes the future fail to be `Send` ("Acquire is not general enough"), the
+        // case sqlx added `run_direct` for.
+        migrator.run_direct(&mut *tx).await?;
+        deallocate_sqlx_statements(&mut tx)
+            .await
+            .ctx("migrate: deallocate the migrator's statements")?;
+        tx.commit().await.ctx("migrate: commit")?;
         Ok(())
     }
 
     pub async fn ping(&self) -> Result<(), StoreError> {
+        let mut db = self.open().await.ctx("ping")?;
         sqlx::query("SELECT 1")
-            .execute(&self.pool)
+            .persistent(self.persistent)
+            .execute(db.exec())
             .await
             .ctx("ping")?;
+        db.done().await.ctx("ping")?;
         Ok(())
     }
 
     pub async fn nas_list(&self) -> Result<Vec<Nas>, StoreError> {
+        let mut db = self.open().await.ctx("list nas")?;
         let rows = sqlx::query(
             "SELECT id, name, ip, scheme, script_name, n_workers, protocol, port, login, password, \
              secret, max_sessions, enabled, host_key_policy, host_key, legacy_crypto FROM nas ORDER BY id",
         )
-        .fetch_all(&self.pool)
+        .persistent(self.persistent)
+        .fetch_all(db.exec())
         .await
         .ctx("list nas")?;
+        db.done().await.ctx("list nas")?;
         rows.iter()
             .map(nas_from_row)
             .collect::<Result<_, _>>()
@@ -219,6 +318,7 @@ impl PgStore {
     }
 
     pub async fn nas_upsert(&self, nas: &Nas) -> Result<(), StoreError> {
+        let mut db = self.open().await.ctx("save nas")?;
         sqlx::query(
             "INSERT INTO nas (id, name, ip, scheme, script_name, n_workers, protocol, port, login, \
              password, secret, max_sessions, enabled, host_key_policy, host_key, legacy_crypto, updated_at) \
@@ -230,6 +330,7 @@ impl PgStore {
              enabled=EXCLUDED.enabled, host_key_policy=EXCLUDED.host_key_policy, \
              host_key=EXCLUDED.host_key, legacy_crypto=EXCLUDED.legacy_crypto, updated_at=clock_timestamp()",
         )
+        .persistent(self.persistent)
         .bind(nas.id)
         .bind(&nas.name)
         .bind(&nas.ip)
@@ -246,22 +347,27 @@ impl PgStore {
         .bind(&nas.host_key_policy)
         .bind(&nas.host_key)
         .bind(nas.legacy_crypto)
-        .execute(&self.pool)
+        .execute(db.exec())
         .await
         .ctx("save nas")?;
+        db.done().await.ctx("save nas")?;
         Ok(())
     }
 
     pub async fn nas_remove(&self, id: i64) -> Result<bool, StoreError> {
+        let mut db = self.open().await.ctx("remove nas")?;
         let done = sqlx::query("DELETE FROM nas WHERE id = $1")
+            .persistent(self.persistent)
             .bind(id)
-            .execute(&self.pool)
+            .execute(db.exec())
             .await
             .ctx("remove nas")?;
+        db.done().await.ctx("remove nas")?;
         Ok(done.rows_affected() > 0)
     }
 
     pub async fn accounts_upsert(&self, records: &[AccountRecord]) -> Result<u64, StoreError> {
+        // Already one transaction in either mode.
         let mut tx = self.pool.begin().await.ctx("import accounts")?;
         for rec in records {
             sqlx::query(
@@ -275,6 +381,7 @@ impl PgStore {
                  ceil_out=EXCLUDED.ceil_out, burst_in=EXCLUDED.burst_in, burst_out=EXCLUDED.burst_out, \
                  extra=EXCLUDED.extra, updated_at=clock_timestamp()",
             )
+            .persistent(self.persistent)
             .bind(rec.int("user_id"))
             .bind(rec.int("abonent_id"))
             .bind(rec.int("nas_id"))
@@ -304,8 +411,10 @@ impl PgStore {
         params_query: &str,
         user_id: i64,
     ) -> Result<Option<Vars>, StoreError> {
-        let mut conn = self.pool.acquire().await.ctx("params_query")?;
-        params_for(&mut conn, params_query, user_id).await
+        let mut db = self.open().await.ctx("params_query")?;
+        let vars = params_for(db.exec(), params_query, user_id, self.persistent).await?;
+        db.done().await.ctx("params_query")?;
+        Ok(vars)
     }
 
     pub async fn enqueue_compact(&self, events: &[CompactEvent]) -> Result<Vec<i64>, StoreError> {
@@ -318,6 +427,7 @@ impl PgStore {
             .iter()
             .map(|e| e.acct_session_id.as_deref())
             .collect();
+        let mut db = self.open().await.ctx("enqueue")?;
         let ids: Vec<i64> = sqlx::query_scalar(
             "INSERT INTO events_stack_compact (cmd, user_id, abonent_id, nas_ip, usluga_id, acct_session_id) \
              SELECT cmd, user_id, abonent_id, nas_ip, usluga_id, acct_session_id FROM \
@@ -325,15 +435,17 @@ impl PgStore {
              WITH ORDINALITY AS t(cmd, user_id, abonent_id, nas_ip, usluga_id, acct_session_id, ord) \
              ORDER BY ord RETURNING id",
         )
+        .persistent(self.persistent)
         .bind(&cmds)
         .bind(&users)
         .bind(&abonents)
         .bind(&ips)
         .bind(&uslugas)
         .bind(&sessions)
-        .fetch_all(&self.pool)
+        .fetch_all(db.exec())
         .await
         .ctx("enqueue")?;
+        db.done().await.ctx("enqueue")?;
         Ok(ids)
     }
 
@@ -357,6 +469,7 @@ impl PgStore {
              WHERE pg_try_advisory_xact_lock($2) \
              ORDER BY id LIMIT $1 FOR UPDATE OF events_stack_compact SKIP LOCKED",
         )
+        .persistent(self.persistent)
         .bind(limit)
         .bind(EXPAND_LOCK)
         .fetch_all(&mut *tx)
@@ -371,6 +484,7 @@ impl PgStore {
             .collect::<Result<_, _>>()
             .ctx("expand: read compact stack")?;
         let nas: Vec<(i64, String)> = sqlx::query_as("SELECT id, ip FROM nas")
+            .persistent(self.persistent)
             .fetch_all(&mut *tx)
             .await
             .ctx("expand: read nas")?;
@@ -381,10 +495,11 @@ impl PgStore {
         users.sort_unstable();
         users.dedup();
         let mut params: HashMap<i64, Option<Vars>> = HashMap::with_capacity(users.len());
-        match self.batched_params_query(params_query).await? {
+        match self.batched_params_query(params_query, &mut tx).await? {
             Some(batched) => {
                 // One statement for every user of the batch instead of one each.
                 let rows = sqlx::query(&batched)
+                    .persistent(self.persistent)
                     .bind(&users)
                     .fetch_all(&mut *tx)
                     .await
@@ -402,7 +517,10 @@ impl PgStore {
             }
             None => {
                 for user_id in users {
-                    params.insert(user_id, params_for(&mut tx, params_query, user_id).await?);
+                    params.insert(
+                        user_id,
+                        params_for(&mut tx, params_query, user_id, self.persistent).await?,
+                    );
                 }
             }
         }
@@ -434,6 +552,7 @@ impl PgStore {
                  t(compact_id, enqueued_at, cmd, user_id, abonent_id, nas_id, usluga_id, \
                  acct_session_id, params, ord) ORDER BY ord",
             )
+            .persistent(self.persistent)
             .bind(&compact_ids)
             .bind(&enqueued)
             .bind(&cmds)
@@ -454,6 +573,7 @@ impl PgStore {
                  usluga_id, acct_session_id, outcome, attempts, error) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, 'failed', 0, $8)",
             )
+            .persistent(self.persistent)
             .bind(row.id)
             .bind(row.created_at)
             .bind(&e.cmd)
@@ -472,13 +592,17 @@ impl PgStore {
         touched.dedup();
         // The other daemons of the cluster learn which NAS got events (their owners are
         // woken; a hint delivered at commit, they poll as well).
-        sqlx::query(
+        // The backend's pid comes back so that this daemon's expander can tell its own
+        // notification from another daemon's.
+        let notified_by: Option<i32> = sqlx::query_scalar(
             "WITH d AS (DELETE FROM events_stack_compact WHERE id = ANY($1) RETURNING 1) \
-             SELECT pg_notify('nasd_stack', $2) WHERE $2 <> '' AND EXISTS (SELECT 1 FROM d)",
+             SELECT pg_backend_pid() FROM (SELECT pg_notify('nasd_stack', $2) \
+             WHERE $2 <> '' AND EXISTS (SELECT 1 FROM d)) AS n",
         )
+        .persistent(self.persistent)
         .bind(&ids)
         .bind(stack_notice(&touched))
-        .execute(&mut *tx)
+        .fetch_optional(&mut *tx)
         .await
         .ctx("expand: delete compact rows")?;
         tx.commit().await.ctx("expand: commit")?;
@@ -486,6 +610,7 @@ impl PgStore {
             expanded: events.len(),
             failed: failures.len(),
             nas_ids: touched,
+            notified_by,
         })
     }
 
@@ -496,6 +621,7 @@ impl PgStore {
         let nas: Vec<i64> = windows.iter().map(|w| w.0).collect();
         let after: Vec<i64> = windows.iter().map(|w| w.1).collect();
         let limit: Vec<i64> = windows.iter().map(|w| w.2).collect();
+        let mut db = self.open().await.ctx("load events")?;
         let rows = sqlx::query(
             "SELECT e.* FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS f(nas, after, lim) \
              CROSS JOIN LATERAL (SELECT id, compact_id, event_date, enqueued_at, cmd, user_id, \
@@ -503,12 +629,14 @@ impl PgStore {
              claim_token, lease_until, last_error FROM events_stack \
              WHERE nas_id = f.nas AND id > f.after ORDER BY id LIMIT f.lim) e ORDER BY e.id",
         )
+        .persistent(self.persistent)
         .bind(&nas)
         .bind(&after)
         .bind(&limit)
-        .fetch_all(&self.pool)
+        .fetch_all(db.exec())
         .await
         .ctx("load events")?;
+        db.done().await.ctx("load events")?;
         rows.iter()
             .map(stack_from_row)
             .collect::<Result<_, _>>()
@@ -529,10 +657,13 @@ impl PgStore {
         let tokens: Vec<i64> = claims.iter().map(|c| c.1).collect();
         let epochs: Vec<i64> = claims.iter().map(|c| c.2).collect();
         // One round trip: the statement's own implicit transaction commits with the
-        // setting it made (set_config(..., true) lasts until that commit).
+        // setting it made (set_config(..., true) lasts until that commit). In pooled
+        // mode the call's explicit transaction holds only this statement, and its
+        // COMMIT is the one the setting applies to: the same effect.
         // The epoch fence: a row is taken only while its NAS is owned under the claim's
         // epoch by a daemon whose lease is current, so a daemon that lost the NAS (and
         // has not noticed yet) claims nothing.
+        let mut db = self.open().await.ctx("claim events")?;
         let rows: Vec<(i64, i32)> = sqlx::query_as(&format!(
             "WITH sc AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true)), \
              f AS (SELECT u.* FROM sc, unnest($1::bigint[], $2::bigint[], $5::bigint[]) \
@@ -546,14 +677,16 @@ impl PgStore {
              RETURNING s.id, s.try_count",
             super::cluster::VALID_OWNER
         ))
+        .persistent(self.persistent)
         .bind(&ids)
         .bind(&tokens)
         .bind(now)
         .bind(lease_until)
         .bind(&epochs)
-        .fetch_all(&self.pool)
+        .fetch_all(db.exec())
         .await
         .ctx("claim events")?;
+        db.done().await.ctx("claim events")?;
         Ok(rows
             .into_iter()
             .map(|(id, try_count)| Claimed { id, try_count })
@@ -561,7 +694,8 @@ impl PgStore {
     }
 
     /// Records finishes and reschedules in one statement (its own transaction, one
-    /// round trip): data-modifying CTEs of one statement commit or fail together.
+    /// round trip; in pooled mode the only statement of the call's transaction):
+    /// data-modifying CTEs of one statement commit or fail together.
     pub async fn complete(
         &self,
         finishes: &[Finish],
@@ -583,6 +717,7 @@ impl PgStore {
         let retry_at: Vec<DateTime<Utc>> = reschedules.iter().map(|r| r.retry_at).collect();
         let r_errors: Vec<&str> = reschedules.iter().map(|r| r.error.as_str()).collect();
         let refunds: Vec<i32> = reschedules.iter().map(|r| i32::from(r.refund)).collect();
+        let mut db = self.open().await.ctx("complete events")?;
         let applied: Vec<i64> = sqlx::query_scalar(
             "WITH f AS (SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], \
              $5::text[], $6::text[], $7::bigint[]) AS f(id, tok, outcome, commands, answer, error, \
@@ -604,6 +739,7 @@ impl PgStore {
              WHERE s.id = r.id AND s.claim_token = r.tok RETURNING s.id) \
              SELECT event_id FROM finished UNION ALL SELECT id FROM rescheduled",
         )
+        .persistent(self.persistent)
         .bind(&ids)
         .bind(&tokens)
         .bind(&outcomes)
@@ -617,9 +753,10 @@ impl PgStore {
         .bind(&retry_at)
         .bind(&r_errors)
         .bind(&refunds)
-        .fetch_all(&self.pool)
+        .fetch_all(db.exec())
         .await
         .ctx("complete events")?;
+        db.done().await.ctx("complete events")?;
         Ok(applied)
     }
 
@@ -632,6 +769,7 @@ impl PgStore {
         // Asynchronous commit, as for claims (one round trip, the same way): only a
         // crash of the server can lose a renewal, and that ends every session holding
         // a lease anyway.
+        let mut db = self.open().await.ctx("extend leases")?;
         let extended: Vec<i64> = sqlx::query_scalar(
             "WITH sc AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true)) \
              UPDATE events_stack s SET lease_until = $3 \
@@ -639,54 +777,65 @@ impl PgStore {
              WHERE s.id = f.id AND s.claim_token = f.tok AND s.state = 'running' \
              RETURNING s.id",
         )
+        .persistent(self.persistent)
         .bind(&ids)
         .bind(&tokens)
         .bind(lease_until)
-        .fetch_all(&self.pool)
+        .fetch_all(db.exec())
         .await
         .ctx("extend leases")?;
+        db.done().await.ctx("extend leases")?;
         Ok(extended)
     }
 
     pub async fn release(&self, ids: &[(i64, i64)]) -> Result<(), StoreError> {
         let (ids, tokens): (Vec<i64>, Vec<i64>) = ids.iter().copied().unzip();
+        let mut db = self.open().await.ctx("release events")?;
         sqlx::query(
             "UPDATE events_stack s SET state = 'ready', claim_token = NULL, lease_until = NULL \
              FROM unnest($1::bigint[], $2::bigint[]) AS f(id, tok) \
              WHERE s.id = f.id AND s.claim_token = f.tok",
         )
+        .persistent(self.persistent)
         .bind(&ids)
         .bind(&tokens)
-        .execute(&self.pool)
+        .execute(db.exec())
         .await
         .ctx("release events")?;
+        db.done().await.ctx("release events")?;
         Ok(())
     }
 
     pub async fn stack_count(&self) -> Result<StackCount, StoreError> {
+        let mut db = self.open().await.ctx("count stacks")?;
         let compact_total: i64 = sqlx::query_scalar("SELECT count(*) FROM events_stack_compact")
-            .fetch_one(&self.pool)
+            .persistent(self.persistent)
+            .fetch_one(db.exec())
             .await
             .ctx("count compact stack")?;
         let by_cmd: Vec<(String, i64)> = sqlx::query_as(
             "SELECT cmd, count(*) FROM events_stack GROUP BY cmd ORDER BY count(*) DESC, cmd",
         )
-        .fetch_all(&self.pool)
+        .persistent(self.persistent)
+        .fetch_all(db.exec())
         .await
         .ctx("count stack by cmd")?;
         let by_nas: Vec<(i64, i64)> = sqlx::query_as(
             "SELECT nas_id, count(*) FROM events_stack GROUP BY nas_id ORDER BY nas_id",
         )
-        .fetch_all(&self.pool)
+        .persistent(self.persistent)
+        .fetch_all(db.exec())
         .await
         .ctx("count stack by nas")?;
         let oldest: Option<DateTime<Utc>> = sqlx::query_scalar(
             "SELECT min(t) FROM (SELECT min(enqueued_at) AS t FROM events_stack \
              UNION ALL SELECT min(created_at) FROM events_stack_compact) x",
         )
-        .fetch_one(&self.pool)
+        .persistent(self.persistent)
+        .fetch_one(db.exec())
         .await
         .ctx("oldest event")?;
+        db.done().await.ctx("count stacks")?;
         Ok(StackCount {
             compact_total,
             stack_total: by_cmd.iter().map(|(_, n)| n).sum(),
@@ -701,16 +850,19 @@ impl PgStore {
         user_id: Option<i64>,
         limit: i64,
     ) -> Result<Vec<HistoryRow>, StoreError> {
+        let mut db = self.open().await.ctx("read history")?;
         let rows = sqlx::query(
             "SELECT id, event_id, compact_id, cmd, user_id, nas_id, outcome, attempts, \
              commands::text AS commands, answer, error, duration_ms, enqueued_at, finished_at \
              FROM events_history WHERE ($1::bigint IS NULL OR user_id = $1) ORDER BY id LIMIT $2",
         )
+        .persistent(self.persistent)
         .bind(user_id)
         .bind(limit)
-        .fetch_all(&self.pool)
+        .fetch_all(db.exec())
         .await
         .ctx("read history")?;
+        db.done().await.ctx("read history")?;
         rows.iter()
             .map(|r| -> Result<HistoryRow, sqlx::Error> {
                 let commands: String = r.try_get("commands")?;
@@ -736,24 +888,31 @@ impl PgStore {
     }
 
     pub async fn history_counts(&self) -> Result<(i64, i64), StoreError> {
+        let mut db = self.open().await.ctx("count history")?;
         let (done, failed): (i64, i64) = sqlx::query_as(
             "SELECT count(*) FILTER (WHERE outcome = 'done'), count(*) FILTER (WHERE outcome = 'failed') \
              FROM events_history",
         )
-        .fetch_one(&self.pool)
+        .persistent(self.persistent)
+        .fetch_one(db.exec())
         .await
         .ctx("count history")?;
+        db.done().await.ctx("count history")?;
         Ok((done, failed))
     }
 
     pub async fn latencies_ms(&self) -> Result<Vec<f64>, StoreError> {
-        sqlx::query_scalar(
+        let mut db = self.open().await.ctx("read latencies")?;
+        let latencies = sqlx::query_scalar(
             "SELECT (EXTRACT(EPOCH FROM (finished_at - enqueued_at)) * 1000)::float8 \
              FROM events_history ORDER BY 1",
         )
-        .fetch_all(&self.pool)
+        .persistent(self.persistent)
+        .fetch_all(db.exec())
         .await
-        .ctx("read latencies")
+        .ctx("read latencies")?;
+        db.done().await.ctx("read latencies")?;
+        Ok(latencies)
     }
 }
 
@@ -781,8 +940,13 @@ fn nas_from_row(r: &PgRow) -> Result<Nas, sqlx::Error> {
 impl PgStore {
     /// The batched form of `params_query` (see `lateral_params_query`), checked once
     /// against the server: a query the form does not suit (the server refuses it) is
-    /// run per user as written.
-    async fn batched_params_query(&self, params_query: &str) -> Result<Option<String>, StoreError> {
+    /// run per user as written. `expansion` is the connection of the expansion's
+    /// transaction, which asks.
+    async fn batched_params_query(
+        &self,
+        params_query: &str,
+        expansion: &mut PgConnection,
+    ) -> Result<Option<String>, StoreError> {
         if let Ok(cached) = self.batched_params.lock()
             && let Some((query, batched)) = cached.as_ref()
             && query == params_query
@@ -791,32 +955,55 @@ impl PgStore {
         }
         let batched = match lateral_params_query(params_query) {
             None => None,
-            Some(batched) => {
-                match sqlx::query(&batched)
-                    .bind(Vec::<i64>::new())
-                    .fetch_all(&self.pool)
-                    .await
-                {
-                    Ok(_) => Some(batched),
-                    Err(sqlx::Error::Database(e)) => {
-                        tracing::info!(
-                            "params_query is run once per user: its batched form was refused ({e})"
-                        );
-                        None
-                    }
-                    Err(e) => {
-                        return Err(StoreError::Sql {
-                            context: "params_query",
-                            source: e,
-                        });
-                    }
+            Some(batched) => match self.try_batched(&batched, expansion).await {
+                Ok(()) => Some(batched),
+                Err(sqlx::Error::Database(e)) => {
+                    tracing::info!(
+                        "params_query is run once per user: its batched form was refused ({e})"
+                    );
+                    None
                 }
-            }
+                Err(e) => {
+                    return Err(StoreError::Sql {
+                        context: "params_query",
+                        source: e,
+                    });
+                }
+            },
         };
         if let Ok(mut cached) = self.batched_params.lock() {
             *cached = Some((params_query.to_string(), batched.clone()));
         }
         Ok(batched)
+    }
+
+    /// Runs the batched form of `params_query` once for no user; a refusal leaves the
+    /// expansion's transaction (on `expansion`) usable. With the cache on it runs on a
+    /// connection of its own. In pooled mode it runs inside the expansion's
+    /// transaction, under a savepoint that a refusal rolls back: a transaction of its
+    /// own would need a second server connection from the pooler while the expansion
+    /// holds one, and with every server connection held the expansion would wait for
+    /// itself until the server ended it for idling.
+    async fn try_batched(
+        &self,
+        batched: &str,
+        expansion: &mut PgConnection,
+    ) -> Result<(), sqlx::Error> {
+        let probe = sqlx::query(batched)
+            .persistent(self.persistent)
+            .bind(Vec::<i64>::new());
+        if self.persistent {
+            probe.fetch_all(&self.pool).await?;
+            return Ok(());
+        }
+        let mut savepoint = sqlx::Connection::begin(expansion).await?;
+        match probe.fetch_all(&mut *savepoint).await {
+            Ok(_) => savepoint.commit().await,
+            Err(e) => {
+                savepoint.rollback().await?;
+                Err(e)
+            }
+        }
     }
 }
 
@@ -867,12 +1054,67 @@ fn lateral_params_query(params_query: &str) -> Option<String> {
     ))
 }
 
+/// The advisory lock key of sqlx's migrator for `database` (`generate_lock_id` in
+/// sqlx-postgres 0.8: a constant times the CRC-32 of the name), so that a pooled
+/// migration waits for one running on a direct connection and the other way round.
+fn migrator_lock_id(database: &str) -> i64 {
+    0x3d32_ad9e * i64::from(crc32(database.as_bytes()))
+}
+
+/// CRC-32 (IEEE 802.3, the one of zip), bit by bit: it hashes one database name per
+/// migration, so a table would buy nothing.
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &byte in bytes {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// Deallocates the statements sqlx named (`sqlx_s_1`, ...) on the server connection
+/// that `conn`'s transaction holds. Only sqlx's migrator names statements in pooled
+/// mode, and sqlx never closes them there (no cache); behind a transaction pooler a
+/// name left on a server connection can only collide with the next client's, since no
+/// client gets that server back for sure. PgBouncer 1.21 and later, when it tracks
+/// prepared statements, names them itself (`PGBOUNCER_...`): those are left alone.
+async fn deallocate_sqlx_statements(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    use sqlx::Executor;
+    let names: Vec<String> = sqlx::query_scalar(
+        "SELECT name FROM pg_prepared_statements WHERE name LIKE 'sqlx\\_s\\_%'",
+    )
+    .persistent(false)
+    .fetch_all(&mut *conn)
+    .await?;
+    if names.is_empty() {
+        return Ok(());
+    }
+    // DEALLOCATE takes no parameter: the names are quoted as identifiers, all of them
+    // in one simple query (one round trip).
+    let sql: String = names
+        .iter()
+        .map(|name| format!("DEALLOCATE \"{}\";", name.replace('"', "\"\"")))
+        .collect();
+    conn.execute(sql.as_str()).await?;
+    Ok(())
+}
+
+/// Runs `params_query` for one user on `conn`; `persistent` is the store's (named and
+/// cached statements, or unnamed ones in pooled mode).
 async fn params_for(
-    conn: &mut sqlx::PgConnection,
+    conn: &mut PgConnection,
     params_query: &str,
     user_id: i64,
+    persistent: bool,
 ) -> Result<Option<Vars>, StoreError> {
     let row = sqlx::query(params_query)
+        .persistent(persistent)
         .bind(user_id)
         .fetch_optional(&mut *conn)
         .await
@@ -1030,14 +1272,17 @@ fn bind_filter<'q>(
 
 impl PgStore {
     pub async fn event_status(&self, id: i64) -> Result<Option<EventStatus>, StoreError> {
+        let mut db = self.open().await.ctx("event status")?;
         let compact = sqlx::query(&format!(
             "SELECT {COMPACT_COLUMNS} FROM events_stack_compact WHERE id = $1"
         ))
+        .persistent(self.persistent)
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(db.exec())
         .await
         .ctx("event status: compact stack")?;
         if let Some(r) = compact {
+            db.done().await.ctx("event status")?;
             let row = compact_from_row(&r).ctx("event status: compact stack")?;
             return Ok(Some(EventStatus::from_compact(&row)));
         }
@@ -1045,11 +1290,13 @@ impl PgStore {
             "SELECT {STACK_COLUMNS} FROM events_stack s LEFT JOIN nas n ON n.id = s.nas_id \
              WHERE s.compact_id = $1 ORDER BY s.id DESC LIMIT 1"
         ))
+        .persistent(self.persistent)
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(db.exec())
         .await
         .ctx("event status: stack")?;
         if let Some(r) = stack {
+            db.done().await.ctx("event status")?;
             let e = stack_from_row(&r).ctx("event status: stack")?;
             let ip: Option<String> = r.try_get("nas_ip").ctx("event status: stack")?;
             return Ok(Some(EventStatus::from_stack(&e, ip)));
@@ -1058,10 +1305,12 @@ impl PgStore {
             "SELECT {HISTORY_COLUMNS} FROM events_history h LEFT JOIN nas n ON n.id = h.nas_id \
              WHERE h.compact_id = $1 ORDER BY h.id DESC LIMIT 1"
         ))
+        .persistent(self.persistent)
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(db.exec())
         .await
         .ctx("event status: history")?;
+        db.done().await.ctx("event status")?;
         history
             .map(|r| history_status(&r))
             .transpose()
@@ -1074,13 +1323,15 @@ impl PgStore {
         limit: i64,
     ) -> Result<Vec<EventStatus>, StoreError> {
         let mut out = Vec::new();
+        let mut db = self.open().await.ctx("account events")?;
         let compact = sqlx::query(&format!(
             "SELECT {COMPACT_COLUMNS} FROM events_stack_compact WHERE user_id = $1 \
              ORDER BY id DESC LIMIT $2"
         ))
+        .persistent(self.persistent)
         .bind(user_id)
         .bind(limit)
-        .fetch_all(&self.pool)
+        .fetch_all(db.exec())
         .await
         .ctx("account events: compact stack")?;
         for r in &compact {
@@ -1092,9 +1343,10 @@ impl PgStore {
             "SELECT {STACK_COLUMNS} FROM events_stack s LEFT JOIN nas n ON n.id = s.nas_id \
              WHERE s.user_id = $1 ORDER BY s.id DESC LIMIT $2"
         ))
+        .persistent(self.persistent)
         .bind(user_id)
         .bind(limit)
-        .fetch_all(&self.pool)
+        .fetch_all(db.exec())
         .await
         .ctx("account events: stack")?;
         for r in &stack {
@@ -1106,11 +1358,13 @@ impl PgStore {
             "SELECT {HISTORY_COLUMNS} FROM events_history h LEFT JOIN nas n ON n.id = h.nas_id \
              WHERE h.user_id = $1 ORDER BY h.id DESC LIMIT $2"
         ))
+        .persistent(self.persistent)
         .bind(user_id)
         .bind(limit)
-        .fetch_all(&self.pool)
+        .fetch_all(db.exec())
         .await
         .ctx("account events: history")?;
+        db.done().await.ctx("account events")?;
         for r in &history {
             out.push(history_status(r).ctx("account events: history")?);
         }
@@ -1128,6 +1382,7 @@ impl PgStore {
              SELECT id, created_at, cmd, user_id, abonent_id, usluga_id, acct_session_id, \
              'failed', 0, $2, $3 FROM moved",
         )
+        .persistent(self.persistent)
         .bind(id)
         .bind(super::CANCELLED)
         .bind(now)
@@ -1148,6 +1403,7 @@ impl PgStore {
                  usluga_id, acct_session_id, params, 'failed', try_count, '[]', '', \
                  $2 || coalesce(' (last error: ' || last_error || ')', ''), 0, $3 FROM moved",
             )
+            .persistent(self.persistent)
             .bind(id)
             .bind(super::CANCELLED)
             .bind(now)
@@ -1165,10 +1421,12 @@ impl PgStore {
             "SELECT {COMPACT_COLUMNS} FROM events_stack_compact{}",
             filter.sql_tail("", |i| format!("${i}"))
         );
-        let rows = bind_filter(sqlx::query(&sql), filter)
-            .fetch_all(&self.pool)
+        let mut db = self.open().await.ctx("filter compact stack")?;
+        let rows = bind_filter(sqlx::query(&sql).persistent(self.persistent), filter)
+            .fetch_all(db.exec())
             .await
             .ctx("filter compact stack")?;
+        db.done().await.ctx("filter compact stack")?;
         rows.iter()
             .map(compact_from_row)
             .collect::<Result<_, _>>()
@@ -1180,10 +1438,12 @@ impl PgStore {
             "SELECT {STACK_COLUMNS} FROM events_stack s LEFT JOIN nas n ON n.id = s.nas_id{}",
             filter.sql_tail("s.", |i| format!("${i}"))
         );
-        let rows = bind_filter(sqlx::query(&sql), filter)
-            .fetch_all(&self.pool)
+        let mut db = self.open().await.ctx("filter stack")?;
+        let rows = bind_filter(sqlx::query(&sql).persistent(self.persistent), filter)
+            .fetch_all(db.exec())
             .await
             .ctx("filter stack")?;
+        db.done().await.ctx("filter stack")?;
         rows.iter()
             .map(stack_from_row)
             .collect::<Result<_, _>>()
@@ -1191,12 +1451,15 @@ impl PgStore {
     }
 
     pub async fn queue_by_nas(&self) -> Result<Vec<NasQueue>, StoreError> {
+        let mut db = self.open().await.ctx("queue depth per nas")?;
         let rows: Vec<(i64, i64, Option<DateTime<Utc>>)> = sqlx::query_as(
             "SELECT nas_id, count(*), min(enqueued_at) FROM events_stack GROUP BY nas_id ORDER BY nas_id",
         )
-        .fetch_all(&self.pool)
+        .persistent(self.persistent)
+        .fetch_all(db.exec())
         .await
         .ctx("queue depth per nas")?;
+        db.done().await.ctx("queue depth per nas")?;
         Ok(rows
             .into_iter()
             .map(|(nas_id, depth, oldest)| NasQueue {
@@ -1218,7 +1481,63 @@ impl PgStore {
 
 #[cfg(test)]
 mod tests {
-    use super::lateral_params_query;
+    use super::{crc32, lateral_params_query, migrator_lock_id};
+
+    /// Every statement of the PostgreSQL backend says whether it is named
+    /// (`.persistent(...)`), and none runs straight on the pool but the few that must:
+    /// a statement on the pool outside a call's `Session` would, in pooled mode, be
+    /// named and outside a transaction, which is what a transaction pooler breaks.
+    #[test]
+    fn every_statement_runs_in_a_session_and_says_if_it_is_named() {
+        let sources = [
+            ("postgres.rs", include_str!("postgres.rs")),
+            ("cluster.rs", include_str!("cluster.rs")),
+        ];
+        // The LISTEN connection and its session check (never in pooled mode), the
+        // migrator with the cache on, and the batched-form probe with the cache on.
+        let allowed = [
+            "PgListener::connect_with(&self.pool)",
+            "(&self.pool).fetch_one(BACKEND)",
+            "migrator.run(&self.pool)",
+            "probe.fetch_all(&self.pool)",
+        ];
+        for (file, text) in sources {
+            let code = text.split("#[cfg(test)]").next().unwrap_or(text);
+            for (at, _) in code.match_indices("sqlx::query") {
+                let rest = &code[at..];
+                if rest.starts_with("sqlx::query::") {
+                    continue; // the type `sqlx::query::Query`
+                }
+                let statement = &rest[..rest.find(".await").unwrap_or(rest.len())];
+                assert!(
+                    statement.contains(".persistent("),
+                    "{file}: a statement without .persistent(...): {}",
+                    statement.lines().take(3).collect::<Vec<_>>().join(" ")
+                );
+            }
+            for line in code.lines() {
+                if line.contains("self.pool()") || line.contains("&self.pool)") {
+                    assert!(
+                        allowed.iter().any(|a| line.contains(a)),
+                        "{file}: runs on the pool instead of `self.open()`: {}",
+                        line.trim()
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn migrator_lock_id_is_sqlx_s() {
+        // The check value of CRC-32/ISO-HDLC, the crc crate's CRC_32_ISO_HDLC that
+        // sqlx hashes with.
+        assert_eq!(crc32(b"123456789"), 0xcbf4_3926);
+        assert_eq!(crc32(b""), 0);
+        // Python's 0x3d32ad9e * zlib.crc32(b"nasd").
+        assert_eq!(migrator_lock_id("nasd"), 4_364_926_652_058_980_802);
+        // The largest CRC times the constant still fits an i64 (no overflow).
+        assert!(0x3d32_ad9e_i64.checked_mul(i64::from(u32::MAX)).is_some());
+    }
 
     #[test]
     fn params_query_batched_form() {

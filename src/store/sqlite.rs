@@ -355,6 +355,7 @@ impl SqliteStore {
             expanded: events.len(),
             failed: failures.len(),
             nas_ids: touched,
+            notified_by: None,
         })
     }
 
