@@ -199,16 +199,14 @@ async fn nas_are_spread_handed_over_and_sent_once_by_their_owner() {
     );
 }
 
-/// Sets a daemon's lease in the past, as if it had stopped renewing it.
+/// Ends a daemon's lease now, as if it had stopped renewing it (the call a daemon makes
+/// for a dead daemon of its own host).
 async fn expire(store: &Store, id: &str) {
-    let Store::Postgres(pg) = store else {
-        panic!("postgres")
-    };
-    sqlx::query("UPDATE nasd_daemons SET lease_until = now() - interval '1 second' WHERE id = $1")
-        .bind(id)
-        .execute(pg.pool())
+    let ended = store
+        .cluster_expire(&[id.to_string()])
         .await
         .expect("expire lease");
+    assert_eq!(ended, vec![id.to_string()], "lease of {id} ended");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
