@@ -265,7 +265,15 @@ impl ClusterRun {
             let url = pg.url("nasd");
             (Database::Private(pg), url.clone(), url)
         };
-        let work = tempfile::tempdir().expect("work dir");
+        // Kept (even when the run panics) with NASD_CLUSTER_KEEP.
+        let keep = std::env::var("NASD_CLUSTER_KEEP").is_ok();
+        let work = tempfile::Builder::new()
+            .disable_cleanup(keep)
+            .tempdir()
+            .expect("work dir");
+        if keep {
+            eprintln!("cluster {name}: work directory {}", work.path().display());
+        }
         let dir = work.path();
         for (scheme, toml) in SCHEMES {
             std::fs::create_dir_all(dir.join("schemes").join(scheme)).expect("scheme dir");
@@ -602,8 +610,7 @@ impl ClusterRun {
         drop(pool);
         drop(db);
         if std::env::var("NASD_CLUSTER_KEEP").is_ok() {
-            let kept = work.keep();
-            eprintln!("cluster {name}: work directory kept at {}", kept.display());
+            eprintln!("cluster {name}: work directory kept at {}", work.path().display());
         }
     }
 }

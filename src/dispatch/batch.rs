@@ -8,8 +8,9 @@
 //! without giving up per-NAS ownership: a row whose claim went stale is left out exactly
 //! as it would be in a statement of its own, and a claim takes only rows that are ready
 //! (or whose lease ran out). An owner still waits for its answer before its lanes move,
-//! so per-account order holds. No owner has two requests waiting in one batcher, so the
-//! rows of batches running side by side never overlap. There is no batching timer: a
+//! so per-account order holds. No owner has two requests waiting in one batcher; requests
+//! whose keys overlap (an aborted owner's and its successor's, for one NAS) never share a
+//! statement, and requests nobody waits for any more are not run. There is no batching timer: a
 //! request that finds the batcher idle runs at once, alone; requests pile up only while
 //! earlier statements run, which is exactly when merging them pays. With a thousand busy
 //! NAS this turns a thousand small commits (each its own fsync) into a few large ones.
@@ -121,21 +122,24 @@ async fn run<P, T, W, F>(
     F: Future<Output = Result<Vec<T>, StoreError>> + Send + 'static,
 {
     let slots = Arc::new(Semaphore::new(in_flight));
-    while let Some(first) = rx.recv().await {
+    // A request left out of the last batch (its keys overlapped it): first of the next.
+    let mut carry: Option<Request<P, T>> = None;
+    loop {
+        let first = match carry.take() {
+            Some(request) => request,
+            None => match rx.recv().await {
+                Some(request) => request,
+                None => return,
+            },
+        };
         // Wait for a free slot first: requests that arrive meanwhile join this batch.
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
-        let mut rows = first.keys.len();
-        let mut batch = vec![first];
-        while rows < max_rows {
-            match rx.try_recv() {
-                Ok(more) => {
-                    rows += more.keys.len();
-                    batch.push(more);
-                }
-                Err(_) => break,
-            }
+        let (batch, left) = take_batch(first, || rx.try_recv().ok(), max_rows);
+        carry = left;
+        if batch.is_empty() {
+            continue;
         }
         let mut payloads = Vec::with_capacity(batch.len());
         let mut waiting = Vec::with_capacity(batch.len());
@@ -150,6 +154,41 @@ async fn run<P, T, W, F>(
             answer(result, waiting);
         });
     }
+}
+
+/// The requests of one statement: `first` and whatever `next` has waiting, up to
+/// `max_rows` rows. Requests nobody waits for any more (their owner was aborted: the
+/// lease on its NAS was lost) are dropped unrun. A request whose keys overlap the
+/// batch's is left for the next one (returned apart): the answer's rows are handed out
+/// by key, so two requests with one key in one statement (a stopped owner's load of a
+/// NAS and its successor's) would let the first take the rows the other needs.
+fn take_batch<P, T>(
+    first: Request<P, T>,
+    mut next: impl FnMut() -> Option<Request<P, T>>,
+    max_rows: usize,
+) -> (Vec<Request<P, T>>, Option<Request<P, T>>) {
+    let mut keys: std::collections::HashSet<i64> = std::collections::HashSet::new();
+    let mut rows = 0;
+    let mut batch = Vec::new();
+    let mut candidate = Some(first);
+    loop {
+        let Some(request) = candidate.take() else {
+            break;
+        };
+        if !request.reply.is_closed() {
+            if request.keys.iter().any(|k| keys.contains(k)) {
+                return (batch, Some(request));
+            }
+            keys.extend(request.keys.iter().copied());
+            rows += request.keys.len();
+            batch.push(request);
+        }
+        if rows >= max_rows {
+            break;
+        }
+        candidate = next();
+    }
+    (batch, None)
 }
 
 /// Gives each waiting owner the rows of the answer that are its own (in the answer's
@@ -372,6 +411,97 @@ mod tests {
         );
         assert_eq!(a_rx.try_recv().unwrap(), Err("connection reset".into()));
         assert_eq!(b_rx.try_recv().unwrap(), Err("connection reset".into()));
+    }
+
+    /// A request with `keys`, and the receiver of its answer (None: dropped, its owner
+    /// gone).
+    fn request(
+        keys: &[i64],
+        waiting: bool,
+    ) -> (
+        Request<(), i64>,
+        Option<oneshot::Receiver<Result<Vec<i64>, String>>>,
+    ) {
+        let (reply, rx) = oneshot::channel();
+        let request = Request {
+            payload: (),
+            keys: keys.to_vec(),
+            reply,
+        };
+        (request, waiting.then_some(rx))
+    }
+
+    #[test]
+    fn batches_leave_out_abandoned_and_overlapping_requests() {
+        // (first, queued after it, max rows) -> (keys of the batch, keys carried over,
+        // keys still queued)
+        type Case = (
+            (&'static [i64], bool),
+            Vec<(&'static [i64], bool)>,
+            usize,
+            Vec<Vec<i64>>,
+            Option<Vec<i64>>,
+            usize,
+        );
+        let cases: Vec<Case> = vec![
+            // Distinct keys share the statement.
+            (
+                (&[1], true),
+                vec![(&[2, 3], true), (&[4], true)],
+                100,
+                vec![vec![1], vec![2, 3], vec![4]],
+                None,
+                0,
+            ),
+            // A stopped owner's request is dropped unrun, the live one after it runs.
+            (
+                (&[7], false),
+                vec![(&[7], true)],
+                100,
+                vec![vec![7]],
+                None,
+                0,
+            ),
+            // Two live requests for NAS 7: the second waits for the next statement,
+            // and what is queued behind it stays queued.
+            (
+                (&[7], true),
+                vec![(&[8], true), (&[7], true), (&[9], true)],
+                100,
+                vec![vec![7], vec![8]],
+                Some(vec![7]),
+                1,
+            ),
+            // The row cap ends the batch; the rest stays queued.
+            (
+                (&[1, 2], true),
+                vec![(&[3], true), (&[4], true)],
+                3,
+                vec![vec![1, 2], vec![3]],
+                None,
+                1,
+            ),
+            // Nothing left when everyone is gone.
+            ((&[1], false), vec![(&[2], false)], 100, vec![], None, 0),
+        ];
+        for (first, queued, max_rows, want_batch, want_carry, want_queued) in cases {
+            let mut receivers = Vec::new();
+            let (first, rx) = request(first.0, first.1);
+            receivers.push(rx);
+            let mut queue: std::collections::VecDeque<Request<(), i64>> = queued
+                .iter()
+                .map(|(keys, waiting)| {
+                    let (r, rx) = request(keys, *waiting);
+                    receivers.push(rx);
+                    r
+                })
+                .collect();
+            let (batch, carry) = take_batch(first, || queue.pop_front(), max_rows);
+            let keys: Vec<Vec<i64>> = batch.iter().map(|r| r.keys.clone()).collect();
+            assert_eq!(keys, want_batch, "batch of {queued:?}");
+            assert_eq!(carry.map(|r| r.keys), want_carry, "carried of {queued:?}");
+            assert_eq!(queue.len(), want_queued, "still queued of {queued:?}");
+        }
     }
 
     #[tokio::test]

@@ -857,6 +857,13 @@ pub async fn verify(
         seq.dedup();
         if &seq != want {
             check.order_violations += 1;
+            if check.order_details.len() < 5 {
+                check.order_details.push(format!(
+                    "account {user}: expected {}, devices got {}",
+                    around_mismatch(want, &seq),
+                    around_mismatch(&seq, want)
+                ));
+            }
         }
     }
     check.unexpected_exits = daemons.iter().map(|d| d.unexpected_exits.len()).sum();
@@ -864,6 +871,18 @@ pub async fn verify(
     check.refused = devices.iter().map(|d| d.refusals().len() as i64).sum();
     check
 }
+/// `seq` from a little before its first difference with `other`, for a message.
+fn around_mismatch(seq: &[i64], other: &[i64]) -> String {
+    let first = seq
+        .iter()
+        .zip(other)
+        .position(|(a, b)| a != b)
+        .unwrap_or(seq.len().min(other.len()));
+    let from = first.saturating_sub(2);
+    let to = (first + 4).min(seq.len());
+    format!("[..{from}] {:?} (of {})", &seq[from..to], seq.len())
+}
+
 // ---------------------------------------------------------------------------------------
 // Figures
 
@@ -880,6 +899,8 @@ pub struct Check {
     /// The events that reached a device more than once.
     pub repeated: HashSet<i64>,
     pub order_violations: i64,
+    /// The first violations: the account and the two sequences around the mismatch.
+    pub order_details: Vec<String>,
     pub max_attempts: i32,
     pub unexpected_exits: usize,
     pub panics: usize,
@@ -947,37 +968,67 @@ impl Figures {
     pub fn check(&self) {
         let c = &self.check;
         let s = &self.scenario;
-        assert_eq!(
-            c.lost_in_db, 0,
-            "{s}: confirmed events missing from history"
+        // Every failed condition is named at once: one run often shows several sides
+        // of the same fault.
+        let mut failed: Vec<String> = Vec::new();
+        let mut expect = |ok: bool, what: String| {
+            if !ok {
+                failed.push(what);
+            }
+        };
+        expect(
+            c.lost_in_db == 0,
+            format!("{} confirmed events missing from history", c.lost_in_db),
         );
-        assert_eq!(c.lost_on_device, 0, "{s}: events done but never received");
-        assert_eq!(
-            c.unexpected, 0,
-            "{s}: devices received commands of no event"
+        expect(
+            c.lost_on_device == 0,
+            format!("{} events done but never received", c.lost_on_device),
         );
-        assert_eq!(c.history_repeats, 0, "{s}: an event reached history twice");
-        assert_eq!(c.not_done, 0, "{s}: events failed");
-        assert_eq!(c.left_queued, 0, "{s}: events left queued");
-        assert_eq!(
-            c.order_violations, 0,
-            "{s}: accounts received events out of order"
+        expect(
+            c.unexpected == 0,
+            format!("devices received {} commands of no event", c.unexpected),
         );
-        assert!(
+        expect(
+            c.history_repeats == 0,
+            format!("{} events reached history twice", c.history_repeats),
+        );
+        expect(c.not_done == 0, format!("{} events failed", c.not_done));
+        expect(
+            c.left_queued == 0,
+            format!("{} events left queued", c.left_queued),
+        );
+        expect(
+            c.order_violations == 0,
+            format!(
+                "{} accounts received events out of order:\n{}",
+                c.order_violations,
+                c.order_details.join("\n")
+            ),
+        );
+        expect(
             c.duplicates <= self.allowed_duplicates,
-            "{s}: {} repeats, more than the {} events in flight at the faults",
-            c.duplicates,
-            self.allowed_duplicates
+            format!(
+                "{} repeats, more than the {} events in flight at the faults",
+                c.duplicates, self.allowed_duplicates
+            ),
         );
         if let Some(in_flight) = &self.in_flight {
-            let strays: Vec<&i64> = c.repeated.difference(in_flight).collect();
-            assert!(
+            let mut strays: Vec<&i64> = c.repeated.difference(in_flight).collect();
+            strays.sort();
+            expect(
                 strays.is_empty(),
-                "{s}: events repeated that were not in flight at a fault: {strays:?}"
+                format!("events repeated that were not in flight at a fault: {strays:?}"),
             );
         }
-        assert_eq!(c.unexpected_exits, 0, "{s}: the daemon exited on its own");
-        assert_eq!(c.panics, 0, "{s}: the daemon panicked");
+        expect(
+            c.unexpected_exits == 0,
+            format!("the daemon exited on its own {} times", c.unexpected_exits),
+        );
+        expect(
+            c.panics == 0,
+            format!("the daemon panicked {} times", c.panics),
+        );
+        assert!(failed.is_empty(), "{s}:\n- {}", failed.join("\n- "));
     }
 }
 
