@@ -35,6 +35,28 @@ fn backend_of(url: &str) -> &'static str {
     }
 }
 
+/// Raises the open files limit towards what the NAS, the API and the database may need,
+/// and warns at start (stderr and the daemon log) when it stays short.
+async fn descriptor_headroom(cfg: &Config, store: &Store, journal: &Journal) {
+    let sessions: u64 = match store.nas_list().await {
+        Ok(list) => list
+            .iter()
+            .filter(|n| n.enabled)
+            .map(|n| n.max_sessions.max(1) as u64)
+            .sum(),
+        Err(_) => 0,
+    };
+    let need = crate::limits::Need {
+        sessions,
+        api: cfg.api.as_ref().map_or(0, |a| a.max_connections as u64),
+        database: u64::from(cfg.database.max_connections),
+    };
+    if let Some(warning) = crate::limits::ensure(&need) {
+        tracing::warn!("{warning}");
+        journal.daemon(&format!("Warning: {warning}"));
+    }
+}
+
 /// Runs the daemon until `shutdown` is cancelled; then stops claiming, lets in-flight
 /// commands finish within the grace period and releases the rest.
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -86,7 +108,10 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         crate::duration::format_duration(cfg.daemon.resync_interval),
         api_addr.map_or("off".to_string(), |a| format!("on http://{a}"))
     ));
+    descriptor_headroom(&cfg, &store, &journal).await;
     let stats = crate::stats::Stats::new();
+    // `/status` and `/metrics` report the journal's failing files and dropped lines.
+    stats.attach_journal(journal.health());
     let (alerts, alerts_join) = match &cfg.alerts {
         Some(alerts_cfg) => {
             let (alerts, join) = crate::alerts::start(

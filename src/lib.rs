@@ -13,6 +13,7 @@ pub mod dispatch;
 pub mod duration;
 pub mod expand;
 pub mod journal;
+pub mod limits;
 pub mod model;
 pub mod scheme;
 pub mod sim;

@@ -8,11 +8,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
+use crate::journal::{JournalHealth, JournalStatus};
 use crate::transport::pool::{PoolCounters, PoolFigures};
 
 /// Distinct cmd labels kept per NAS; the rest are counted as `other`.
@@ -274,11 +275,27 @@ pub struct Stats {
     nas: RwLock<HashMap<i64, Arc<NasStats>>>,
     /// Events accepted by the HTTP API (both the billing-compatible and the JSON one).
     pub api_enqueued: AtomicI64,
+    /// The daemon's log files: which cannot be written, lines dropped.
+    journal: OnceLock<JournalHealth>,
 }
 
 impl Stats {
     pub fn new() -> Arc<Stats> {
         Arc::new(Stats::default())
+    }
+
+    /// Has `/status` and `/metrics` report on the daemon's journal (the first call wins).
+    pub fn attach_journal(&self, health: JournalHealth) {
+        let _ = self.journal.set(health);
+    }
+
+    /// The journal's dropped lines and failing files (up to `max_listed` of them by
+    /// name); all zero before a journal is attached.
+    pub fn journal(&self, max_listed: usize) -> JournalStatus {
+        self.journal
+            .get()
+            .map(|h| h.status(max_listed))
+            .unwrap_or_default()
     }
 
     /// The figures of a NAS, created on first use. Kept after its owner stops so that

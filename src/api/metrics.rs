@@ -16,6 +16,7 @@ use chrono::Utc;
 
 use super::ApiState;
 use super::json::Owners;
+use crate::journal::JournalStatus;
 use crate::stats::{LATENCY_BUCKETS, NasSnapshot};
 use crate::store::cluster::Member;
 use crate::store::{Nas, NasQueue, PoolFigures};
@@ -40,7 +41,7 @@ pub async fn handle(State(state): State<Arc<ApiState>>) -> Response {
         }
         Err(_) => (None, None, None, false),
     };
-    let text = render(
+    let mut text = render(
         &snaps,
         queues.as_deref(),
         compact,
@@ -49,6 +50,7 @@ pub async fn handle(State(state): State<Arc<ApiState>>) -> Response {
         state.store.pool_figures(),
         state.stats.api_enqueued.load(Ordering::Relaxed),
     );
+    render_journal(&mut text, &state.stats.journal(0));
     (
         StatusCode::OK,
         [(
@@ -376,6 +378,29 @@ pub fn render(
     out
 }
 
+/// The journal's series, appended to `out`: lines dropped and files failing, both
+/// always present (0 when all is well) so that an alert has a series to compare. Pure.
+pub fn render_journal(out: &mut String, journal: &JournalStatus) {
+    head(
+        out,
+        "nasd_journal_lines_dropped_total",
+        "counter",
+        "Log lines that could not be written (full disk, unwritable file) and were dropped.",
+    );
+    let _ = writeln!(
+        out,
+        "nasd_journal_lines_dropped_total {}",
+        journal.lines_dropped_total
+    );
+    head(
+        out,
+        "nasd_journal_files_failing",
+        "gauge",
+        "Log files whose last write failed (until one succeeds again).",
+    );
+    let _ = writeln!(out, "nasd_journal_files_failing {}", journal.files_failing);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -454,7 +479,7 @@ mod tests {
                 Some("timeout"),
             ),
         ]);
-        let text = render(
+        let mut text = render(
             &stats.snapshot(),
             Some(&[NasQueue {
                 nas_id: 7,
@@ -474,6 +499,14 @@ mod tests {
                 max: 8,
             },
             5,
+        );
+        render_journal(
+            &mut text,
+            &JournalStatus {
+                lines_dropped_total: 1234,
+                files_failing: 2,
+                ..JournalStatus::default()
+            },
         );
         for line in [
             "nasd_events_enqueued_total{nas=\"7\",cmd=\"user_add\"} 2",
@@ -500,6 +533,8 @@ mod tests {
             "nasd_cluster_daemons{state=\"lost\"} 1",
             "nasd_cluster_nas_owned{daemon=\"d1\"} 1",
             "nasd_cluster_nas_owned{daemon=\"d\\\"2\"} 1",
+            "nasd_journal_lines_dropped_total 1234",
+            "nasd_journal_files_failing 2",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line} in\n{text}");
         }

@@ -7,6 +7,7 @@ pub mod json;
 pub mod metrics;
 pub mod openapi;
 pub mod rest_compat;
+pub mod server;
 pub mod status;
 
 use std::net::SocketAddr;
@@ -311,13 +312,13 @@ pub async fn serve(
     state: Arc<ApiState>,
     shutdown: CancellationToken,
 ) {
+    let limits = server::Limits {
+        header_timeout: state.cfg.header_timeout,
+        body_timeout: state.cfg.body_timeout,
+        max_connections: state.cfg.max_connections,
+    };
     let app = router(state);
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
-    {
-        tracing::warn!("api server: {e}");
-    }
+    server::serve(listener, app, limits, shutdown).await;
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! `GET /status`: `OK` (200) when the database answers, every enabled NAS is served
 //! and reachable, and no event waits too long; otherwise 503 and one line per problem.
-//! Then `warning:` lines (an enabled NAS no daemon validly owns), and after a blank line
+//! Then `warning:` lines (an enabled NAS no daemon validly owns; log files that cannot
+//! be written, whose lines are dropped while delivery goes on), and after a blank line
 //! the cluster: this daemon, the daemons sharing the database, and each NAS's owner.
 
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use chrono::{DateTime, Utc};
 
 use super::ApiState;
 use super::json::{Owners, SQLITE_CLUSTER_NOTE, seconds};
+use crate::journal::JournalStatus;
 use crate::stats::NasSnapshot;
 use crate::store::Nas;
 use crate::store::cluster::Member;
@@ -55,15 +57,61 @@ pub struct Report {
     /// Everything that is wrong now, one sentence each (any makes the answer 503).
     pub problems: Vec<String>,
     /// What an operator should look at without it failing the check: an enabled NAS
-    /// without a valid owner is normal for a moment during a handover or a takeover.
+    /// without a valid owner is normal for a moment during a handover or a takeover;
+    /// log files that cannot be written lose lines, but events are still delivered.
     pub warnings: Vec<String>,
     /// The cluster block: this daemon, the daemons, and the owner of each NAS.
     pub cluster: Vec<String>,
 }
 
+/// Failing log files named by `/status`; the rest are counted.
+pub const JOURNAL_FILES_LISTED: usize = 10;
+
 /// The state of the daemon: problems, warnings and the cluster block. Database work is
 /// a fixed number of queries, whatever the number of NAS.
 pub async fn report(state: &ApiState) -> Report {
+    let mut report = database_report(state).await;
+    // A warning, never a problem: lines are lost but delivery goes on, so nothing pages.
+    report
+        .warnings
+        .extend(journal_warning(&state.stats.journal(JOURNAL_FILES_LISTED)));
+    report
+}
+
+/// The warning for log files that cannot be written, if any. Pure, for tests.
+pub fn journal_warning(journal: &JournalStatus) -> Option<String> {
+    if journal.files_failing == 0 {
+        return None;
+    }
+    let files: Vec<String> = journal
+        .failing
+        .iter()
+        .map(|f| {
+            format!(
+                "{} since {} ({} line(s); {})",
+                f.path.display(),
+                crate::journal::local_time(f.since),
+                f.dropped,
+                f.error
+            )
+        })
+        .collect();
+    let more = journal.files_failing.saturating_sub(journal.failing.len());
+    Some(format!(
+        "journal: {} log file(s) cannot be written, {} line(s) dropped (events are still delivered): {}{}",
+        journal.files_failing,
+        journal.dropped_failing,
+        files.join(", "),
+        if more > 0 {
+            format!(", and {more} more file(s)")
+        } else {
+            String::new()
+        }
+    ))
+}
+
+/// Problems, cluster warnings and the cluster block, from the database.
+async fn database_report(state: &ApiState) -> Report {
     let mut report = Report::default();
     let out = &mut report.problems;
     let now = Utc::now();
@@ -117,7 +165,7 @@ pub async fn report(state: &ApiState) -> Report {
         Ok((members, owners)) => {
             let (lines, warnings) = cluster_lines(&state.daemon_id, &members, &nas, &owners, now);
             report.cluster = lines;
-            report.warnings = warnings;
+            report.warnings.extend(warnings);
         }
         Err(e) => report.problems.push(format!("database unreachable: {e}")),
     }
@@ -352,6 +400,48 @@ mod tests {
             ]
         );
         assert!(warnings.is_empty());
+    }
+
+    #[test]
+    fn failing_log_files_are_one_warning_naming_them() {
+        use crate::journal::FailingFile;
+        use std::path::PathBuf;
+        assert_eq!(journal_warning(&JournalStatus::default()), None);
+        // Lines dropped before, nothing failing now: no warning.
+        let healed = JournalStatus {
+            lines_dropped_total: 40,
+            ..JournalStatus::default()
+        };
+        assert_eq!(journal_warning(&healed), None);
+        let since = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        let file = |path: &str, dropped| FailingFile {
+            path: PathBuf::from(path),
+            since,
+            error: "write: No space left on device (os error 28)".into(),
+            dropped,
+        };
+        let t = crate::journal::local_time(since);
+        let mut journal = JournalStatus {
+            lines_dropped_total: 900,
+            files_failing: 2,
+            dropped_failing: 812,
+            failing: vec![
+                file("/var/log/nasd/nas_event_daemon.log", 12),
+                file("/var/log/nasd/nas_event_daemon/Core_10.0.0.1.log", 800),
+            ],
+        };
+        assert_eq!(
+            journal_warning(&journal).unwrap(),
+            format!(
+                "journal: 2 log file(s) cannot be written, 812 line(s) dropped (events are still delivered): \
+                 /var/log/nasd/nas_event_daemon.log since {t} (12 line(s); write: No space left on device (os error 28)), \
+                 /var/log/nasd/nas_event_daemon/Core_10.0.0.1.log since {t} (800 line(s); write: No space left on device (os error 28))"
+            )
+        );
+        journal.files_failing = 5;
+        assert!(journal_warning(&journal).unwrap().ends_with(
+            "(800 line(s); write: No space left on device (os error 28)), and 3 more file(s)"
+        ));
     }
 
     #[test]

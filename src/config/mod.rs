@@ -88,6 +88,17 @@ pub struct ApiConfig {
     pub max_body: usize,
     /// Largest number of events in one batch request.
     pub max_batch: usize,
+    /// A request's head (request line and headers) must arrive within this, counted
+    /// from when the connection is ready for a request: after it opens, and after each
+    /// answer on a keep-alive connection (so it is also how long an idle keep-alive
+    /// connection stays open).
+    pub header_timeout: Duration,
+    /// The longest a request body may pause between two pieces.
+    pub body_timeout: Duration,
+    /// Connections served at once. Past it the oldest connection is asked to close
+    /// (at once when idle, after its answer when busy) and the new one waits for its
+    /// place; one that cannot get it within `header_timeout` is closed.
+    pub max_connections: usize,
 }
 
 impl std::fmt::Debug for ApiConfig {
@@ -102,6 +113,9 @@ impl std::fmt::Debug for ApiConfig {
             .field("oldest_event_alert", &self.oldest_event_alert)
             .field("max_body", &self.max_body)
             .field("max_batch", &self.max_batch)
+            .field("header_timeout", &self.header_timeout)
+            .field("body_timeout", &self.body_timeout)
+            .field("max_connections", &self.max_connections)
             .finish()
     }
 }
@@ -118,6 +132,9 @@ impl Default for ApiConfig {
             oldest_event_alert: Duration::from_secs(600),
             max_body: 1 << 20,
             max_batch: 10_000,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+            max_connections: 256,
         }
     }
 }
@@ -421,6 +438,9 @@ struct RawApi {
     oldest_event_alert: Option<String>,
     max_body: Option<usize>,
     max_batch: Option<usize>,
+    header_timeout: Option<String>,
+    body_timeout: Option<String>,
+    max_connections: Option<usize>,
 }
 
 fn api_section(raw: RawApi) -> Result<ApiConfig, ConfigError> {
@@ -455,6 +475,17 @@ fn api_section(raw: RawApi) -> Result<ApiConfig, ConfigError> {
         )?,
         max_body: raw.max_body.unwrap_or(d.max_body),
         max_batch: raw.max_batch.unwrap_or(d.max_batch),
+        header_timeout: duration_key(
+            "api.header_timeout",
+            raw.header_timeout.as_ref(),
+            d.header_timeout,
+        )?,
+        body_timeout: duration_key(
+            "api.body_timeout",
+            raw.body_timeout.as_ref(),
+            d.body_timeout,
+        )?,
+        max_connections: raw.max_connections.unwrap_or(d.max_connections),
     })
 }
 
@@ -719,6 +750,18 @@ impl Config {
             }
             if api.max_batch == 0 {
                 return key("api.max_batch", "must be at least 1");
+            }
+            if api.header_timeout < Duration::from_millis(100) {
+                return key("api.header_timeout", "must be at least 100ms");
+            }
+            if api.body_timeout < Duration::from_millis(100) {
+                return key("api.body_timeout", "must be at least 100ms");
+            }
+            if api.max_connections < 4 {
+                return key(
+                    "api.max_connections",
+                    &format!("must be at least 4, got {}", api.max_connections),
+                );
             }
             if api.nas_down_after.is_zero() || api.oldest_event_alert.is_zero() {
                 return key(

@@ -156,6 +156,9 @@ async fn run<P, T, W, F>(
     }
 }
 
+/// The requests of one statement, and the request left for the next one.
+type Batch<P, T> = (Vec<Request<P, T>>, Option<Request<P, T>>);
+
 /// The requests of one statement: `first` and whatever `next` has waiting, up to
 /// `max_rows` rows. Requests nobody waits for any more (their owner was aborted: the
 /// lease on its NAS was lost) are dropped unrun. A request whose keys overlap the
@@ -166,7 +169,7 @@ fn take_batch<P, T>(
     first: Request<P, T>,
     mut next: impl FnMut() -> Option<Request<P, T>>,
     max_rows: usize,
-) -> (Vec<Request<P, T>>, Option<Request<P, T>>) {
+) -> Batch<P, T> {
     let mut keys: std::collections::HashSet<i64> = std::collections::HashSet::new();
     let mut rows = 0;
     let mut batch = Vec::new();
@@ -415,13 +418,9 @@ mod tests {
 
     /// A request with `keys`, and the receiver of its answer (None: dropped, its owner
     /// gone).
-    fn request(
-        keys: &[i64],
-        waiting: bool,
-    ) -> (
-        Request<(), i64>,
-        Option<oneshot::Receiver<Result<Vec<i64>, String>>>,
-    ) {
+    type Answer = oneshot::Receiver<Result<Vec<i64>, String>>;
+
+    fn request(keys: &[i64], waiting: bool) -> (Request<(), i64>, Option<Answer>) {
         let (reply, rx) = oneshot::channel();
         let request = Request {
             payload: (),

@@ -474,6 +474,7 @@ impl Owner {
             let exec_timeout = self.shared.cfg.exec_timeout;
             let max_attempts = self.shared.cfg.max_attempts;
             let fence = self.shared.fence.clone();
+            let gate = fence.clone();
             self.workers.spawn(async move {
                 let started = Instant::now();
                 let losses = fence.watch();
@@ -487,8 +488,12 @@ impl Owner {
                     // A send still running when the lease is lost is abandoned (its
                     // session closes), before the lease ends in the database and a new
                     // owner may connect.
+                    // The gate asks the lease again before every command written.
                     None => tokio::select! {
-                        reply = send_event(&runtime, &event, exec_timeout) => reply,
+                        reply = crate::transport::gate::scope(
+                            Arc::new(move || gate.holds()),
+                            send_event(&runtime, &event, exec_timeout),
+                        ) => reply,
                         _ = crate::cluster::Fence::revoked(losses) => Reply::unsent(
                             crate::transport::Verdict::Requeue(
                                 "abandoned: this daemon lost its lease on the NAS during the send"

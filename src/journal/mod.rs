@@ -13,8 +13,12 @@
 //! All writes happen on one dedicated OS thread fed by an unbounded channel, so a slow or
 //! full disk never blocks the async send path. Callers format and timestamp lines
 //! themselves (the time is when the event happened, not when the disk got to it); the
-//! writer only appends. An I/O error is reported once with `tracing::warn!` and the
-//! affected lines are dropped: losing a log line is better than stopping delivery.
+//! writer only appends. An I/O error is reported once per file with `tracing::warn!`
+//! and the affected lines are dropped: losing a log line is better than stopping
+//! delivery. The file stays "failing" (see `health`) until lines reach it again; then
+//! one more warning says so with the number of lines dropped, and the daemon log gets a
+//! line naming the files, since when they failed and the lines lost. [`Journal::health`]
+//! gives `/status` and `/metrics` the count of dropped lines and of failing files.
 //!
 //! Rotation by size happens on the writer thread too: before a write would take a file
 //! past its limit, `file.N-1 -> file.N, ..., file -> file.1` and the file starts empty.
@@ -26,13 +30,14 @@
 //! reopened by its path.
 //!
 //! `format` holds the lines as pure functions, `writer` the OS thread with its handle
-//! cache and rotation, `config` the `[log]` settings; this file is the `Journal` API
-//! that ties them together.
+//! cache and rotation, `health` the per-file failure states (pure), `config` the `[log]`
+//! settings; this file is the `Journal` API that ties them together.
 
 mod config;
 #[cfg(test)]
 mod fixtures;
 mod format;
+mod health;
 mod writer;
 
 use std::fmt::Write as _;
@@ -54,8 +59,9 @@ pub use format::{
     sanitize_file_part,
 };
 use format::{nas_file_stem, one_line};
+pub use health::{FailingFile, JournalHealth, JournalStatus, local_time};
+use writer::{DaemonLog, Msg, Target, Writer, open_append};
 pub use writer::{MAX_OPEN_FILES, RECHECK_INTERVAL};
-use writer::{Msg, Target, Writer, open_append};
 
 /// Handle to the log files. Cheap to clone; all clones feed the same writer thread.
 ///
@@ -77,6 +83,7 @@ struct Inner {
     format: LogFormat,
     max_size: u64,
     account_max_size: u64,
+    health: JournalHealth,
 }
 
 impl Journal {
@@ -95,8 +102,17 @@ impl Journal {
         let daemon_path = daemon_log_path_in(log_dir);
         let daemon_file = open_append(&daemon_path)?;
 
+        let hostname = read_hostname();
+        let pid = std::process::id();
         let mut writer = Writer::new(cfg.backups, cfg.gzip)?;
-        writer.insert(daemon_path, daemon_file);
+        writer.insert(daemon_path.clone(), daemon_file);
+        let (format, host) = (cfg.format, hostname.clone());
+        writer.set_daemon_log(DaemonLog {
+            path: daemon_path,
+            max_size: cfg.max_size,
+            line: Box::new(move |message| daemon_line(format, &host, pid, message)),
+        });
+        let health = writer.health();
         let (tx, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("nasd-journal".to_owned())
@@ -107,31 +123,24 @@ impl Journal {
                 tx: Some(tx),
                 thread: Some(thread),
                 log_dir: log_dir.to_path_buf(),
-                hostname: read_hostname(),
-                pid: std::process::id(),
+                hostname,
+                pid,
                 format: cfg.format,
                 max_size: cfg.max_size,
                 account_max_size: cfg.account_max_size,
+                health,
             }),
         })
     }
 
     /// Appends one daemon-log line; newlines in `message` become spaces.
     pub fn daemon(&self, message: &str) {
-        let now = Local::now();
-        let line = match self.inner.format {
-            LogFormat::Text => format!(
-                "{} {} {}[{}]: {}\n",
-                now.format(TIME_FORMAT),
-                self.inner.hostname,
-                PROGRAM,
-                self.inner.pid,
-                one_line(message)
-            ),
-            LogFormat::Json => {
-                daemon_json(&now, &self.inner.hostname, self.inner.pid, message) + "\n"
-            }
-        };
+        let line = daemon_line(
+            self.inner.format,
+            &self.inner.hostname,
+            self.inner.pid,
+            message,
+        );
         self.send(
             vec![Target {
                 path: self.daemon_log_path(),
@@ -208,6 +217,12 @@ impl Journal {
         }
     }
 
+    /// Which log files cannot be written and how many lines were dropped, shared with
+    /// the writer thread (for `/status` and `/metrics`).
+    pub fn health(&self) -> JournalHealth {
+        self.inner.health.clone()
+    }
+
     /// `<log_dir>/nas_event_daemon/<sanitized name>_<sanitized ip>.log`.
     pub fn nas_log_path(&self, nas: &NasTarget) -> PathBuf {
         self.inner
@@ -251,6 +266,19 @@ impl Drop for Inner {
         {
             tracing::warn!("journal writer thread panicked; some log lines may be lost");
         }
+    }
+}
+
+/// One daemon-log line stamped now, `\n` included; newlines in `message` become spaces.
+fn daemon_line(format: LogFormat, hostname: &str, pid: u32, message: &str) -> String {
+    let now = Local::now();
+    match format {
+        LogFormat::Text => format!(
+            "{} {hostname} {PROGRAM}[{pid}]: {}\n",
+            now.format(TIME_FORMAT),
+            one_line(message)
+        ),
+        LogFormat::Json => daemon_json(&now, hostname, pid, message) + "\n",
     }
 }
 

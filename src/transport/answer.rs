@@ -33,7 +33,9 @@ pub fn session_error_verdict(error: &SessionError) -> Verdict {
         SessionError::Timeout(..) | SessionError::Closed(..) | SessionError::Protocol(..) => {
             Verdict::Retry(error.to_string())
         }
-        SessionError::PoolClosed(..) => Verdict::Requeue(error.to_string()),
+        SessionError::PoolClosed(..) | SessionError::LeaseLost(..) | SessionError::Resource(..) => {
+            Verdict::Requeue(error.to_string())
+        }
     }
 }
 
@@ -137,7 +139,22 @@ mod tests {
             "nas 1 (10.0.0.1:22)".into(),
             "the SSH session pool was closed".into(),
         );
+        let short = SessionError::connect(
+            "nas 1 (10.0.0.1:22)",
+            &std::io::Error::from_raw_os_error(libc::EMFILE),
+        );
+        let lease_lost = crate::transport::gate::closed("nas 1 (10.0.0.1:22)", 1);
         let cases: Vec<(&str, CliResult, Verdict)> = vec![
+            (
+                "user_add",
+                result(&[], Some(short.clone())),
+                Verdict::Requeue(short.to_string()),
+            ),
+            (
+                "user_add",
+                result(&[""], Some(lease_lost.clone())),
+                Verdict::Requeue(lease_lost.to_string()),
+            ),
             ("user_add", result(&["", ""], None), Verdict::Done),
             (
                 "user_add",

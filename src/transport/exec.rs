@@ -119,10 +119,17 @@ pub async fn run(
     let child = match command.spawn() {
         Ok(child) => child,
         Err(e) => {
+            let what = format!("cannot run {}", script.display());
+            // Short of descriptors or processes: nothing ran, try again later.
+            let verdict = if super::resource::exhausted(&e) {
+                Verdict::Requeue(super::resource::describe(&what, &e))
+            } else {
+                Verdict::Failed(format!("{what}: {e}"))
+            };
             return Reply {
                 commands: vec![line],
                 answer: String::new(),
-                verdict: Verdict::Failed(format!("cannot run {}: {e}", script.display())),
+                verdict,
             };
         }
     };

@@ -5,9 +5,11 @@ pub mod answer;
 pub mod backoff;
 pub mod device;
 pub mod exec;
+pub mod gate;
 pub mod null;
 pub mod pool;
 pub mod radius;
+pub mod resource;
 pub mod routeros_api;
 pub mod send;
 pub mod ssh;
@@ -77,6 +79,29 @@ pub enum SessionError {
     /// device.
     #[error("{0}: {1}")]
     PoolClosed(String, String),
+    /// The daemon's lease on the NAS may have run out before a command was written (see
+    /// `gate`): what follows is not sent; the event goes back to its lane.
+    #[error("{0}: {1}")]
+    LeaseLost(String, String),
+    /// This host ran short of a resource (descriptors, memory, ports) before anything
+    /// was sent: nothing is known about the device; the event goes back to its lane.
+    #[error("{0}: {1}")]
+    Resource(String, String),
+}
+
+impl SessionError {
+    /// A connect's I/O error: a resource this host ran short of, or the device's (or the
+    /// network's) refusal.
+    pub fn connect(label: &str, error: &std::io::Error) -> SessionError {
+        if resource::exhausted(error) {
+            SessionError::Resource(
+                label.to_string(),
+                resource::describe("cannot connect", error),
+            )
+        } else {
+            SessionError::Connect(label.to_string(), error.to_string())
+        }
+    }
 }
 
 /// What a CLI-like transport (SSH, telnet, RouterOS API) did with a list of commands:

@@ -308,6 +308,11 @@ impl<C: Connector> Pool<C> {
                     open: OpenGuard::new(&self.counters),
                 })
             }
+            Err(error @ SessionError::Resource(..)) => {
+                // This host's shortage, not the device's: no backoff against the NAS.
+                tracing::warn!(nas = %self.label, protocol = self.protocol, %error, "connect failed");
+                Err(error)
+            }
             Err(error) => {
                 let failures = self.backoff.failed(error.clone());
                 self.counters

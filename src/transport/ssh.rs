@@ -198,6 +198,11 @@ impl SshPool {
         let connector = self.pool.connector();
         let mut index = 0;
         while let Some(command) = commands.get(index) {
+            if let Err(error) = super::gate::check(label, index) {
+                // Dropping the lease discards the connection.
+                result.error = Some(error);
+                return result;
+            }
             let outcome =
                 match tokio::time::timeout(timeout, connector.command(lease.session(), command))
                     .await
@@ -270,6 +275,7 @@ impl SshConnector {
             .await
             .map_err(|error| match error {
                 ClientError::HostKey(error) => error,
+                ClientError::Ssh(russh::Error::IO(error)) => SessionError::connect(&label, &error),
                 ClientError::Ssh(error) => SessionError::Connect(label.clone(), error.to_string()),
             })?;
         self.authenticate(&mut handle, &user).await?;
@@ -484,6 +490,10 @@ async fn exec(handle: &Handle<Client>, label: &str, command: &str) -> Result<Str
                 stale: true,
             },
         })?;
+    // Opening the channel took a round trip: a daemon frozen meanwhile asks again.
+    if !super::gate::open() {
+        return Err(CmdError::new(super::gate::closed_before(label, command)));
+    }
     channel.exec(true, command).await.map_err(|error| {
         CmdError::new(SessionError::Closed(
             label.to_string(),

@@ -635,7 +635,7 @@ impl Connector for TelnetConnector {
         let address = (self.target.host.as_str(), self.target.port);
         let stream = TcpStream::connect(address)
             .await
-            .map_err(|error| SessionError::Connect(self.label.clone(), error.to_string()))?;
+            .map_err(|error| SessionError::connect(&self.label, &error))?;
         // Commands are small writes; do not let Nagle hold them back.
         let _ = stream.set_nodelay(true);
         let mut session = Session {
@@ -722,7 +722,12 @@ impl TelnetPool {
             }
         };
         let prompt = &self.pool.connector().options.prompt;
-        for command in commands {
+        for (index, command) in commands.iter().enumerate() {
+            if let Err(error) = super::gate::check(label, index) {
+                // Dropping the lease discards the session.
+                result.error = Some(error);
+                return result;
+            }
             let deadline = Instant::now() + timeout;
             match lease.session().command(command, prompt, deadline).await {
                 Ok(output) => result.exchanges.push(Exchange {

@@ -75,6 +75,14 @@ impl Drop for IdGuard {
     }
 }
 
+/// Why the client's UDP socket could not be opened.
+enum OpenError {
+    /// This host ran short of a resource (descriptors, memory): wait it out.
+    Resource(String),
+    /// The address does not resolve, or the socket cannot be had for another reason.
+    Other(String),
+}
+
 impl RadiusClient {
     /// `target.port` is the CoA port (the caller maps "unset" to 3799).
     pub fn new(target: Target, options: RadiusOptions) -> RadiusClient {
@@ -122,7 +130,10 @@ impl RadiusClient {
         };
         let channel = match self.channel.get_or_try_init(|| self.open()).await {
             Ok(channel) => channel.clone(),
-            Err(e) => {
+            Err(OpenError::Resource(e)) => {
+                return (String::new(), Verdict::Requeue(format!("{label}: {e}")));
+            }
+            Err(OpenError::Other(e)) => {
                 return (String::new(), Verdict::Unreachable(format!("{label}: {e}")));
             }
         };
@@ -148,6 +159,11 @@ impl RadiusClient {
         let tries = self.options.tries.max(1);
         let peer = channel.peer;
         for attempt in 1..=tries {
+            // Each retransmission too: a daemon that woke past its lease sends nothing.
+            if !crate::transport::gate::open() {
+                let error = crate::transport::gate::closed(&label, 0);
+                return (String::new(), Verdict::Requeue(error.to_string()));
+            }
             if let Err(e) = channel.socket.send_to(&packet, peer).await {
                 tracing::debug!(nas = %label, attempt, "RADIUS send failed: {e}");
             } else {
@@ -190,25 +206,32 @@ impl RadiusClient {
     }
 
     /// Resolves the NAS address and binds a socket of the same family.
-    async fn open(&self) -> Result<Arc<Channel>, String> {
+    async fn open(&self) -> Result<Arc<Channel>, OpenError> {
         let host = self.target.host.as_str();
         let port = self.target.port;
         let peer = match host.parse::<IpAddr>() {
             Ok(ip) => SocketAddr::new(ip, port),
             Err(_) => tokio::net::lookup_host((host, port))
                 .await
-                .map_err(|e| format!("cannot resolve {host}: {e}"))?
+                .map_err(|e| OpenError::Other(format!("cannot resolve {host}: {e}")))?
                 .next()
-                .ok_or_else(|| format!("cannot resolve {host}: no address"))?,
+                .ok_or_else(|| OpenError::Other(format!("cannot resolve {host}: no address")))?,
         };
         let local: SocketAddr = if peer.is_ipv4() {
             (Ipv4Addr::UNSPECIFIED, 0).into()
         } else {
             (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
         };
-        let socket = UdpSocket::bind(local)
-            .await
-            .map_err(|e| format!("cannot open a UDP socket: {e}"))?;
+        let socket = UdpSocket::bind(local).await.map_err(|e| {
+            if super::super::resource::exhausted(&e) {
+                OpenError::Resource(super::super::resource::describe(
+                    "cannot open a UDP socket",
+                    &e,
+                ))
+            } else {
+                OpenError::Other(format!("cannot open a UDP socket: {e}"))
+            }
+        })?;
         Ok(Arc::new(Channel { socket, peer }))
     }
 

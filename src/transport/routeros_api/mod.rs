@@ -343,6 +343,11 @@ impl ApiPool {
         let mut reused = lease.reused();
         let mut index = 0;
         while let (Some(text), Some(words)) = (commands.get(index), parsed.get(index)) {
+            if let Err(error) = crate::transport::gate::check(label, index) {
+                // Dropping the lease discards the connection.
+                result.error = Some(error);
+                return result;
+            }
             match connector
                 .execute_with_find(lease.session(), text, words, timeout)
                 .await
@@ -408,7 +413,7 @@ impl ApiConnector {
                     "the TCP connect was not answered in time".into(),
                 ));
             }
-            Ok(Err(e)) => return Err(SessionError::Connect(label.clone(), e.to_string())),
+            Ok(Err(e)) => return Err(SessionError::connect(label, &e)),
             Ok(Ok(stream)) => stream,
         };
         // Commands are single small writes answered at once; Nagle would only delay.
@@ -662,6 +667,13 @@ impl ApiConnector {
             },
         };
         tracing::debug!(nas = %label, tag = %tag, command = text, "RouterOS API command");
+        // A find-then-act command asks again before its second sentence.
+        if !crate::transport::gate::open() {
+            return Err(CommandFailure {
+                nothing_received: true,
+                error: crate::transport::gate::closed_before(label, text),
+            });
+        }
         let mut sentence = words.to_vec();
         sentence.push(format!(".tag={tag}"));
         if let Err(f) = conn.send(&sentence, deadline).await {
