@@ -4,6 +4,7 @@
 
 pub mod accounts;
 pub mod cluster;
+pub mod copy;
 pub mod enqueue;
 pub mod nas;
 pub mod send;
@@ -60,6 +61,19 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Copy every table (NAS, accounts, both stacks, history) to another, empty
+    /// database, keeping ids, states and try counts; verified by row counts and
+    /// checksums. Refused while a daemon works on the source.
+    Copy {
+        /// The target database URL (sqlite://FILE or postgres://...).
+        #[arg(long)]
+        to: String,
+    },
+    /// Write a consistent snapshot of nasd's tables to a new file (SQLite format) while
+    /// the daemon runs, with the known_hosts files beside it.
+    Backup { file: std::path::PathBuf },
+    /// Restore a backup file into the configured database, which must be empty.
+    Restore { file: std::path::PathBuf },
     /// A self-contained demonstration on a fresh embedded SQLite database.
     Demo(tools::demo::DemoOptions),
     /// Measure events/s and enqueue-to-done latency through the whole pipeline.
@@ -130,6 +144,9 @@ async fn execute(command: Command, cfg: Config) -> anyhow::Result<ExitCode> {
             user_id,
             dry_run,
         } => return send::run(&cfg, nas, &cmd, user_id, dry_run).await,
+        Command::Copy { to } => copy::copy_to(&cfg, &to).await?,
+        Command::Backup { file } => copy::backup(&cfg, &file).await?,
+        Command::Restore { file } => copy::restore(&cfg, &file).await?,
         Command::Demo(opts) => tools::demo::run(opts).await?,
         Command::Bench(opts) => tools::bench::run(opts).await?,
         Command::Sim(opts) => crate::sim::run(opts).await?,

@@ -5,6 +5,7 @@
 //! locking) stays inside their files.
 
 pub mod cluster;
+pub mod copy;
 pub mod postgres;
 pub mod sqlite;
 

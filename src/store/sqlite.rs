@@ -44,6 +44,11 @@ fn placeholders(start: usize, n: usize) -> String {
 }
 
 impl SqliteStore {
+    /// The connection pool (the copy tool speaks SQL of its own).
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
     /// Per NAS, the highest event id above `after_id` (new rows since the last look).
     pub async fn stack_heads_after(&self, after_id: i64) -> Result<Vec<(i64, i64)>, StoreError> {
         let rows = sqlx::query(
