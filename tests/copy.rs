@@ -632,6 +632,14 @@ async fn backup_while_the_daemon_runs_restores_a_consistent_snapshot() {
         "{stdout}"
     );
 
+    // The restored database passes `nasd check` (database, migrations, NAS rows).
+    std::fs::create_dir_all(pg.schemes_dir()).expect("schemes dir");
+    let checked = nasd(&pg_config, &["check"], LIMIT).await;
+    let report = text(&checked.stdout);
+    assert!(checked.status.success(), "nasd check:\n{report}");
+    assert!(report.contains("migrations: all applied"), "{report}");
+    assert!(report.contains("nasd check: 0 error(s)"), "{report}");
+
     // Restoring again into the now full database is refused.
     nasd_refused_not_empty(&pg_config, &["restore", &snap_arg]).await;
     assert_eq!(pg_counts(&dst).await, snap_counts);

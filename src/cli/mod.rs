@@ -3,6 +3,7 @@
 //! [`run`]; one file here per command group.
 
 pub mod accounts;
+pub mod check;
 pub mod cluster;
 pub mod copy;
 pub mod enqueue;
@@ -25,6 +26,9 @@ pub enum Command {
     Run,
     /// Apply the database migrations and exit.
     Migrate,
+    /// Check the config, every scheme (each cmd rendered), the database and every NAS
+    /// row; exit 0 without errors, 1 with.
+    Check,
     /// Manage network access servers.
     #[command(subcommand)]
     Nas(nas::NasCommand),
@@ -128,6 +132,7 @@ async fn execute(command: Command, cfg: Config) -> anyhow::Result<ExitCode> {
     match command {
         Command::Run => run_daemon(cfg).await?,
         Command::Migrate => migrate(&cfg).await?,
+        Command::Check => return check::run(&cfg).await,
         Command::Nas(cmd) => nas::run(cmd, &cfg).await?,
         Command::Accounts(cmd) => accounts::run(cmd, &cfg).await?,
         Command::Cluster(cmd) => cluster::run(cmd, &cfg).await?,

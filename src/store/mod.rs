@@ -641,6 +641,41 @@ impl Store {
         on_backend!(self, s => s.ping().await)
     }
 
+    /// The migrations of this backend not applied yet (`version description`), without
+    /// applying them.
+    pub async fn pending_migrations(&self) -> Result<Vec<String>, StoreError> {
+        let (migrator, applied) = match self {
+            Store::Postgres(s) => (
+                sqlx::migrate!("migrations/postgres"),
+                sqlx::query_scalar::<_, i64>("SELECT version FROM _sqlx_migrations WHERE success")
+                    .fetch_all(s.pool())
+                    .await,
+            ),
+            Store::Sqlite(s) => (
+                sqlx::migrate!("migrations/sqlite"),
+                sqlx::query_scalar::<_, i64>("SELECT version FROM _sqlx_migrations WHERE success")
+                    .fetch_all(s.pool())
+                    .await,
+            ),
+        };
+        // A database never migrated has no such table: everything is pending.
+        let applied = match applied {
+            Ok(versions) => versions,
+            Err(sqlx::Error::Database(e))
+                if e.code().as_deref() == Some("42P01")
+                    || e.message().contains("no such table") =>
+            {
+                Vec::new()
+            }
+            Err(e) => return Err(e).ctx("read the applied migrations"),
+        };
+        Ok(migrator
+            .iter()
+            .filter(|m| !applied.contains(&m.version))
+            .map(|m| format!("{} {}", m.version, m.description))
+            .collect())
+    }
+
     pub async fn nas_list(&self) -> Result<Vec<Nas>, StoreError> {
         on_backend!(self, s => s.nas_list().await)
     }
