@@ -181,6 +181,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         _ => None,
     };
     let params_query = cfg.database.params_query.clone();
+    let history = cfg.history.clone();
     let supervisor_id = daemon_id.clone();
     let join = tokio::spawn(async move {
         let wakers: Wakers = Arc::new(Mutex::new(HashMap::new()));
@@ -215,6 +216,12 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
             }
         };
         let expander = tokio::spawn(crate::expand::run(expander, wake, shutdown.clone()));
+        let pruner = tokio::spawn(crate::prune::run(
+            shared.store.clone(),
+            shared.journal.clone(),
+            history,
+            shutdown.clone(),
+        ));
         let cluster_task = cluster.map(|c| tokio::spawn(c.run(shutdown.clone())));
         let supervisor = Supervisor::new(shared.clone(), wakers, link, &supervisor_id, devices);
         supervisor.run(shutdown.clone()).await;
@@ -222,6 +229,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
             let _ = task.await;
         }
         let _ = expander.await;
+        let _ = pruner.await;
         if let Some(api) = api {
             let _ = api.await;
         }

@@ -20,9 +20,10 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "" | "s" => value,
         "m" | "min" => value * 60.0,
         "h" => value * 3600.0,
+        "d" => value * 86_400.0,
         other => {
             return Err(format!(
-                "`{text}` has unknown unit `{other}` (expected ms, s, m or h)"
+                "`{text}` has unknown unit `{other}` (expected ms, s, m, h or d)"
             ));
         }
     };

@@ -15,6 +15,7 @@ pub mod expand;
 pub mod journal;
 pub mod limits;
 pub mod model;
+pub mod prune;
 pub mod scheme;
 pub mod sim;
 pub mod stats;

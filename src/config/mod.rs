@@ -29,6 +29,63 @@ pub struct Config {
     pub log: crate::journal::LogConfig,
     /// `[cluster]`: several daemons on one PostgreSQL (ignored on SQLite).
     pub cluster: ClusterConfig,
+    /// `[history]`: how long finished events are kept.
+    pub history: HistoryConfig,
+}
+
+/// `[history]`: rows of `events_history` older than `keep` are deleted in small batches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryConfig {
+    /// Finished events older than this are deleted; zero keeps them forever.
+    pub keep: Duration,
+    /// Rows deleted per statement (each its own short transaction).
+    pub prune_batch: i64,
+    /// How often the daemon looks for rows to delete.
+    pub prune_interval: Duration,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> HistoryConfig {
+        HistoryConfig {
+            keep: Duration::from_secs(90 * 86_400),
+            prune_batch: 2000,
+            prune_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawHistory {
+    keep: Option<String>,
+    prune_batch: Option<i64>,
+    prune_interval: Option<String>,
+}
+
+fn history_section(raw: RawHistory) -> Result<HistoryConfig, ConfigError> {
+    let d = HistoryConfig::default();
+    let cfg = HistoryConfig {
+        keep: duration_key("history.keep", raw.keep.as_ref(), d.keep)?,
+        prune_batch: raw.prune_batch.unwrap_or(d.prune_batch),
+        prune_interval: duration_key(
+            "history.prune_interval",
+            raw.prune_interval.as_ref(),
+            d.prune_interval,
+        )?,
+    };
+    if !(1..=100_000).contains(&cfg.prune_batch) {
+        return Err(ConfigError::Key {
+            key: "history.prune_batch",
+            message: format!("{} is out of range (1 to 100000)", cfg.prune_batch),
+        });
+    }
+    if cfg.prune_interval < Duration::from_secs(1) {
+        return Err(ConfigError::Key {
+            key: "history.prune_interval",
+            message: "must be at least 1s".into(),
+        });
+    }
+    Ok(cfg)
 }
 
 /// `[cluster]`: how a daemon takes part in a cluster of daemons sharing one PostgreSQL.
@@ -267,6 +324,7 @@ impl Default for Config {
             alerts: None,
             log: crate::journal::LogConfig::default(),
             cluster: ClusterConfig::default(),
+            history: HistoryConfig::default(),
         }
     }
 }
@@ -288,6 +346,8 @@ struct RawConfig {
     log: RawLog,
     #[serde(default)]
     cluster: RawCluster,
+    #[serde(default)]
+    history: RawHistory,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -663,6 +723,7 @@ impl Config {
             alerts: raw.alerts.map(alerts::alerts_section).transpose()?,
             log: log_section(raw.log)?,
             cluster: cluster_section(raw.cluster)?,
+            history: history_section(raw.history)?,
         };
         cfg.validate()?;
         Ok(cfg)

@@ -886,6 +886,18 @@ impl Store {
         on_backend!(self, s => s.history_counts().await)
     }
 
+    /// Deletes, among the `batch` oldest rows of `events_history` (lowest ids), those
+    /// finished before `cutoff`, in one short statement; returns how many. Fewer than
+    /// `batch` means the old end of the table is done (ids follow completion order, so
+    /// the pruner never scans past the rows it keeps).
+    pub async fn prune_history(
+        &self,
+        cutoff: DateTime<Utc>,
+        batch: i64,
+    ) -> Result<u64, StoreError> {
+        on_backend!(self, s => s.prune_history(cutoff, batch).await)
+    }
+
     /// Where the event enqueued under `id` (a compact id) is now. Looks in the order
     /// events move (compact, stack, history), so a move in between is never missed.
     pub async fn event_status(&self, id: i64) -> Result<Option<EventStatus>, StoreError> {

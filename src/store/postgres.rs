@@ -901,6 +901,26 @@ impl PgStore {
         Ok((done, failed))
     }
 
+    pub async fn prune_history(
+        &self,
+        cutoff: DateTime<Utc>,
+        batch: i64,
+    ) -> Result<u64, StoreError> {
+        let mut db = self.open().await.ctx("prune history")?;
+        let done = sqlx::query(
+            "DELETE FROM events_history WHERE id IN (SELECT id FROM (SELECT id, finished_at \
+             FROM events_history ORDER BY id LIMIT $2) head WHERE finished_at < $1)",
+        )
+        .persistent(self.persistent)
+        .bind(cutoff)
+        .bind(batch)
+        .execute(db.exec())
+        .await
+        .ctx("prune history")?;
+        db.done().await.ctx("prune history")?;
+        Ok(done.rows_affected())
+    }
+
     pub async fn latencies_ms(&self) -> Result<Vec<f64>, StoreError> {
         let mut db = self.open().await.ctx("read latencies")?;
         let latencies = sqlx::query_scalar(

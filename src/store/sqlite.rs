@@ -635,6 +635,23 @@ impl SqliteStore {
         Ok((done, failed))
     }
 
+    pub async fn prune_history(
+        &self,
+        cutoff: DateTime<Utc>,
+        batch: i64,
+    ) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "DELETE FROM events_history WHERE id IN (SELECT id FROM (SELECT id, finished_at \
+             FROM events_history ORDER BY id LIMIT ?2) WHERE finished_at < ?1)",
+        )
+        .bind(ms(cutoff))
+        .bind(batch)
+        .execute(&self.pool)
+        .await
+        .ctx("prune history")?;
+        Ok(done.rows_affected())
+    }
+
     pub async fn latencies_ms(&self) -> Result<Vec<f64>, StoreError> {
         sqlx::query_scalar(
             "SELECT CAST(finished_at - enqueued_at AS REAL) FROM events_history ORDER BY 1",
