@@ -72,6 +72,10 @@ async fn old_history_is_pruned_in_batches_while_delivery_goes_on(backend: Backen
     add_accounts(&store, 20, &[1]).await;
     // 60 finished events, then the 45 lowest ids made 100 days old.
     let mut cfg = env.config();
+    cfg.api = Some(nasd::config::ApiConfig {
+        listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        ..nasd::config::ApiConfig::default()
+    });
     cfg.history.keep = Duration::from_secs(30 * 86_400);
     cfg.history.prune_batch = 7;
     cfg.history.prune_interval = Duration::from_secs(1);
@@ -132,6 +136,30 @@ async fn old_history_is_pruned_in_batches_while_delivery_goes_on(backend: Backen
         pruned, 45,
         "the daemon log counts what was pruned:\n{journal}"
     );
+    // `/metrics` shows the history's size.
+    let addr = running.api_addr.expect("api address");
+    let metrics = nasd::tools::http_client::request(addr, "GET", "/metrics", &[], b"")
+        .await
+        .expect("metrics")
+        .text();
+    let value = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.parse::<i64>().ok())
+    };
+    match backend {
+        // The span of ids left after the oldest 45 went.
+        Backend::Sqlite => assert_eq!(value("nasd_history_rows"), Some(45), "{metrics}"),
+        // The planner's estimate (or a count before the first ANALYZE) and the size.
+        Backend::Postgres => {
+            assert!(value("nasd_history_rows").is_some(), "{metrics}");
+            assert!(
+                value("nasd_history_bytes").is_some_and(|b| b > 0),
+                "{metrics}"
+            );
+        }
+    }
     token.cancel();
     tokio::time::timeout(LIMIT, running.wait())
         .await

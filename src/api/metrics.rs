@@ -30,16 +30,17 @@ pub async fn handle(State(state): State<Arc<ApiState>>) -> Response {
         let members = state.store.cluster_members().await?;
         let owners = Owners::load(&state.store, Some(&state.daemon_id)).await?;
         let cluster = ClusterFigures::new(&state.daemon_id, &members, &nas, &owners);
-        Ok::<_, crate::store::StoreError>((queues, count.compact_total, cluster))
+        let history = state.store.history_size().await?;
+        Ok::<_, crate::store::StoreError>((queues, count.compact_total, cluster, history))
     };
     let db = tokio::time::timeout(std::time::Duration::from_secs(5), db).await;
-    let (queues, compact, cluster, db_up) = match db {
-        Ok(Ok((q, c, cl))) => (Some(q), Some(c), Some(cl), true),
+    let (queues, compact, cluster, history, db_up) = match db {
+        Ok(Ok((q, c, cl, h))) => (Some(q), Some(c), Some(cl), Some(h), true),
         Ok(Err(e)) => {
             tracing::warn!("metrics: {e}");
-            (None, None, None, false)
+            (None, None, None, None, false)
         }
-        Err(_) => (None, None, None, false),
+        Err(_) => (None, None, None, None, false),
     };
     let mut text = render(
         &snaps,
@@ -51,6 +52,9 @@ pub async fn handle(State(state): State<Arc<ApiState>>) -> Response {
         state.stats.api_enqueued.load(Ordering::Relaxed),
     );
     render_journal(&mut text, &state.stats.journal(0));
+    if let Some((rows, bytes)) = history {
+        render_history(&mut text, rows, bytes);
+    }
     (
         StatusCode::OK,
         [(
@@ -60,6 +64,26 @@ pub async fn handle(State(state): State<Arc<ApiState>>) -> Response {
         text,
     )
         .into_response()
+}
+
+/// The size of `events_history` (estimates, see `Store::history_size`). Pure.
+pub fn render_history(out: &mut String, rows: i64, bytes: Option<i64>) {
+    head(
+        out,
+        "nasd_history_rows",
+        "gauge",
+        "Rows in events_history, estimated (PostgreSQL: the planner's estimate; SQLite: the span of ids).",
+    );
+    let _ = writeln!(out, "nasd_history_rows {rows}");
+    if let Some(bytes) = bytes {
+        head(
+            out,
+            "nasd_history_bytes",
+            "gauge",
+            "Size of events_history with its indexes, in bytes (PostgreSQL only).",
+        );
+        let _ = writeln!(out, "nasd_history_bytes {bytes}");
+    }
 }
 
 /// The states a daemon row can have, each always exposed (0 when none) so that an
@@ -544,5 +568,23 @@ mod tests {
             .and_then(|v| v.parse::<f64>().ok())
             .unwrap();
         assert!((9.0..60.0).contains(&age), "{age}");
+    }
+
+    #[test]
+    fn history_size_series() {
+        let mut with_size = String::new();
+        render_history(&mut with_size, 45, Some(8192));
+        assert!(
+            with_size.lines().any(|l| l == "nasd_history_rows 45"),
+            "{with_size}"
+        );
+        assert!(
+            with_size.lines().any(|l| l == "nasd_history_bytes 8192"),
+            "{with_size}"
+        );
+        let mut sqlite = String::new();
+        render_history(&mut sqlite, 3, None);
+        assert!(sqlite.contains("nasd_history_rows 3"));
+        assert!(!sqlite.contains("nasd_history_bytes"), "{sqlite}");
     }
 }

@@ -886,6 +886,15 @@ impl Store {
         on_backend!(self, s => s.history_counts().await)
     }
 
+    /// The size of `events_history` without counting it: (rows, bytes). PostgreSQL:
+    /// the planner's row estimate (`reltuples`, counted only before the first ANALYZE)
+    /// and the table's size with its indexes; SQLite: the span of ids (what is left
+    /// after pruning the oldest) and no size (SQLite cannot tell one table's size
+    /// without reading all of it).
+    pub async fn history_size(&self) -> Result<(i64, Option<i64>), StoreError> {
+        on_backend!(self, s => s.history_size().await)
+    }
+
     /// Deletes, among the `batch` oldest rows of `events_history` (lowest ids), those
     /// finished before `cutoff`, in one short statement; returns how many. Fewer than
     /// `batch` means the old end of the table is done (ids follow completion order, so

@@ -901,6 +901,30 @@ impl PgStore {
         Ok((done, failed))
     }
 
+    pub async fn history_size(&self) -> Result<(i64, Option<i64>), StoreError> {
+        let mut db = self.open().await.ctx("size of history")?;
+        let (estimate, bytes): (f32, i64) = sqlx::query_as(
+            "SELECT c.reltuples, pg_total_relation_size(c.oid) FROM pg_class c \
+             WHERE c.oid = 'events_history'::regclass",
+        )
+        .persistent(self.persistent)
+        .fetch_one(db.exec())
+        .await
+        .ctx("size of history")?;
+        let rows = if estimate < 0.0 {
+            // Never analyzed yet: a young table, cheap to count.
+            sqlx::query_scalar("SELECT count(*) FROM events_history")
+                .persistent(self.persistent)
+                .fetch_one(db.exec())
+                .await
+                .ctx("size of history")?
+        } else {
+            estimate as i64
+        };
+        db.done().await.ctx("size of history")?;
+        Ok((rows, Some(bytes)))
+    }
+
     pub async fn prune_history(
         &self,
         cutoff: DateTime<Utc>,

@@ -635,6 +635,15 @@ impl SqliteStore {
         Ok((done, failed))
     }
 
+    pub async fn history_size(&self) -> Result<(i64, Option<i64>), StoreError> {
+        let rows: i64 =
+            sqlx::query_scalar("SELECT coalesce(max(id) - min(id) + 1, 0) FROM events_history")
+                .fetch_one(&self.pool)
+                .await
+                .ctx("size of history")?;
+        Ok((rows, None))
+    }
+
     pub async fn prune_history(
         &self,
         cutoff: DateTime<Utc>,
