@@ -36,7 +36,7 @@ pub async fn copy_to(cfg: &Config, to: &str) -> anyhow::Result<()> {
     )?;
     let source = open_source(from).await?;
     refuse_live_daemons(&source, "source").await?;
-    let (target, _target_lock) = open_target(to).await?;
+    let (target, _target_lock) = open_target(to, Lock::Take).await?;
     let report = copy::copy(&source, &target, &mut progress()).await?;
     print_report(&report, &redact(from), &redact(to));
     println!(
@@ -60,7 +60,7 @@ pub async fn backup(cfg: &Config, file: &Path) -> anyhow::Result<()> {
     }
     let from = cfg.database.url.as_str();
     let started = tokio::time::Instant::now();
-    match Backend::of(from)? {
+    match backend_of(from)? {
         Backend::Sqlite => {
             // An online backup: one read transaction, beside a working daemon.
             let source = open_source(from).await?;
@@ -79,7 +79,7 @@ pub async fn backup(cfg: &Config, file: &Path) -> anyhow::Result<()> {
         Backend::Postgres => {
             let source = open_source(from).await?;
             let url = format!("sqlite://{}", file.display());
-            let (target, _lock) = open_target(&url).await?;
+            let (target, _lock) = open_target(&url, Lock::NewFile).await?;
             let report = copy::copy(&source, &target, &mut progress()).await?;
             print_report(&report, &redact(from), &url);
             println!(
@@ -123,7 +123,7 @@ pub async fn restore(cfg: &Config, file: &Path) -> anyhow::Result<()> {
     let from = format!("sqlite://{}", file.display());
     let source = open_source(&from).await?;
     let to = cfg.database.url.as_str();
-    let (target, _lock) = open_target(to).await?;
+    let (target, _lock) = open_target(to, Lock::Take).await?;
     let report = copy::copy(&source, &target, &mut progress()).await?;
     print_report(&report, &file.display().to_string(), &redact(to));
     for placed in copy_known_hosts(&cfg.daemon.transport.known_hosts, file, Direction::In)? {
@@ -180,7 +180,7 @@ fn same_database(a: &str, b: &str) -> bool {
 
 /// The source, opened for reading only (no migration, nothing written).
 async fn open_source(url: &str) -> anyhow::Result<Db> {
-    match Backend::of(url)? {
+    match backend_of(url)? {
         Backend::Postgres => {
             // Whole-table reads are slow statements by design: not worth a warning each.
             let opts = sqlx::postgres::PgConnectOptions::from_str(url)
@@ -212,9 +212,34 @@ async fn open_source(url: &str) -> anyhow::Result<Db> {
 
 /// The target: created and migrated, locked against a daemon starting on it (SQLite),
 /// refused when a daemon works on it or when it holds rows.
-async fn open_target(url: &str) -> anyhow::Result<(Db, Option<crate::daemon_lock::DaemonLock>)> {
-    let lock = crate::daemon_lock::lock_sqlite(url)
-        .context("a daemon is running on the target database; stop it first")?;
+/// Whether the target is locked against a daemon starting on it while it is written.
+enum Lock {
+    Take,
+    /// A file this command creates: no daemon can be using it, and no lock file is
+    /// left beside a backup.
+    NewFile,
+}
+
+/// The backend of `url`; an unsupported one is named without its password.
+fn backend_of(url: &str) -> anyhow::Result<Backend> {
+    Backend::of(url).map_err(|_| {
+        anyhow::anyhow!(
+            "`{}` is not a database URL nasd uses (sqlite://FILE or postgres://...)",
+            redact(url)
+        )
+    })
+}
+
+async fn open_target(
+    url: &str,
+    lock: Lock,
+) -> anyhow::Result<(Db, Option<crate::daemon_lock::DaemonLock>)> {
+    backend_of(url)?;
+    let lock = match lock {
+        Lock::Take => crate::daemon_lock::lock_sqlite(url)
+            .context("a daemon is running on the target database; stop it first")?,
+        Lock::NewFile => None,
+    };
     let store = crate::store::Store::connect(url, 2)
         .await
         .with_context(|| format!("opening the target {}", redact(url)))?;
@@ -348,6 +373,11 @@ mod tests {
         for (url, want) in cases {
             assert_eq!(redact(url), want);
         }
+        let refused = backend_of("mysql://root:hunter2@db/billing")
+            .expect_err("not a nasd database")
+            .to_string();
+        assert!(refused.contains("mysql://root:***@db/billing"), "{refused}");
+        assert!(!refused.contains("hunter2"), "{refused}");
     }
 
     #[test]
