@@ -1,7 +1,7 @@
 //! The supervisor: every `resync_interval` it rereads the `nas` table and the schemes,
 //! and starts, updates or stops one owner per enabled NAS.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use tokio_util::sync::CancellationToken;
@@ -106,6 +106,9 @@ pub struct Supervisor {
     reported: HashMap<i64, String>,
     /// Owners stopped gracefully, still finishing their in-flight commands.
     stopping: Vec<tokio::task::JoinHandle<()>>,
+    /// The (NAS, epoch) of those owners: removed by their task before it reports them
+    /// stopped.
+    stopping_ids: Arc<Mutex<HashSet<(i64, i64)>>>,
     /// Device pools per NAS, kept while their settings do not change.
     devices: HashMap<i64, (DeviceKey, Device)>,
     /// The same devices, shared with the cluster task (which closes them all when the
@@ -131,6 +134,7 @@ impl Supervisor {
             wakers,
             reported: HashMap::new(),
             stopping: Vec::new(),
+            stopping_ids: Arc::default(),
             devices: HashMap::new(),
             registry,
         }
@@ -366,6 +370,10 @@ impl Supervisor {
                     let device = self.devices.remove(&id).map(|(_, d)| d);
                     let reports = self.link.reports.clone();
                     let (nas_id, epoch) = (r.nas.id, r.epoch);
+                    if let Ok(mut ids) = self.stopping_ids.lock() {
+                        ids.insert((nas_id, epoch));
+                    }
+                    let stopping_ids = self.stopping_ids.clone();
                     // The device closes once the owner has let its in-flight commands
                     // finish, and only then is the NAS reported stopped: the next owner
                     // never finds this daemon's sessions still open.
@@ -374,6 +382,9 @@ impl Supervisor {
                         if let Some(device) = device {
                             device.close().await;
                         }
+                        if let Ok(mut ids) = stopping_ids.lock() {
+                            ids.remove(&(nas_id, epoch));
+                        }
                         let _ = reports.send(Report::Stopped { nas_id, epoch });
                     }));
                     self.reported.remove(&id);
@@ -381,6 +392,18 @@ impl Supervisor {
             }
         }
         self.sync_registry();
+        // A NAS handed over that has no owner here (never started, or already stopped
+        // and reported) is stopped now: without this report the cluster would hold it
+        // forever, serving it nowhere. A second report of one stop is harmless.
+        let running: HashMap<i64, i64> = self.owners.iter().map(|(id, r)| (*id, r.epoch)).collect();
+        let stopping = self
+            .stopping_ids
+            .lock()
+            .map(|ids| ids.clone())
+            .unwrap_or_default();
+        for (nas_id, epoch) in ownerless_handovers(&assignment.handing, &running, &stopping) {
+            let _ = self.link.reports.send(Report::Stopped { nas_id, epoch });
+        }
         if fresh {
             return;
         }
@@ -487,6 +510,24 @@ impl Supervisor {
     }
 }
 
+/// The NAS being handed over (`handing`: NAS -> epoch) that no owner of that epoch
+/// serves here, running or still finishing: they are stopped already. Sorted.
+fn ownerless_handovers(
+    handing: &HashMap<i64, i64>,
+    running: &HashMap<i64, i64>,
+    stopping: &HashSet<(i64, i64)>,
+) -> Vec<(i64, i64)> {
+    let mut out: Vec<(i64, i64)> = handing
+        .iter()
+        .filter(|(id, epoch)| {
+            running.get(id) != Some(epoch) && !stopping.contains(&(**id, **epoch))
+        })
+        .map(|(id, epoch)| (*id, *epoch))
+        .collect();
+    out.sort_unstable();
+    out
+}
+
 /// Whether an owner running with `old` would behave the same with `new`: the same row,
 /// the same scheme text, the same reason to wait (the device is reused exactly when the
 /// row and scheme are the same).
@@ -554,6 +595,21 @@ mod tests {
             vec![Action::Stop(1), Action::Stop(2), Action::Stop(3)]
         );
         assert_eq!(plan(&desired[..1], &[(1, nas(1, 4, true))].into()), vec![]);
+    }
+
+    #[test]
+    fn handovers_without_an_owner_are_stopped_at_once() {
+        let handing: HashMap<i64, i64> = [(2, 1), (4, 1), (12, 3), (7, 5)].into();
+        // NAS 4 runs under epoch 1 (it finishes first); 12 runs under another epoch (not
+        // this handover's owner); 7 is still finishing its in-flight commands; 2 never
+        // got an owner here (taken and handed over before the supervisor started it).
+        let running: HashMap<i64, i64> = [(4, 1), (12, 2), (1, 1)].into();
+        let stopping: HashSet<(i64, i64)> = [(7, 5)].into();
+        assert_eq!(
+            ownerless_handovers(&handing, &running, &stopping),
+            vec![(2, 1), (12, 3)]
+        );
+        assert!(ownerless_handovers(&HashMap::new(), &running, &stopping).is_empty());
     }
 
     #[test]

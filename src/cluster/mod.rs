@@ -111,6 +111,10 @@ pub struct Assignment {
     /// Owners no longer in `serve` stop at once, abandoning what is in flight: the
     /// lease was lost. Otherwise they finish in-flight commands first (handover).
     pub hard_stop: bool,
+    /// NAS being handed over (NAS id -> epoch): the supervisor reports each stopped as
+    /// soon as no owner of it runs, also when it never started one (a NAS taken and
+    /// handed over again before the supervisor got to it).
+    pub handing: HashMap<i64, i64>,
 }
 
 /// The enabled NAS (id, ip) as the supervisor last read them; None before its first
@@ -270,6 +274,7 @@ pub async fn join(
     let (assignment_tx, assignment_rx) = watch::channel(Arc::new(Assignment {
         serve: Some(HashMap::new()),
         hard_stop: false,
+        handing: HashMap::new(),
     }));
     let (reports_tx, reports_rx) = mpsc::unbounded_channel();
     let (nas_tx, nas_rx) = watch::channel(None);
@@ -407,6 +412,11 @@ impl Cluster {
         let next = Assignment {
             serve: Some(serve),
             hard_stop,
+            handing: self
+                .handing
+                .iter()
+                .map(|(id, (epoch, _))| (*id, *epoch))
+                .collect(),
         };
         self.assignment.send_if_modified(|current| {
             if **current == next {
