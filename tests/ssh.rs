@@ -15,9 +15,21 @@ use nasd::transport::{SessionError, Target};
 
 const TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A port for a test server of this binary. Taken from a counter over 20000..30000,
+/// below the kernel's ephemeral range (32768..), so that two servers of this binary
+/// never get the same one and no client connection holds it: with ports from bind(0),
+/// a server could find its port taken by another test's server and the client would
+/// talk to the wrong one (seen once: a fake Cisco switch's login refused by an sshd).
 fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let start = std::process::id() % 10_000;
+    loop {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = 20_000 + ((start + n) % 10_000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 #[allow(clippy::disallowed_methods)] // a synchronous wait on a process outside the runtime
