@@ -94,3 +94,33 @@ if ! "$venv/bin/schemathesis" --version 2>/dev/null | grep -q "4.32.5"; then
     echo "test-setup: installing schemathesis into $venv (fuzzing of the HTTP API)"
     "$venv/bin/pip" install -q schemathesis==4.32.5
 fi
+
+# The operator console's browser tests (tests/console_ui.rs) drive Debian's Chromium in
+# headless mode through its chromedriver; both come from Debian's packages (no browser
+# download). Each test starts its own chromedriver on a free loopback port.
+if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+    echo "test-setup: installing chromium and chromium-driver (console browser tests)"
+    apt_install chromium chromium-driver
+fi
+echo "test-setup: $(/usr/bin/chromium --version 2>/dev/null || echo 'chromium missing'), chromedriver at /usr/bin/chromedriver"
+
+# [billing] tests (tests/billing.rs): a MariaDB server on 127.0.0.1:3306 with root and an
+# empty password over TCP, and mariadb-install-db / mariadbd for the private servers the
+# tests start and kill themselves (the shared server is never stopped by a test).
+if ! command -v mariadbd >/dev/null 2>&1; then
+    echo "test-setup: installing mariadb-server (billing database tests)"
+    apt_install mariadb-server mariadb-client
+fi
+if ! mysql -h 127.0.0.1 -P 3306 -u root -e 'SELECT 1' >/dev/null 2>&1; then
+    $SUDO service mariadb start >/dev/null 2>&1 || ($SUDO mysqld_safe >/dev/null 2>&1 &)
+    for _ in $(seq 1 30); do
+        $SUDO mysqladmin -u root ping >/dev/null 2>&1 && break
+        sleep 1
+    done
+    # Debian's root logs in through the unix socket only: give it the empty password
+    # over TCP as well (test machines only).
+    $SUDO mysql -u root -e "ALTER USER 'root'@'localhost' IDENTIFIED VIA mysql_native_password USING PASSWORD(''); \
+        CREATE USER IF NOT EXISTS 'root'@'127.0.0.1' IDENTIFIED VIA mysql_native_password USING PASSWORD(''); \
+        GRANT ALL PRIVILEGES ON *.* TO 'root'@'127.0.0.1' WITH GRANT OPTION; FLUSH PRIVILEGES" || true
+fi
+echo "test-setup: mariadb $(mysql -h 127.0.0.1 -P 3306 -u root -N -e 'SELECT VERSION()' 2>/dev/null || echo 'not reachable') on 127.0.0.1:3306"

@@ -5,6 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/test-setup.sh
+# cargo-deb for tests/package.rs, which builds, installs and purges the Debian package.
+bash scripts/package.sh --setup
 cargo fmt --all -- --check
 cargo clippy --all-targets --quiet -- -D warnings
 log=$(mktemp)

@@ -57,6 +57,41 @@ async fn descriptor_headroom(cfg: &Config, store: &Store, journal: &Journal) {
     }
 }
 
+/// Opens the `[billing]` database and checks its queries. A query the database refuses
+/// (or a column nasd cannot use) stops the start with the database's message; a
+/// database that does not answer does not: its events wait (the check's error is
+/// returned beside the handle, for the daemon log).
+async fn open_billing(
+    cfg: &crate::config::billing::BillingConfig,
+) -> anyhow::Result<(
+    crate::billing::Billing,
+    Result<Vec<String>, crate::billing::BillingError>,
+)> {
+    let billing = crate::billing::Billing::connect_lazy(cfg)
+        .map_err(|e| anyhow::anyhow!("[billing] {}: {e}", cfg.shown_url()))?;
+    let checked = match tokio::time::timeout(
+        cfg.connect_timeout + std::time::Duration::from_secs(10),
+        billing.check(),
+    )
+    .await
+    {
+        Ok(Err(e)) if !e.is_unreachable() => {
+            anyhow::bail!("[billing] {}: {e}", cfg.shown_url());
+        }
+        Ok(checked) => checked,
+        Err(_) => Err(crate::billing::BillingError::Unreachable(
+            "no answer to the check of the queries".into(),
+        )),
+    };
+    if let Err(e) = &checked {
+        tracing::warn!(
+            "[billing] {}: {e}; events wait until it answers",
+            cfg.shown_url()
+        );
+    }
+    Ok((billing, checked))
+}
+
 /// Runs the daemon until `shutdown` is cancelled; then stops claiming, lets in-flight
 /// commands finish within the grace period and releases the rest.
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -92,6 +127,10 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
     // Before anything else: a second daemon on the same SQLite file stops here.
     let sqlite_lock = crate::daemon_lock::lock_sqlite(&cfg.database.url)?;
     let store = open_store(&cfg).await?;
+    let billing = match &cfg.billing {
+        Some(billing_cfg) => Some(open_billing(billing_cfg).await?),
+        None => None,
+    };
     let running_store = store.clone();
     let journal = Journal::open_with(&cfg.daemon.log_dir, &cfg.log)
         .with_context(|| format!("opening log_dir {}", cfg.daemon.log_dir.display()))?;
@@ -104,7 +143,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         "nasd {} started: database {}, schemes {}, resync every {}, api {}",
         env!("CARGO_PKG_VERSION"),
         store.backend_name(),
-        cfg.daemon.schemes_dir.display(),
+        cfg.daemon.schemes_shown(),
         crate::duration::format_duration(cfg.daemon.resync_interval),
         api_addr.map_or("off".to_string(), |a| format!("on http://{a}"))
     ));
@@ -125,6 +164,22 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         }
         None => (crate::alerts::Alerts::off(), None),
     };
+    let billing = billing.map(|(billing, checked)| {
+        let shown_url = billing.config().shown_url();
+        match checked {
+            Ok(lines) => {
+                for line in lines {
+                    journal.daemon(&format!("{line} (checked on {shown_url})"));
+                }
+            }
+            Err(e) => journal.daemon(&format!(
+                "billing database {shown_url} could not be checked at start ({e}); events wait until it answers"
+            )),
+        }
+        let health =
+            crate::billing::Health::new(journal.clone(), stats.clone(), alerts.clone(), shown_url);
+        (billing, health)
+    });
     // Every PostgreSQL daemon is a member of the cluster (of one, when alone); SQLite
     // is one daemon and serves every NAS.
     let identity = crate::cluster::Identity::new(&cfg.cluster, api_addr.map(|a| a.to_string()));
@@ -155,6 +210,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
             None,
         ),
     };
+    let resync = Arc::new(tokio::sync::Notify::new());
     let shared = Arc::new(Shared {
         store: store.clone(),
         journal: journal.clone(),
@@ -163,6 +219,18 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         alerts,
         batches: crate::dispatch::batch::Batches::start(store.clone(), cfg.daemon.lease),
         fence,
+        resync: resync.clone(),
+    });
+    let wakers: Wakers = Arc::new(Mutex::new(HashMap::new()));
+    // The console's recent history: one sampler per daemon, whatever the open pages.
+    let series = crate::series::Series::new();
+    let sampler = cfg.api.as_ref().map(|_| {
+        tokio::spawn(crate::series::run(
+            series.clone(),
+            stats.clone(),
+            store.clone(),
+            shutdown.clone(),
+        ))
     });
     let api = match (listener, &cfg.api) {
         (Some(listener), Some(api_cfg)) => {
@@ -171,6 +239,26 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
                 stats: stats.clone(),
                 cfg: api_cfg.clone(),
                 daemon_id: daemon_id.clone(),
+                console: crate::api::console::Console {
+                    sessions: Default::default(),
+                    series: series.clone(),
+                    journal: Some(journal.clone()),
+                    probe_owner: Some({
+                        let wakers = wakers.clone();
+                        Box::new(move |nas_id| {
+                            let Ok(map) = wakers.lock() else {
+                                return false;
+                            };
+                            map.get(&nas_id).map(|o| o.probe_now()).is_some()
+                        })
+                    }),
+                    resync: Some(resync.clone()),
+                    daemon: Some(cfg.daemon.clone()),
+                    params_query: cfg.database.params_query.clone(),
+                    billing: billing.as_ref().map(|(b, _)| b.clone()),
+                    shutdown: shutdown.clone(),
+                    stack: Default::default(),
+                },
             });
             Some(tokio::spawn(crate::api::serve(
                 listener,
@@ -184,7 +272,6 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
     let history = cfg.history.clone();
     let supervisor_id = daemon_id.clone();
     let join = tokio::spawn(async move {
-        let wakers: Wakers = Arc::new(Mutex::new(HashMap::new()));
         let expander = crate::expand::Expander {
             store: shared.store.clone(),
             journal: shared.journal.clone(),
@@ -192,7 +279,20 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
             batch: shared.cfg.expand_batch,
             poll: shared.cfg.poll_interval,
             listen: cfg.database.listen,
+            billing: billing.clone(),
         };
+        // `[billing] events_table` / `events_query`: events from the billing's own table.
+        let source = billing.as_ref().and_then(|(billing, health)| {
+            billing.config().events.as_ref()?;
+            Some(tokio::spawn(crate::billing::source::run(
+                crate::billing::source::Source {
+                    store: shared.store.clone(),
+                    billing: billing.clone(),
+                    health: health.clone(),
+                },
+                shutdown.clone(),
+            )))
+        });
         let owners = wakers.clone();
         let wake = move |wake: crate::expand::Wake<'_>| {
             let Ok(w) = owners.lock() else {
@@ -229,7 +329,16 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
             let _ = task.await;
         }
         let _ = expander.await;
+        if let Some(source) = source {
+            let _ = source.await;
+        }
+        if let Some((billing, _)) = &billing {
+            billing.close().await;
+        }
         let _ = pruner.await;
+        if let Some(sampler) = sampler {
+            let _ = sampler.await;
+        }
         if let Some(api) = api {
             let _ = api.await;
         }

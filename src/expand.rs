@@ -6,13 +6,21 @@
 //! callback wakes those owners that have not read that far. Idle owners keep no timer
 //! and make no query of their own, so an idle daemon's queries do not grow with the
 //! number of NAS.
+//!
+//! With `[billing]` the variables come from the billing database: the users of the next
+//! batch are read first, their variables looked up in the billing (outside nasd's
+//! transaction), then the batch is expanded with them. While the billing database does
+//! not answer the compact rows stay where they are (events wait, nothing fails), the
+//! outage is logged, shown by `/status` and alerted, and the expander tries again with
+//! a growing pause until it answers.
 
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::billing::{Billing, BillingError, Health, Part};
 use crate::journal::Journal;
-use crate::store::Store;
+use crate::store::{ExpandReport, Store, StoreError};
 
 /// What the expander needs: where the stacks are, where to report, how much to move
 /// per statement and how often to look when nothing announces work.
@@ -28,6 +36,35 @@ pub struct Expander {
     /// PostgreSQL: LISTEN for the compact stack's NOTIFY (`[database] listen`). Off, no
     /// LISTEN connection is opened and the poll alone finds new events.
     pub listen: bool,
+    /// `[billing]`: the billing database the variables come from instead of
+    /// `params_query` on nasd's own database, and where its outages are reported.
+    pub billing: Option<(Billing, Health)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ExpandError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Billing(#[from] BillingError),
+}
+
+/// One expansion of up to `batch` rows, the variables from `params_query` on nasd's
+/// database or, with `[billing]`, looked up in the billing database first.
+async fn expand_once(
+    store: &Store,
+    params_query: &str,
+    billing: Option<&Billing>,
+    batch: i64,
+) -> Result<ExpandReport, ExpandError> {
+    let Some(billing) = billing else {
+        return Ok(store.expand(params_query, batch).await?);
+    };
+    let Some((users, up_to)) = store.compact_users(batch).await? else {
+        return Ok(ExpandReport::default());
+    };
+    let params = billing.params(&users).await?;
+    Ok(store.expand_given(&params, up_to, batch).await?)
 }
 
 /// Whom to wake, as the expander reports it.
@@ -54,7 +91,10 @@ pub async fn run(expander: Expander, wake: impl Fn(Wake<'_>) + Send, shutdown: C
         batch,
         poll,
         listen,
+        billing,
     } = expander;
+    // Failures of the billing database in a row (each doubles the pause, up to 10 s).
+    let mut billing_failures = 0u32;
     let mut listener = None;
     // Cleared for good when the connection turns out not to be a server session of its
     // own (a pooler in transaction mode): LISTEN cannot work there until a restart with
@@ -86,8 +126,19 @@ pub async fn run(expander: Expander, wake: impl Fn(Wake<'_>) + Send, shutdown: C
                 Err(e) => tracing::debug!("listening for new compact events: {e}"),
             }
         }
-        let full = match store.expand(&params_query, batch).await {
+        let full = match expand_once(
+            &store,
+            &params_query,
+            billing.as_ref().map(|(b, _)| b),
+            batch,
+        )
+        .await
+        {
             Ok(report) => {
+                if let Some((_, health)) = &billing {
+                    billing_failures = 0;
+                    health.ok(Part::Params);
+                }
                 if report.failed > 0 {
                     journal.daemon(&format!(
                         "{} compact event(s) could not be expanded and went to events_history as failed (see its error column)",
@@ -105,7 +156,23 @@ pub async fn run(expander: Expander, wake: impl Fn(Wake<'_>) + Send, shutdown: C
                 }
                 (report.expanded + report.failed) as i64 >= batch
             }
-            Err(e) => {
+            Err(ExpandError::Billing(e)) => {
+                // The compact rows stay: the events wait for the billing database.
+                let pause = match &billing {
+                    Some((_, health)) => {
+                        health.failed(Part::Params, &e);
+                        billing_failures = billing_failures.saturating_add(1);
+                        crate::billing::backoff(billing_failures)
+                    }
+                    None => Duration::from_secs(1),
+                };
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(pause) => {}
+                }
+                continue;
+            }
+            Err(ExpandError::Store(e)) => {
                 tracing::warn!("expanding compact events: {e}");
                 tokio::select! {
                     _ = shutdown.cancelled() => return,

@@ -4,6 +4,7 @@
 
 pub mod alerts;
 pub mod api;
+pub mod billing;
 pub mod cli;
 pub mod cluster;
 pub mod config;
@@ -14,9 +15,11 @@ pub mod duration;
 pub mod expand;
 pub mod journal;
 pub mod limits;
+pub mod manual;
 pub mod model;
 pub mod prune;
 pub mod scheme;
+pub mod series;
 pub mod sim;
 pub mod stats;
 pub mod store;

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory as _, Parser};
 use nasd::config::Config;
 use nasd::journal::LogFormat;
 
@@ -24,6 +24,16 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let nasd::cli::Command::Generate(args) = &cli.command {
+        // Man pages and completions from the clap definitions; needs no config.
+        return match nasd::cli::generate::run(Cli::command(), args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("nasd: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let cfg = match Config::load(cli.config.as_deref()) {
         Ok(cfg) => cfg,
         Err(e) => {

@@ -55,6 +55,8 @@ pub struct Nas {
     pub host_key: Option<String>,
     /// SSH: also offer legacy key exchange and ciphers (old Cisco IOS, old RouterOS).
     pub legacy_crypto: bool,
+    /// Paused by an operator (console): the NAS keeps its queue but is sent nothing.
+    pub paused: bool,
 }
 
 impl Nas {
@@ -77,6 +79,7 @@ impl Nas {
             host_key_policy: "strict".to_string(),
             host_key: None,
             legacy_crypto: false,
+            paused: false,
         }
     }
 

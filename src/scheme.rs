@@ -599,43 +599,28 @@ impl SchemeSet {
     /// Loads every subdirectory of `dir` containing scheme.toml. A broken scheme does not
     /// stop the others: it is returned in the error list.
     pub fn load_dir(dir: &Path) -> (SchemeSet, Vec<SchemeError>) {
+        SchemeSet::load_dirs(&[dir.to_path_buf()])
+    }
+
+    /// Loads the schemes of several directories (`[daemon] schemes_dir` as a list): a
+    /// scheme name is taken from the first directory that has it, even when that copy
+    /// is broken (it is reported, and the later copy is not used in its place), so an
+    /// operator's scheme in /etc/nasd/schemes hides the packaged one of the same name.
+    pub fn load_dirs(dirs: &[PathBuf]) -> (SchemeSet, Vec<SchemeError>) {
         let mut set = SchemeSet::empty();
         let mut errors = Vec::new();
-        let entries = match std::fs::read_dir(dir) {
-            Ok(entries) => entries,
-            Err(e) => {
-                errors.push(SchemeError::Dir {
-                    dir: dir.to_path_buf(),
-                    message: format!("cannot read: {e}"),
-                });
-                return (set, errors);
-            }
-        };
-        let mut dirs = Vec::new();
-        for entry in entries {
-            match entry {
-                Ok(entry) => {
-                    let path = entry.path();
-                    // Hidden directories are editor or VCS leftovers, not schemes.
-                    let hidden = entry.file_name().to_string_lossy().starts_with('.');
-                    if !hidden && path.is_dir() && path.join(SCHEME_FILE).exists() {
-                        dirs.push(path);
+        let mut taken = HashSet::new();
+        for dir in dirs {
+            for path in scheme_dirs_in(dir, &mut errors) {
+                if !taken.insert(scheme_name(&path)) {
+                    continue;
+                }
+                match Scheme::load(&path) {
+                    Ok(scheme) => {
+                        set.insert(scheme);
                     }
+                    Err(e) => errors.push(e),
                 }
-                Err(e) => errors.push(SchemeError::Dir {
-                    dir: dir.to_path_buf(),
-                    message: format!("cannot read an entry: {e}"),
-                }),
-            }
-        }
-        // Sorted so that errors come out in the same order on every reload.
-        dirs.sort();
-        for path in dirs {
-            match Scheme::load(&path) {
-                Ok(scheme) => {
-                    set.insert(scheme);
-                }
-                Err(e) => errors.push(e),
             }
         }
         (set, errors)
@@ -669,6 +654,40 @@ impl SchemeSet {
     pub fn is_empty(&self) -> bool {
         self.schemes.is_empty()
     }
+}
+
+/// The subdirectories of `dir` holding a scheme.toml, sorted (so that errors come out
+/// in the same order on every reload); what cannot be read is added to `errors`.
+fn scheme_dirs_in(dir: &Path, errors: &mut Vec<SchemeError>) -> Vec<PathBuf> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) => {
+            errors.push(SchemeError::Dir {
+                dir: dir.to_path_buf(),
+                message: format!("cannot read: {e}"),
+            });
+            return Vec::new();
+        }
+    };
+    let mut dirs = Vec::new();
+    for entry in entries {
+        match entry {
+            Ok(entry) => {
+                let path = entry.path();
+                // Hidden directories are editor or VCS leftovers, not schemes.
+                let hidden = entry.file_name().to_string_lossy().starts_with('.');
+                if !hidden && path.is_dir() && path.join(SCHEME_FILE).exists() {
+                    dirs.push(path);
+                }
+            }
+            Err(e) => errors.push(SchemeError::Dir {
+                dir: dir.to_path_buf(),
+                message: format!("cannot read an entry: {e}"),
+            }),
+        }
+    }
+    dirs.sort();
+    dirs
 }
 
 /// Escapes `value` so that the device reads it back as exactly one argument equal to
@@ -1809,6 +1828,43 @@ user_del = ["/c {{ ip }}"]
             "{}",
             errors[0]
         );
+    }
+
+    #[test]
+    fn the_first_dir_holding_a_scheme_name_wins() {
+        let etc = tempfile::tempdir().expect("tempdir");
+        let share = tempfile::tempdir().expect("tempdir");
+        let scheme = |cmd: &str| format!("transport = \"null\"\n[commands]\n{cmd} = [\"x\"]\n");
+        write_scheme(share.path(), "packaged", &scheme("user_add"));
+        write_scheme(share.path(), "edited", &scheme("user_add"));
+        write_scheme(share.path(), "broken-override", &scheme("user_add"));
+        write_scheme(etc.path(), "edited", &scheme("user_del"));
+        write_scheme(
+            etc.path(),
+            "broken-override",
+            "transport = \"null\"\ntimout = 1\n",
+        );
+        write_scheme(etc.path(), "local", &scheme("user_add"));
+        let dirs = [etc.path().to_path_buf(), share.path().to_path_buf()];
+        let (set, errors) = SchemeSet::load_dirs(&dirs);
+        assert_eq!(set.names(), vec!["edited", "local", "packaged"]);
+        let edited = set.get("edited").expect("edited");
+        assert!(edited.defines("user_del") && !edited.defines("user_add"));
+        assert_eq!(edited.dir, etc.path().join("edited"));
+        assert_eq!(
+            set.get("packaged").expect("packaged").dir,
+            share.path().join("packaged")
+        );
+        // A broken override is reported and not replaced by the packaged copy.
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].scheme(), Some("broken-override"));
+        assert!(set.get("broken-override").is_none());
+        // A missing directory is reported; the others still load.
+        let missing = etc.path().join("missing");
+        let (set, errors) = SchemeSet::load_dirs(&[missing, share.path().to_path_buf()]);
+        assert_eq!(set.len(), 3);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].scheme(), None);
     }
 
     #[test]

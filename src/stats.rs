@@ -277,6 +277,8 @@ pub struct Stats {
     pub api_enqueued: AtomicI64,
     /// The daemon's log files: which cannot be written, lines dropped.
     journal: OnceLock<JournalHealth>,
+    /// `[billing]`: what is wrong with the billing database now, per part.
+    billing: std::sync::Mutex<std::collections::BTreeMap<&'static str, String>>,
 }
 
 impl Stats {
@@ -296,6 +298,21 @@ impl Stats {
             .get()
             .map(|h| h.status(max_listed))
             .unwrap_or_default()
+    }
+
+    /// Sets (or clears, with None) what is wrong with one part of the billing database.
+    pub fn set_billing_problem(&self, part: &'static str, problem: Option<String>) {
+        let mut map = self.billing.lock().unwrap_or_else(|p| p.into_inner());
+        match problem {
+            Some(text) => map.insert(part, text),
+            None => map.remove(part),
+        };
+    }
+
+    /// What is wrong with the billing database now, one line per part.
+    pub fn billing_problems(&self) -> Vec<String> {
+        let map = self.billing.lock().unwrap_or_else(|p| p.into_inner());
+        map.values().cloned().collect()
     }
 
     /// The figures of a NAS, created on first use. Kept after its owner stops so that

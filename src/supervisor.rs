@@ -22,11 +22,11 @@ pub enum Action {
     Stop(i64),
 }
 
-/// Desired (the table) against running (the settings each owner has now). Disabled NAS
-/// are not desired. Pure, so it is table-tested.
+/// Desired (the table) against running (the settings each owner has now). Disabled and
+/// paused NAS are not desired. Pure, so it is table-tested.
 pub fn plan(desired: &[Nas], running: &HashMap<i64, Nas>) -> Vec<Action> {
     let mut actions = Vec::new();
-    for nas in desired.iter().filter(|n| n.enabled) {
+    for nas in desired.iter().filter(|n| n.enabled && !n.paused) {
         match running.get(&nas.id) {
             None => actions.push(Action::Start(nas.id)),
             Some(old) if old != nas => {
@@ -37,7 +37,11 @@ pub fn plan(desired: &[Nas], running: &HashMap<i64, Nas>) -> Vec<Action> {
     }
     let mut stopped: Vec<i64> = running
         .keys()
-        .filter(|id| !desired.iter().any(|n| n.id == **id && n.enabled))
+        .filter(|id| {
+            !desired
+                .iter()
+                .any(|n| n.id == **id && n.enabled && !n.paused)
+        })
         .copied()
         .collect();
     stopped.sort_unstable();
@@ -170,7 +174,7 @@ impl Supervisor {
         let Some(scheme) = schemes.get(&name) else {
             runtime.unavailable = Some(format!(
                 "scheme {name} not found (or broken) under {}",
-                self.shared.cfg.schemes_dir.display()
+                self.shared.cfg.schemes_shown()
             ));
             return runtime;
         };
@@ -202,7 +206,10 @@ impl Supervisor {
 
     fn oss_pathname(&self, nas: &Nas) -> String {
         match &nas.scheme {
-            Some(s) => self.shared.cfg.schemes_dir.join(s).display().to_string(),
+            Some(s) => match self.schemes.get(s) {
+                Some(scheme) => scheme.dir.display().to_string(),
+                None => self.shared.cfg.schemes_dir.join(s).display().to_string(),
+            },
             None => "<null>".into(),
         }
     }
@@ -218,7 +225,7 @@ impl Supervisor {
                 return;
             }
         };
-        let (schemes, errors) = SchemeSet::load_dir(&self.shared.cfg.schemes_dir);
+        let (schemes, errors) = SchemeSet::load_dirs(&self.shared.cfg.schemes_dirs());
         for e in &errors {
             tracing::warn!("{e}");
         }
@@ -267,7 +274,7 @@ impl Supervisor {
         let desired: Vec<Nas> = self
             .last_nas
             .iter()
-            .filter(|n| n.enabled && Self::served(&assignment, n.id).is_some())
+            .filter(|n| n.enabled && !n.paused && Self::served(&assignment, n.id).is_some())
             .cloned()
             .collect();
         let running: HashMap<i64, Nas> = self
@@ -354,10 +361,11 @@ impl Supervisor {
                     let Some(r) = self.owners.remove(&id) else {
                         continue;
                     };
-                    let why = if self.last_nas.iter().any(|n| n.id == id && n.enabled) {
-                        "handed over"
-                    } else {
-                        "removed or disabled"
+                    let now = self.last_nas.iter().find(|n| n.id == id);
+                    let why = match now {
+                        Some(n) if n.enabled && n.paused => "paused by an operator",
+                        Some(n) if n.enabled => "handed over",
+                        _ => "removed or disabled",
                     };
                     journal.daemon(&format!(
                         "Stop work with nas nasid={} nas_ip={} ({why}; in-flight commands finish first)",
@@ -502,6 +510,9 @@ impl Supervisor {
                         self.apply(true).await;
                     }
                 }
+                _ = self.shared.resync.notified() => {
+                    next_resync = tokio::time::Instant::now();
+                }
                 _ = tokio::time::sleep_until(wake) => {}
             }
         }
@@ -565,6 +576,7 @@ mod tests {
             host_key_policy: "strict".into(),
             host_key: None,
             legacy_crypto: false,
+            paused: false,
         }
     }
 

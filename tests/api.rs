@@ -93,7 +93,11 @@ impl Daemon {
 fn api_config() -> ApiConfig {
     ApiConfig {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        tokens: vec![Secret::new(TOKEN)],
+        tokens: vec![nasd::config::ApiToken {
+            name: "test".into(),
+            role: nasd::config::Role::Admin,
+            secret: Secret::new(TOKEN),
+        }],
         ..ApiConfig::default()
     }
 }
@@ -427,6 +431,7 @@ async fn billing_filter_and_get_on_both_models(backend: Backend) {
         stats: nasd::stats::Stats::new(),
         cfg: api_config(),
         daemon_id: "api-only".into(),
+        console: nasd::api::console::Console::detached(),
     });
     let listener = nasd::api::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
         .await
@@ -1190,7 +1195,7 @@ async fn schemathesis_finds_no_server_error(backend: Backend) {
     eprintln!("{text}");
     assert!(out.status.success(), "schemathesis failed:\n{text}");
     assert!(
-        text.contains("Tested: 14"),
+        text.contains("Tested: 28"),
         "every operation was tested:\n{text}"
     );
     assert!(!text.contains(TOKEN), "the token is not echoed back");

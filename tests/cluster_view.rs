@@ -35,7 +35,11 @@ fn config(env: &TestEnv, name: &str) -> Config {
     cfg.cluster.heartbeat = Duration::from_millis(200);
     cfg.api = Some(ApiConfig {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        tokens: vec![Secret::new("cluster-view-token-7d2e91")],
+        tokens: vec![nasd::config::ApiToken {
+            name: "test".into(),
+            role: nasd::config::Role::Admin,
+            secret: Secret::new("cluster-view-token-7d2e91"),
+        }],
         ..ApiConfig::default()
     });
     cfg.validate().expect("config");

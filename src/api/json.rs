@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use axum::Extension;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, RawQuery, State};
@@ -17,7 +18,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
-use super::{ApiError, ApiState, EventInput, json_response};
+use super::{ApiError, ApiState, Caller, EventInput, json_response};
 use crate::stats::NasSnapshot;
 use crate::store::cluster::{Member, NasOwner};
 use crate::store::{CancelOutcome, Nas, RetryOutcome, Store, StoreError};
@@ -97,11 +98,13 @@ pub struct Batch {
 
 pub async fn enqueue_one(
     State(state): State<Arc<ApiState>>,
+    caller: Option<Extension<Caller>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
     let input: EventInput = json_body(&headers, body)?;
     let event = input.validate().map_err(ApiError::bad_request)?;
+    let what = format!("{} user_id={}", event.cmd, event.user_id);
     let ids = state
         .store
         .enqueue_compact(&[event])
@@ -109,6 +112,13 @@ pub async fn enqueue_one(
         .map_err(ApiError::store)?;
     state.stats.api_enqueued.fetch_add(1, Ordering::Relaxed);
     let id = ids.first().copied().unwrap_or_default();
+    // An operator's enqueue from the console is an action of theirs; billing's own
+    // enqueues (tokens, the compatible endpoint) are the normal flow, not audited.
+    if let Some(Extension(caller)) = caller
+        && caller.session
+    {
+        super::console::audit(&state, &caller, "enqueue", &format!("event {id}"), &what, 1).await;
+    }
     Ok(json_response(
         StatusCode::CREATED,
         &json!({ "id": id, "status_url": format!("/api/v1/events/{id}") }),
@@ -166,13 +176,28 @@ pub async fn event_status(State(state): State<Arc<ApiState>>, Path(id): Path<Str
     }
 }
 
-pub async fn retry(State(state): State<Arc<ApiState>>, Path(id): Path<String>) -> ApiResult {
+pub async fn retry(
+    State(state): State<Arc<ApiState>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> ApiResult {
     let id = parse_id("event id", &id)?;
     match state.store.retry_event(id).await.map_err(ApiError::store)? {
-        RetryOutcome::Enqueued(new_id) => Ok(json_response(
-            StatusCode::CREATED,
-            &json!({ "id": new_id, "retry_of": id, "status_url": format!("/api/v1/events/{new_id}") }),
-        )),
+        RetryOutcome::Enqueued(new_id) => {
+            super::console::audit(
+                &state,
+                &caller,
+                "retry",
+                &format!("event {id}"),
+                &format!("new event {new_id}"),
+                1,
+            )
+            .await;
+            Ok(json_response(
+                StatusCode::CREATED,
+                &json!({ "id": new_id, "retry_of": id, "status_url": format!("/api/v1/events/{new_id}") }),
+            ))
+        }
         RetryOutcome::NotFound => Err(ApiError::not_found(format!("event {id} does not exist"))),
         RetryOutcome::NotFailed(state) => Err(ApiError::conflict(format!(
             "event {id} is {state}: only failed events can be retried"
@@ -183,7 +208,11 @@ pub async fn retry(State(state): State<Arc<ApiState>>, Path(id): Path<String>) -
     }
 }
 
-pub async fn cancel(State(state): State<Arc<ApiState>>, Path(id): Path<String>) -> ApiResult {
+pub async fn cancel(
+    State(state): State<Arc<ApiState>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> ApiResult {
     let id = parse_id("event id", &id)?;
     match state
         .store
@@ -191,7 +220,10 @@ pub async fn cancel(State(state): State<Arc<ApiState>>, Path(id): Path<String>) 
         .await
         .map_err(ApiError::store)?
     {
-        CancelOutcome::Cancelled(st) => Ok(json_response(StatusCode::OK, &to_value(&*st))),
+        CancelOutcome::Cancelled(st) => {
+            super::console::audit(&state, &caller, "cancel", &format!("event {id}"), "", 1).await;
+            Ok(json_response(StatusCode::OK, &to_value(&*st)))
+        }
         CancelOutcome::NotFound => Err(ApiError::not_found(format!("event {id} does not exist"))),
         CancelOutcome::NotCancellable(state) => Err(ApiError::conflict(format!(
             "event {id} is {state}: only queued or retrying events can be cancelled"
@@ -230,7 +262,9 @@ pub async fn account_events(
 }
 
 pub async fn stack_counts(State(state): State<Arc<ApiState>>) -> ApiResult {
-    let c = state.store.stack_count().await.map_err(ApiError::store)?;
+    let (read_at, c) = super::console::stack_counts(&state)
+        .await
+        .map_err(ApiError::store)?;
     let age = c
         .oldest
         .map(|t| (Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0);
@@ -243,6 +277,8 @@ pub async fn stack_counts(State(state): State<Arc<ApiState>>) -> ApiResult {
             "by_nas": c.by_nas.iter().map(|(nas, n)| json!({"nas_id": nas, "count": n})).collect::<Vec<_>>(),
             "oldest_event_at": c.oldest,
             "oldest_event_age_seconds": age,
+            "read_at": read_at,
+            "cache_seconds": super::console::STACK_CACHE.as_secs(),
         }),
     ))
 }
@@ -409,6 +445,8 @@ pub fn nas_info(
         "name": nas.name,
         "ip": nas.ip,
         "enabled": nas.enabled,
+        "paused": nas.paused,
+        "settings": settings(nas),
         "scheme": nas.scheme,
         "script_name": nas.script_name,
         "pool_size": nas.n_workers,
@@ -432,16 +470,39 @@ pub fn nas_info(
     })
 }
 
+/// A NAS's settings as the console shows them: secrets only as set or not.
+pub fn settings(nas: &Nas) -> Value {
+    let masked = |s: &Option<crate::model::Secret>| s.as_ref().map(|_| "••••");
+    json!({
+        "protocol": nas.protocol,
+        "port": nas.port,
+        "login": nas.login,
+        "password": masked(&nas.password),
+        "secret": masked(&nas.secret),
+        "n_workers": nas.n_workers,
+        "max_sessions": nas.max_sessions,
+        "enabled": nas.enabled,
+        "paused": nas.paused,
+        "scheme": nas.scheme,
+        "script_name": nas.script_name,
+    })
+}
+
 async fn nas_values(state: &ApiState) -> Result<Vec<Value>, ApiError> {
     let list = state.store.nas_list().await.map_err(ApiError::store)?;
-    let queues: HashMap<i64, crate::store::NasQueue> = state
-        .store
-        .queue_by_nas()
-        .await
-        .map_err(ApiError::store)?
-        .into_iter()
-        .map(|q| (q.nas_id, q))
-        .collect();
+    // The console's sampler reads the queues every 10 s: reuse that when it is fresh.
+    let queues: HashMap<i64, crate::store::NasQueue> =
+        match super::console::cached_queue(state, chrono::Duration::seconds(15)) {
+            Some(q) => q,
+            None => state
+                .store
+                .queue_by_nas()
+                .await
+                .map_err(ApiError::store)?
+                .into_iter()
+                .map(|q| (q.nas_id, q))
+                .collect(),
+        };
     let snaps: HashMap<i64, NasSnapshot> = state
         .stats
         .snapshot()

@@ -1,8 +1,11 @@
 //! The HTTP server beside the dispatcher: the billing-compatible REST endpoint
 //! (`/rest_api/v2/...`), the JSON API (`/api/v1/...`, described by `openapi.json`),
-//! `/status` and `/metrics`. Bearer-token auth, JSON errors that name the problem,
-//! a body size limit; stops on the daemon's shutdown token.
+//! `/status`, `/metrics` and the operator console (`/ui`, `console.rs`). Bearer tokens
+//! or the console's session cookie, each with a role (`admin` acts, `read-only` only
+//! reads); cross-site requests refused; JSON errors that name the problem, a body size
+//! limit; stops on the daemon's shutdown token.
 
+pub mod console;
 pub mod json;
 pub mod metrics;
 pub mod openapi;
@@ -21,7 +24,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::ApiConfig;
+use crate::config::{ApiConfig, Role};
 use crate::stats::Stats;
 use crate::store::{CompactEvent, Store};
 
@@ -32,6 +35,28 @@ pub struct ApiState {
     pub cfg: ApiConfig,
     /// This daemon's id in the cluster (`[cluster] name` or `<hostname>:<pid>`).
     pub daemon_id: String,
+    /// The console's sessions, recent series and the daemon's handles it acts through.
+    pub console: console::Console,
+}
+
+/// Who made a request: a token's name and role, or `anonymous` (an admin) where no
+/// token is needed. Handlers find it in the request's extensions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub name: String,
+    pub role: Role,
+    /// Came with the console's session cookie (not a bearer token).
+    pub session: bool,
+}
+
+impl Caller {
+    pub fn anonymous() -> Caller {
+        Caller {
+            name: "anonymous".into(),
+            role: Role::Admin,
+            session: false,
+        }
+    }
 }
 
 /// An error answer: a status and a lowercase message naming the problem, sent as
@@ -99,8 +124,32 @@ pub fn router(state: Arc<ApiState>) -> Router {
             post(rest_compat::handle).fallback(rest_compat::method_not_allowed),
         )
         .route("/api/v1/openapi.json", get(openapi::handle))
-        .route("/api/v1/events", post(json::enqueue_one))
         .route("/api/v1/events/batch", post(json::enqueue_batch))
+        .route("/ui", get(console::index))
+        .route("/ui/", get(console::index))
+        .route("/ui/app.js", get(console::app_js))
+        .route("/ui/app.css", get(console::app_css))
+        .route("/ui/favicon.svg", get(console::favicon))
+        .route("/ui/login", post(console::login))
+        .route("/ui/logout", post(console::logout))
+        .route("/api/v1/whoami", get(console::whoami))
+        .route("/api/v1/overview", get(console::overview_handle))
+        .route("/api/v1/live", get(console::live))
+        .route("/api/v1/series", get(console::series_all))
+        .route("/api/v1/nas/{id}/series", get(console::series_nas))
+        .route("/api/v1/nas/{id}/log", get(console::nas_log))
+        .route("/api/v1/nas/{id}/pause", post(console::pause))
+        .route("/api/v1/nas/{id}/resume", post(console::resume))
+        .route("/api/v1/nas/{id}/probe", post(console::probe))
+        .route("/api/v1/nas/{id}/send", post(console::send))
+        .route(
+            "/api/v1/events",
+            get(console::events).post(json::enqueue_one),
+        )
+        .route("/api/v1/events/retry", post(console::bulk_retry))
+        .route("/api/v1/events/cancel", post(console::bulk_cancel))
+        .route("/api/v1/accounts", get(console::accounts))
+        .route("/api/v1/audit", get(console::audit_list))
         .route("/api/v1/events/{id}", get(json::event_status))
         .route("/api/v1/events/{id}/retry", post(json::retry))
         .route("/api/v1/events/{id}/cancel", post(json::cancel))
@@ -162,7 +211,7 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn check_token(cfg: &ApiConfig, headers: &HeaderMap) -> Result<(), &'static str> {
+fn check_token(cfg: &ApiConfig, headers: &HeaderMap) -> Result<Caller, &'static str> {
     let Some(value) = headers.get(header::AUTHORIZATION) else {
         return Err("missing bearer token (send Authorization: Bearer <token>)");
     };
@@ -172,25 +221,93 @@ fn check_token(cfg: &ApiConfig, headers: &HeaderMap) -> Result<(), &'static str>
     }) else {
         return Err("authorization header is not `Bearer <token>`");
     };
-    let given = given.trim().as_bytes();
-    // Check every token so the time taken does not say which one nearly matched.
-    let ok = cfg.tokens.iter().fold(false, |ok, t| {
-        same_secret(t.expose().as_bytes(), given) | ok
-    });
-    if ok {
-        Ok(())
-    } else {
-        Err("invalid bearer token")
+    match token_caller(cfg, given.trim()) {
+        Some(caller) => Ok(caller),
+        None => Err("invalid bearer token"),
     }
 }
 
-async fn auth(State(state): State<Arc<ApiState>>, req: Request, next: Next) -> Response {
+/// The token `given` names, compared with every token so the time taken does not say
+/// which one nearly matched.
+pub fn token_caller(cfg: &ApiConfig, given: &str) -> Option<Caller> {
+    let given = given.as_bytes();
+    let found = cfg.tokens.iter().fold(None, |found, t| {
+        if same_secret(t.secret.expose().as_bytes(), given) {
+            Some(t)
+        } else {
+            found
+        }
+    });
+    found.map(|t| Caller {
+        name: t.name.clone(),
+        role: t.role,
+        session: false,
+    })
+}
+
+/// Whether a request changes something (and so needs an admin and same-origin).
+fn is_action(method: &axum::http::Method) -> bool {
+    !matches!(
+        *method,
+        axum::http::Method::GET | axum::http::Method::HEAD | axum::http::Method::OPTIONS
+    )
+}
+
+fn refused(status: StatusCode, why: String) -> Response {
+    json_response(status, &serde_json::json!({ "error": why }))
+}
+
+async fn auth(State(state): State<Arc<ApiState>>, mut req: Request, next: Next) -> Response {
     let path = req.uri().path().to_string();
-    if !needs_token(&state.cfg, &path) {
+    let action = is_action(req.method());
+    // A browser on another site can make a page send requests here (a form, fetch):
+    // whatever credentials come with it, an action from a foreign origin is refused.
+    if action && let Err(why) = console::same_origin(req.headers()) {
+        return refused(StatusCode::FORBIDDEN, why);
+    }
+    if console::is_public(&path) || !needs_token(&state.cfg, &path) {
+        let caller = if state.cfg.tokens.is_empty() {
+            Caller::anonymous()
+        } else {
+            // An open endpoint: whoever it is, known by a token or a session if given.
+            console::session_caller(&state, req.headers())
+                .map(|(c, _)| c)
+                .unwrap_or_else(Caller::anonymous)
+        };
+        req.extensions_mut().insert(caller);
         return next.run(req).await;
     }
-    match check_token(&state.cfg, req.headers()) {
-        Ok(()) => next.run(req).await,
+    let found = if req.headers().contains_key(header::AUTHORIZATION) {
+        check_token(&state.cfg, req.headers()).map(|c| (c, None))
+    } else {
+        console::session_caller(&state, req.headers()).ok_or(
+            "missing bearer token (send Authorization: Bearer <token>) or console session \
+             (log in at /ui)",
+        )
+    };
+    match found {
+        Ok((caller, csrf)) => {
+            if action {
+                if let Some(expected) = csrf
+                    && let Err(why) = console::check_csrf(req.headers(), &expected)
+                {
+                    return refused(StatusCode::FORBIDDEN, why);
+                }
+                if caller.role == Role::ReadOnly {
+                    return refused(
+                        StatusCode::FORBIDDEN,
+                        format!(
+                            "token `{}` is read-only: {} {} needs an admin token",
+                            caller.name,
+                            req.method(),
+                            path
+                        ),
+                    );
+                }
+            }
+            req.extensions_mut().insert(caller);
+            next.run(req).await
+        }
         Err(why) => {
             let mut body = serde_json::json!({ "error": why });
             if path.starts_with("/rest_api/") {
@@ -398,7 +515,11 @@ mod tests {
     #[test]
     fn token_checks() {
         let cfg = ApiConfig {
-            tokens: vec![crate::store::Secret::new("0123456789abcdef")],
+            tokens: vec![crate::config::ApiToken {
+                name: "tokens[0]".into(),
+                role: Role::Admin,
+                secret: crate::store::Secret::new("0123456789abcdef"),
+            }],
             ..Default::default()
         };
         let mut h = HeaderMap::new();
@@ -412,7 +533,14 @@ mod tests {
             header::AUTHORIZATION,
             HeaderValue::from_static("Bearer 0123456789abcdef"),
         );
-        assert_eq!(check_token(&cfg, &h), Ok(()));
+        assert_eq!(
+            check_token(&cfg, &h),
+            Ok(Caller {
+                name: "tokens[0]".into(),
+                role: Role::Admin,
+                session: false
+            })
+        );
         assert!(needs_token(&cfg, "/api/v1/events"));
         assert!(!needs_token(&cfg, "/status"));
         assert!(!needs_token(&cfg, "/api/v1/openapi.json"));

@@ -71,6 +71,8 @@ pub const JOURNAL_FILES_LISTED: usize = 10;
 /// a fixed number of queries, whatever the number of NAS.
 pub async fn report(state: &ApiState) -> Report {
     let mut report = database_report(state).await;
+    // `[billing]`: an unreachable billing database holds every new event back.
+    report.problems.extend(state.stats.billing_problems());
     // A warning, never a problem: lines are lost but delivery goes on, so nothing pages.
     report
         .warnings

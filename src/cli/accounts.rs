@@ -13,6 +13,12 @@ pub enum AccountsCommand {
     /// Import (insert or update) accounts from a CSV file with a header row of variable
     /// names; user_id, abonent_id and nas_id are required; other columns become variables.
     Import { file: PathBuf },
+    /// Find accounts by user id, login (exact or prefix), IP or MAC.
+    Search {
+        query: String,
+        #[arg(long, default_value_t = 20)]
+        limit: i64,
+    },
 }
 
 /// `nasd accounts import FILE`.
@@ -23,6 +29,30 @@ pub async fn run(cmd: AccountsCommand, cfg: &Config) -> anyhow::Result<()> {
             let records = read_accounts_csv(&file)?;
             let n = store.accounts_upsert(&records).await?;
             println!("imported {n} accounts from {}", file.display());
+        }
+        AccountsCommand::Search { query, limit } => {
+            if !(1..=500).contains(&limit) {
+                bail!("--limit must be 1..500, got {limit}");
+            }
+            if query.trim().is_empty() {
+                bail!("give a user id, login, IP or MAC to search for");
+            }
+            let store = crate::daemon::open_store(cfg).await?;
+            let hits = store.account_search(query.trim(), limit).await?;
+            if hits.is_empty() {
+                println!("no account matches `{}`", query.trim());
+            }
+            for h in hits {
+                println!(
+                    "user_id={} abonent_id={} nas={} login={} ip={} mac={}",
+                    h.user_id,
+                    h.abonent_id,
+                    h.nas_id,
+                    h.login.as_deref().unwrap_or("-"),
+                    h.ip.as_deref().unwrap_or("-"),
+                    h.mac.as_deref().unwrap_or("-")
+                );
+            }
         }
     }
     Ok(())

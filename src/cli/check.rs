@@ -193,17 +193,94 @@ pub fn nas_findings(nas: &Nas, set: &SchemeSet, script_ok: bool, ssh_key: bool) 
     out
 }
 
+/// `[billing]`: the billing database answers and accepts every configured query (the
+/// database's own message when it does not).
+async fn billing_findings(cfg: &crate::config::billing::BillingConfig) -> Vec<Finding> {
+    let shown = cfg.shown_url();
+    let billing = match crate::billing::Billing::connect_lazy(cfg) {
+        Ok(b) => b,
+        Err(e) => return vec![Finding::Error(format!("billing {shown}: {e}"))],
+    };
+    let checked = tokio::time::timeout(
+        cfg.connect_timeout + std::time::Duration::from_secs(10),
+        billing.check(),
+    )
+    .await;
+    billing.close().await;
+    match checked {
+        Ok(Ok(lines)) => std::iter::once(Finding::Ok(format!(
+            "billing: {} database {shown} answers",
+            cfg.kind.name()
+        )))
+        .chain(lines.into_iter().map(Finding::Ok))
+        .collect(),
+        Ok(Err(e)) => vec![Finding::Error(format!("billing {shown}: {e}"))],
+        Err(_) => vec![Finding::Error(format!(
+            "billing {shown}: no answer within {}",
+            crate::duration::format_duration(cfg.connect_timeout)
+        ))],
+    }
+}
+
 /// `nasd check`.
-pub async fn run(cfg: &Config) -> anyhow::Result<ExitCode> {
+/// `--connect`: one login per enabled NAS whose transport has one, at most 8 at once,
+/// each with its time or the reason it failed.
+async fn connect_findings(cfg: &Config, list: &[Nas], set: &SchemeSet) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let mut probes = tokio::task::JoinSet::new();
+    let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(8));
+    for (i, nas) in list.iter().enumerate() {
+        let who = format!("nas {} ({} {})", nas.id, nas.name, nas.ip);
+        if !nas.enabled {
+            continue;
+        }
+        let kind = match (&nas.script_name, &nas.scheme) {
+            (None, Some(name)) => set.get(name).map(|s| s.transport),
+            _ => None,
+        };
+        match kind {
+            Some(TransportKind::Ssh | TransportKind::Telnet | TransportKind::Api) => {}
+            Some(k) => {
+                out.push((
+                    i,
+                    Finding::Ok(format!("{who}: connect: {k:?} has no login to try")),
+                ));
+                continue;
+            }
+            // A script, or a scheme that is missing (reported above).
+            None => continue,
+        }
+        let daemon = cfg.daemon.clone();
+        let nas = nas.clone();
+        let limit = limit.clone();
+        probes.spawn(async move {
+            let _permit = limit.acquire_owned().await;
+            let finding = match crate::manual::probe(&daemon, &nas).await {
+                Ok(took) => Finding::Ok(format!("{who}: login ok in {} ms", took.as_millis())),
+                Err(e) => Finding::Error(format!("{who}: login failed: {e}")),
+            };
+            (i, finding)
+        });
+    }
+    while let Some(done) = probes.join_next().await {
+        if let Ok(f) = done {
+            out.push(f);
+        }
+    }
+    out.sort_by_key(|(i, _)| *i);
+    out.into_iter().map(|(_, f)| f).collect()
+}
+
+pub async fn run(cfg: &Config, connect: bool) -> anyhow::Result<ExitCode> {
     let mut findings = vec![Finding::Ok("config: valid".to_string())];
-    let (set, errors) = SchemeSet::load_dir(&cfg.daemon.schemes_dir);
+    let (set, errors) = SchemeSet::load_dirs(&cfg.daemon.schemes_dirs());
     for e in errors {
         findings.push(Finding::Error(e.to_string()));
     }
     findings.push(Finding::Ok(format!(
         "schemes: {} loaded from {}",
         set.names().len(),
-        cfg.daemon.schemes_dir.display()
+        cfg.daemon.schemes_shown()
     )));
     findings.extend(scheme_findings(&set, &sample_vars()));
     let options = crate::store::ConnectOptions {
@@ -237,11 +314,17 @@ pub async fn run(cfg: &Config) -> anyhow::Result<ExitCode> {
                             .is_some_and(|s| is_executable(std::path::Path::new(s)));
                         findings.extend(nas_findings(nas, &set, script_ok, ssh_key));
                     }
+                    if connect {
+                        findings.extend(connect_findings(cfg, &list, &set).await);
+                    }
                 }
                 // Tables missing: the migrations above say so.
                 Err(e) => findings.push(Finding::Warning(format!("nas: cannot list: {e}"))),
             }
         }
+    }
+    if let Some(billing_cfg) = &cfg.billing {
+        findings.extend(billing_findings(billing_cfg).await);
     }
     let errors = findings
         .iter()
@@ -293,6 +376,7 @@ mod tests {
             host_key_policy: "strict".into(),
             host_key: None,
             legacy_crypto: false,
+            paused: false,
         }
     }
 

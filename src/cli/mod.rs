@@ -7,6 +7,8 @@ pub mod check;
 pub mod cluster;
 pub mod copy;
 pub mod enqueue;
+pub mod events;
+pub mod generate;
 pub mod nas;
 pub mod send;
 pub mod stack;
@@ -28,7 +30,11 @@ pub enum Command {
     Migrate,
     /// Check the config, every scheme (each cmd rendered), the database and every NAS
     /// row; exit 0 without errors, 1 with.
-    Check,
+    Check {
+        /// Also log in to every enabled NAS once (a session of its own), timed.
+        #[arg(long)]
+        connect: bool,
+    },
     /// Manage network access servers.
     #[command(subcommand)]
     Nas(nas::NasCommand),
@@ -44,6 +50,16 @@ pub enum Command {
     /// Inspect the event stacks.
     #[command(subcommand)]
     Stack(stack::StackCommand),
+    /// Browse events by state and filter; retry or cancel them in bulk.
+    #[command(subcommand)]
+    Events(events::EventsCommand),
+    /// Operator actions (console, API, CLI), newest first.
+    Audit {
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Show finished events (events_history), newest last.
     History {
         #[arg(long)]
@@ -61,6 +77,15 @@ pub enum Command {
         cmd: String,
         #[arg(long)]
         user_id: i64,
+        /// The event's acct_session_id (CoA and disconnects name the session).
+        #[arg(long)]
+        acct_session_id: Option<String>,
+        /// The event's usluga_id (the service).
+        #[arg(long)]
+        usluga_id: Option<i64>,
+        /// A template variable over the account's (repeatable): NAME=VALUE.
+        #[arg(long = "param", value_name = "NAME=VALUE")]
+        params: Vec<String>,
         /// Only render the commands; send nothing.
         #[arg(long)]
         dry_run: bool,
@@ -87,6 +112,12 @@ pub enum Command {
     /// Measure enqueue throughput over HTTP (single events and batches) against the
     /// daemon started in-process on a fresh database.
     BenchApi(tools::bench_api::BenchApiOptions),
+    /// Time the operator console's data requests on big tables (1M history rows, 100k
+    /// queued) against the daemon started in-process on a fresh database.
+    BenchConsole(tools::bench_console::BenchConsoleOptions),
+    /// Write the man pages or a shell's completions (for the Debian package).
+    #[command(hide = true)]
+    Generate(generate::GenerateArgs),
 }
 
 /// Runs one command to its end and returns the process exit code; an error is printed
@@ -132,12 +163,14 @@ async fn execute(command: Command, cfg: Config) -> anyhow::Result<ExitCode> {
     match command {
         Command::Run => run_daemon(cfg).await?,
         Command::Migrate => migrate(&cfg).await?,
-        Command::Check => return check::run(&cfg).await,
+        Command::Check { connect } => return check::run(&cfg, connect).await,
         Command::Nas(cmd) => nas::run(cmd, &cfg).await?,
         Command::Accounts(cmd) => accounts::run(cmd, &cfg).await?,
         Command::Cluster(cmd) => cluster::run(cmd, &cfg).await?,
         Command::Enqueue(args) => return enqueue::run(args, &cfg).await,
         Command::Stack(cmd) => stack::run(cmd, &cfg).await?,
+        Command::Events(cmd) => events::run(cmd, &cfg).await?,
+        Command::Audit { limit, json } => events::audit(&cfg, limit, json).await?,
         Command::History {
             user_id,
             limit,
@@ -147,8 +180,34 @@ async fn execute(command: Command, cfg: Config) -> anyhow::Result<ExitCode> {
             nas,
             cmd,
             user_id,
+            acct_session_id,
+            usluga_id,
+            params,
             dry_run,
-        } => return send::run(&cfg, nas, &cmd, user_id, dry_run).await,
+        } => {
+            let params = params
+                .iter()
+                .map(|p| match p.split_once('=') {
+                    Some((k, v)) if !k.trim().is_empty() => {
+                        Ok((k.trim().to_string(), v.to_string()))
+                    }
+                    _ => Err(anyhow::anyhow!(
+                        "--param `{p}` is not NAME=VALUE (e.g. --param rate_in=10240)"
+                    )),
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let req = crate::manual::ManualSend {
+                nas_id: nas,
+                cmd,
+                user_id,
+                acct_session_id,
+                usluga_id,
+                params,
+                dry_run,
+                by: "nasd send".into(),
+            };
+            return send::run(&cfg, req).await;
+        }
         Command::Copy { to } => copy::copy_to(&cfg, &to).await?,
         Command::Backup { file } => copy::backup(&cfg, &file).await?,
         Command::Restore { file } => copy::restore(&cfg, &file).await?,
@@ -156,6 +215,9 @@ async fn execute(command: Command, cfg: Config) -> anyhow::Result<ExitCode> {
         Command::Bench(opts) => tools::bench::run(opts).await?,
         Command::Sim(opts) => crate::sim::run(opts).await?,
         Command::BenchApi(opts) => tools::bench_api::run(opts).await?,
+        Command::BenchConsole(opts) => tools::bench_console::run(opts).await?,
+        // main.rs runs it before the config is loaded: it needs the whole clap command.
+        Command::Generate(_) => bail!("nasd generate runs from main, with the clap command"),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -25,6 +25,13 @@ pub enum NasCommand {
     },
     /// Remove a NAS (its queued events stay in the stack).
     Remove { id: i64 },
+    /// Stop claiming its events (they wait in the stack); the NAS stays configured.
+    /// The daemon stops its owner at its next resync (the console's pause is at once).
+    Pause { id: i64 },
+    /// Claim its events again after `pause`.
+    Resume { id: i64 },
+    /// Log in to the NAS now with a session of its own and print the time it took.
+    Probe { id: i64 },
     /// List NAS.
     List {
         #[arg(long)]
@@ -132,6 +139,28 @@ impl NasFields {
 }
 
 /// `nasd nas add|set|remove|list`.
+/// `nas pause` / `nas resume`, with an audit row.
+async fn set_paused(store: &crate::store::Store, id: i64, paused: bool) -> anyhow::Result<()> {
+    if !store.nas_set_paused(id, paused).await? {
+        bail!("nas {id} does not exist");
+    }
+    let action = if paused { "pause" } else { "resume" };
+    store
+        .audit_insert(&crate::store::AuditEntry {
+            who: super::events::cli_user(),
+            action: action.into(),
+            target: format!("nas {id}"),
+            detail: String::new(),
+            count: 1,
+        })
+        .await?;
+    println!(
+        "nas {id} {}: the daemon applies it at its next resync (within [daemon] resync_interval)",
+        if paused { "paused" } else { "resumed" }
+    );
+    Ok(())
+}
+
 pub async fn run(cmd: NasCommand, cfg: &Config) -> anyhow::Result<()> {
     let store = crate::daemon::open_store(cfg).await?;
     match cmd {
@@ -166,6 +195,17 @@ pub async fn run(cmd: NasCommand, cfg: &Config) -> anyhow::Result<()> {
                 bail!("nas {id} does not exist");
             }
             println!("nas {id} removed (its queued events stay in events_stack)");
+        }
+        NasCommand::Pause { id } => set_paused(&store, id, true).await?,
+        NasCommand::Resume { id } => set_paused(&store, id, false).await?,
+        NasCommand::Probe { id } => {
+            let Some(nas) = store.nas_get(id).await? else {
+                bail!("nas {id} does not exist");
+            };
+            match crate::manual::probe(&cfg.daemon, &nas).await {
+                Ok(took) => println!("nas {id} ({}): login ok in {} ms", nas.ip, took.as_millis()),
+                Err(e) => bail!("nas {id} ({}): login failed: {e}", nas.ip),
+            }
         }
         NasCommand::List { json } => {
             let list = store.nas_list().await?;

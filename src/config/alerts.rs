@@ -27,10 +27,14 @@ pub enum AlertKind {
     DaemonLost,
     /// A daemon whose NAS were taken over joined the cluster again.
     DaemonBack,
+    /// `[billing]`: the billing database stopped answering (events wait).
+    BillingDown,
+    /// `[billing]`: the billing database answers again.
+    BillingUp,
 }
 
 impl AlertKind {
-    pub const ALL: [AlertKind; 9] = [
+    pub const ALL: [AlertKind; 11] = [
         AlertKind::NasDown,
         AlertKind::NasUp,
         AlertKind::QueueHigh,
@@ -40,6 +44,8 @@ impl AlertKind {
         AlertKind::EventsFailed,
         AlertKind::DaemonLost,
         AlertKind::DaemonBack,
+        AlertKind::BillingDown,
+        AlertKind::BillingUp,
     ];
 
     pub fn name(self) -> &'static str {
@@ -53,6 +59,8 @@ impl AlertKind {
             AlertKind::EventsFailed => "events_failed",
             AlertKind::DaemonLost => "daemon_lost",
             AlertKind::DaemonBack => "daemon_back",
+            AlertKind::BillingDown => "billing_down",
+            AlertKind::BillingUp => "billing_up",
         }
     }
 
@@ -92,6 +100,13 @@ impl AlertKind {
             }
             AlertKind::DaemonBack => {
                 "nasd: daemon {{ daemon }} is BACK in the cluster after its NAS were taken over."
+            }
+            AlertKind::BillingDown => {
+                "nasd: billing database {{ billing }} is DOWN ({{ part }}): {{ reason }}. \
+                 New events wait."
+            }
+            AlertKind::BillingUp => {
+                "nasd: billing database {{ billing }} is UP again ({{ part }}) after {{ down_for }}."
             }
         }
     }
@@ -364,6 +379,19 @@ fn sample(kind: AlertKind) -> Alert {
             put("daemon", "nasd-2".into());
             put("reporter", "nasd-2".into());
         }
+        AlertKind::BillingDown => {
+            put("billing", "mysql://nasd:***@billing/abills".into());
+            put("part", "params_query".into());
+            put(
+                "reason",
+                "billing database unreachable: connection refused".into(),
+            );
+        }
+        AlertKind::BillingUp => {
+            put("billing", "mysql://nasd:***@billing/abills".into());
+            put("part", "params_query".into());
+            put("down_for", "3m".into());
+        }
     }
     Alert {
         kind,
@@ -566,6 +594,12 @@ mod tests {
                 // Daemon alerts concern a daemon of the cluster, not one NAS.
                 AlertKind::DaemonLost | AlertKind::DaemonBack => {
                     assert!(text.contains("daemon nasd-2 is "), "{text}")
+                }
+                AlertKind::BillingDown | AlertKind::BillingUp => {
+                    assert!(
+                        text.contains("billing database mysql://nasd:***@billing/abills is "),
+                        "{text}"
+                    )
                 }
                 _ => assert!(text.contains("NAS nas (10.0.0.1, id 1)"), "{text}"),
             }

@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub mod alerts;
+pub mod billing;
 pub mod keys;
 
 use keys::size_key;
@@ -31,6 +32,9 @@ pub struct Config {
     pub cluster: ClusterConfig,
     /// `[history]`: how long finished events are kept.
     pub history: HistoryConfig,
+    /// `[billing]`: the billing's own database for account variables (and events).
+    /// `None`: `[database] params_query` runs on nasd's own database.
+    pub billing: Option<billing::BillingConfig>,
 }
 
 /// `[history]`: rows of `events_history` older than `keep` are deleted in small batches.
@@ -123,13 +127,39 @@ impl ClusterConfig {
     }
 }
 
-/// `[api]`: the REST API, `/status` and `/metrics`.
+/// What a token may do: `admin` reads and acts, `read-only` only reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Admin,
+    ReadOnly,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::ReadOnly => "read-only",
+        }
+    }
+}
+
+/// One API token: `[api] tokens` entries (admins named `tokens[N]`) and `[[api.token]]`
+/// tables (`name`, `role`, and the secret from `secret`, `secret_file` or `secret_env`).
+#[derive(Debug, Clone)]
+pub struct ApiToken {
+    pub name: String,
+    pub role: Role,
+    pub secret: crate::model::Secret,
+}
+
+/// `[api]`: the REST API, the console, `/status` and `/metrics`.
 #[derive(Clone)]
 pub struct ApiConfig {
     /// Address to listen on (`127.0.0.1:8082` by default; port 0 picks a free one).
     pub listen: std::net::SocketAddr,
-    /// Bearer tokens accepted by the API. Empty: no authentication (loopback only).
-    pub tokens: Vec<crate::model::Secret>,
+    /// Bearer tokens accepted by the API, each with a name (who, in the audit log) and a
+    /// role. Empty: no authentication (loopback only).
+    pub tokens: Vec<ApiToken>,
     /// `/status` answers without a token.
     pub open_status: bool,
     /// `/metrics` answers without a token.
@@ -216,7 +246,12 @@ pub struct DatabaseConfig {
 pub struct DaemonConfig {
     pub resync_interval: Duration,
     pub log_dir: PathBuf,
+    /// The schemes directory (the first of `schemes_dir` when it is a list).
     pub schemes_dir: PathBuf,
+    /// The rest of a `schemes_dir` list, in order: a scheme name found in an earlier
+    /// directory hides the same name in the later ones (operator schemes in
+    /// /etc/nasd/schemes over the packaged /usr/share/nasd/schemes).
+    pub schemes_fallback: Vec<PathBuf>,
     pub max_attempts: i32,
     pub retry_base: Duration,
     pub retry_cap: Duration,
@@ -300,6 +335,7 @@ impl Default for Config {
                 resync_interval: Duration::from_secs(60),
                 log_dir: "var/log".into(),
                 schemes_dir: "schemes".into(),
+                schemes_fallback: Vec::new(),
                 max_attempts: 10,
                 retry_base: Duration::from_secs(1),
                 retry_cap: Duration::from_secs(300),
@@ -325,6 +361,7 @@ impl Default for Config {
             log: crate::journal::LogConfig::default(),
             cluster: ClusterConfig::default(),
             history: HistoryConfig::default(),
+            billing: None,
         }
     }
 }
@@ -348,6 +385,7 @@ struct RawConfig {
     cluster: RawCluster,
     #[serde(default)]
     history: RawHistory,
+    billing: Option<billing::RawBilling>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -491,6 +529,7 @@ fn breaker_section(raw: RawBreaker) -> Result<BreakerConfig, ConfigError> {
 struct RawApi {
     listen: Option<String>,
     tokens: Option<Vec<String>>,
+    token: Option<Vec<RawToken>>,
     open_status: Option<bool>,
     open_metrics: Option<bool>,
     open_rest_compat: Option<bool>,
@@ -501,6 +540,90 @@ struct RawApi {
     header_timeout: Option<String>,
     body_timeout: Option<String>,
     max_connections: Option<usize>,
+}
+
+/// One `[[api.token]]` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawToken {
+    name: String,
+    role: Option<String>,
+    secret: Option<String>,
+    secret_file: Option<std::path::PathBuf>,
+    secret_env: Option<String>,
+}
+
+/// The tokens of `[api]`: plain `tokens` are admins named `tokens[N]`, then the
+/// `[[api.token]]` tables in order. Names are unique; a secret comes from exactly one
+/// of `secret`, `secret_file` (trailing newline dropped) or `secret_env`.
+fn api_tokens(
+    plain: Vec<String>,
+    named: Vec<RawToken>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Vec<ApiToken>, ConfigError> {
+    let key = |message: String| ConfigError::Key {
+        key: "api.token",
+        message,
+    };
+    let mut out: Vec<ApiToken> = plain
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| ApiToken {
+            name: format!("tokens[{i}]"),
+            role: Role::Admin,
+            secret: crate::model::Secret::new(t),
+        })
+        .collect();
+    for t in named {
+        let name = t.name.trim().to_string();
+        if name.is_empty() || name.len() > 64 || name.chars().any(char::is_control) {
+            return Err(key(format!(
+                "name `{}` must be 1..64 printable characters",
+                t.name.escape_default()
+            )));
+        }
+        if out.iter().any(|o| o.name == name) {
+            return Err(key(format!("name `{name}` is used twice")));
+        }
+        let role = match t.role.as_deref().map(str::trim) {
+            None | Some("admin") => Role::Admin,
+            Some("read-only") | Some("readonly") | Some("read_only") => Role::ReadOnly,
+            Some(other) => {
+                return Err(key(format!(
+                    "token `{name}`: role `{}` is neither `admin` nor `read-only`",
+                    other.escape_default()
+                )));
+            }
+        };
+        let secret = match (t.secret, t.secret_file, t.secret_env) {
+            (Some(s), None, None) => s,
+            (None, Some(path), None) => std::fs::read_to_string(&path)
+                .map_err(|e| {
+                    key(format!(
+                        "token `{name}`: cannot read secret_file {}: {e}",
+                        path.display()
+                    ))
+                })?
+                .trim_end_matches(['\n', '\r'])
+                .to_string(),
+            (None, None, Some(var)) => env(&var).ok_or_else(|| {
+                key(format!(
+                    "token `{name}`: environment variable {var} (secret_env) is not set"
+                ))
+            })?,
+            _ => {
+                return Err(key(format!(
+                    "token `{name}` needs exactly one of secret, secret_file, secret_env"
+                )));
+            }
+        };
+        out.push(ApiToken {
+            name,
+            role,
+            secret: crate::model::Secret::new(secret),
+        });
+    }
+    Ok(out)
 }
 
 fn api_section(raw: RawApi) -> Result<ApiConfig, ConfigError> {
@@ -514,12 +637,11 @@ fn api_section(raw: RawApi) -> Result<ApiConfig, ConfigError> {
     };
     Ok(ApiConfig {
         listen,
-        tokens: raw
-            .tokens
-            .unwrap_or_default()
-            .into_iter()
-            .map(crate::model::Secret::new)
-            .collect(),
+        tokens: api_tokens(
+            raw.tokens.unwrap_or_default(),
+            raw.token.unwrap_or_default(),
+            &|var| std::env::var(var).ok(),
+        )?,
         open_status: raw.open_status.unwrap_or(d.open_status),
         open_metrics: raw.open_metrics.unwrap_or(d.open_metrics),
         open_rest_compat: raw.open_rest_compat.unwrap_or(d.open_rest_compat),
@@ -587,12 +709,60 @@ fn bool_key(
     }
 }
 
+/// `[daemon] schemes_dir`: one directory, or a non-empty list of them, as (first, rest).
+fn schemes_dirs(
+    raw: Option<&toml::Value>,
+    default: &Path,
+) -> Result<(PathBuf, Vec<PathBuf>), ConfigError> {
+    let bad = || ConfigError::Key {
+        key: "daemon.schemes_dir",
+        message: "expected a directory or a non-empty list of directories, e.g. \
+                  [\"/etc/nasd/schemes\", \"/usr/share/nasd/schemes\"]"
+            .into(),
+    };
+    let dirs: Vec<PathBuf> = match raw {
+        None => return Ok((default.to_path_buf(), Vec::new())),
+        Some(toml::Value::String(dir)) => vec![dir.into()],
+        Some(toml::Value::Array(list)) => list
+            .iter()
+            .map(|v| v.as_str().filter(|s| !s.is_empty()).map(PathBuf::from))
+            .collect::<Option<_>>()
+            .ok_or_else(bad)?,
+        Some(_) => return Err(bad()),
+    };
+    let mut dirs = dirs.into_iter();
+    let first = dirs
+        .next()
+        .filter(|d| !d.as_os_str().is_empty())
+        .ok_or_else(bad)?;
+    Ok((first, dirs.collect()))
+}
+
+impl DaemonConfig {
+    /// Every schemes directory, the one that wins first.
+    pub fn schemes_dirs(&self) -> Vec<PathBuf> {
+        std::iter::once(self.schemes_dir.clone())
+            .chain(self.schemes_fallback.iter().cloned())
+            .collect()
+    }
+
+    /// The schemes directories for messages: `a` or `a, b`.
+    pub fn schemes_shown(&self) -> String {
+        self.schemes_dirs()
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawDaemon {
     resync_interval: Option<String>,
     log_dir: Option<PathBuf>,
-    schemes_dir: Option<PathBuf>,
+    /// A directory, or a list of them (the first holding a scheme name wins).
+    schemes_dir: Option<toml::Value>,
     max_attempts: Option<i32>,
     retry_base: Option<String>,
     retry_cap: Option<String>,
@@ -638,6 +808,7 @@ impl Config {
                     .unwrap_or_default(),
         })?;
         let d = Config::default();
+        let schemes = schemes_dirs(raw.daemon.schemes_dir.as_ref(), &d.daemon.schemes_dir)?;
         let cfg = Config {
             database: DatabaseConfig {
                 url: raw.database.url.unwrap_or(d.database.url),
@@ -664,7 +835,8 @@ impl Config {
                     d.daemon.resync_interval,
                 )?,
                 log_dir: raw.daemon.log_dir.unwrap_or(d.daemon.log_dir),
-                schemes_dir: raw.daemon.schemes_dir.unwrap_or(d.daemon.schemes_dir),
+                schemes_dir: schemes.0,
+                schemes_fallback: schemes.1,
                 max_attempts: raw.daemon.max_attempts.unwrap_or(d.daemon.max_attempts),
                 retry_base: duration_key(
                     "daemon.retry_base",
@@ -724,6 +896,7 @@ impl Config {
             log: log_section(raw.log)?,
             cluster: cluster_section(raw.cluster)?,
             history: history_section(raw.history)?,
+            billing: raw.billing.map(billing::billing_section).transpose()?,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -794,11 +967,22 @@ impl Config {
             return key("transport.connect_timeout", "must be above 0");
         }
         if let Some(api) = &self.api {
-            if api.tokens.iter().any(|t| t.expose().trim().len() < 16) {
-                return key(
-                    "api.tokens",
-                    "every token must be at least 16 characters (e.g. `openssl rand -hex 32`)",
-                );
+            if let Some(t) = api
+                .tokens
+                .iter()
+                .find(|t| t.secret.expose().trim().len() < 16)
+            {
+                return Err(ConfigError::Key {
+                    key: if t.name.starts_with("tokens[") {
+                        "api.tokens"
+                    } else {
+                        "api.token"
+                    },
+                    message: format!(
+                        "token `{}`: every token must be at least 16 characters (e.g. `openssl rand -hex 32`)",
+                        t.name
+                    ),
+                });
             }
             if api.tokens.is_empty() && !api.listen.ip().is_loopback() {
                 return key(
@@ -899,6 +1083,42 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(e.contains(key) && e.contains(words), "{text:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn schemes_dir_is_one_dir_or_a_list() {
+        let d = Config::from_toml("").unwrap().daemon;
+        assert_eq!(d.schemes_dirs(), vec![PathBuf::from("schemes")]);
+        let d = Config::from_toml("[daemon]\nschemes_dir = \"/srv/schemes\"\n")
+            .unwrap()
+            .daemon;
+        assert_eq!(
+            (d.schemes_dir.clone(), d.schemes_fallback.clone()),
+            (PathBuf::from("/srv/schemes"), Vec::new())
+        );
+        let d = Config::from_toml(
+            "[daemon]\nschemes_dir = [\"/etc/nasd/schemes\", \"/usr/share/nasd/schemes\"]\n",
+        )
+        .unwrap()
+        .daemon;
+        assert_eq!(d.schemes_dir, PathBuf::from("/etc/nasd/schemes"));
+        assert_eq!(
+            d.schemes_dirs(),
+            vec![
+                PathBuf::from("/etc/nasd/schemes"),
+                PathBuf::from("/usr/share/nasd/schemes")
+            ]
+        );
+        assert_eq!(
+            d.schemes_shown(),
+            "/etc/nasd/schemes, /usr/share/nasd/schemes"
+        );
+        for bad in ["[]", "3", "[\"a\", 3]", "[\"\"]", "\"\""] {
+            let err = Config::from_toml(&format!("[daemon]\nschemes_dir = {bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("daemon.schemes_dir"), "{bad}: {err}");
         }
     }
 
@@ -1083,7 +1303,24 @@ mod tests {
             ("[api]\nlisten = \"0.0.0.0:8082\"", "api.tokens"),
             ("[api]\nnas_down_after = \"soon\"", "api.nas_down_after"),
             ("[api]\nmax_body = 10", "api.max_body"),
-            ("[api]\ntoken = []", "token"),
+            ("[api]\ntokn = []", "tokn"),
+            (
+                "[[api.token]]\nname = \"a\"\nrole = \"boss\"\nsecret = \"0123456789abcdef\"",
+                "role `boss`",
+            ),
+            (
+                "[[api.token]]\nname = \"a\"\nsecret = \"short\"",
+                "token `a`: every token",
+            ),
+            ("[[api.token]]\nname = \"a\"", "exactly one of secret"),
+            (
+                "[[api.token]]\nname = \"a\"\nsecret_file = \"/nonexistent/t\"",
+                "cannot read secret_file /nonexistent/t",
+            ),
+            (
+                "[api]\ntokens = [\"0123456789abcdef\"]\n[[api.token]]\nname = \"tokens[0]\"\nsecret = \"0123456789abcdefx\"",
+                "used twice",
+            ),
             (
                 "[transport]\napi_tls_ca = \"/nonexistent/ca.pem\"",
                 "transport.api_tls_ca",
@@ -1093,5 +1330,57 @@ mod tests {
             let err = Config::from_toml(text).unwrap_err().to_string();
             assert!(err.contains(needle), "{text:?} gave {err:?}");
         }
+    }
+
+    #[test]
+    fn named_tokens_with_roles_and_secret_sources() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("helpdesk.token");
+        std::fs::write(&file, "ffffffffffffffff0000\n").unwrap();
+        let plain = vec!["0123456789abcdef".to_string()];
+        let named = vec![
+            RawToken {
+                name: "helpdesk".into(),
+                role: Some("read-only".into()),
+                secret: None,
+                secret_file: Some(file),
+                secret_env: None,
+            },
+            RawToken {
+                name: "noc".into(),
+                role: None,
+                secret: None,
+                secret_file: None,
+                secret_env: Some("NOC_TOKEN".into()),
+            },
+        ];
+        let env = |v: &str| (v == "NOC_TOKEN").then(|| "eeeeeeeeeeeeeeee".to_string());
+        let tokens = api_tokens(plain, named, &env).unwrap();
+        let seen: Vec<(&str, Role, &str)> = tokens
+            .iter()
+            .map(|t| (t.name.as_str(), t.role, t.secret.expose()))
+            .collect();
+        assert_eq!(
+            seen,
+            vec![
+                ("tokens[0]", Role::Admin, "0123456789abcdef"),
+                ("helpdesk", Role::ReadOnly, "ffffffffffffffff0000"),
+                ("noc", Role::Admin, "eeeeeeeeeeeeeeee"),
+            ]
+        );
+        let missing = vec![RawToken {
+            name: "x".into(),
+            role: None,
+            secret: None,
+            secret_file: None,
+            secret_env: Some("UNSET_VAR".into()),
+        }];
+        let err = api_tokens(Vec::new(), missing, &env)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("UNSET_VAR") && err.contains("not set"),
+            "{err}"
+        );
     }
 }

@@ -57,6 +57,9 @@ pub struct Shared {
     pub batches: batch::Batches,
     /// This daemon's lease on its NAS: checked before every claim and every send.
     pub fence: Arc<crate::cluster::Fence>,
+    /// Asks the supervisor to reread the NAS table now (the console paused or resumed a
+    /// NAS) instead of at its next `resync_interval`.
+    pub resync: Arc<Notify>,
 }
 
 /// How an owner is woken: by whoever put work in its stack (the expander after each
@@ -67,6 +70,8 @@ pub struct OwnerWake {
     notify: Notify,
     /// The highest event id the owner has read from the table.
     seen_max_id: AtomicI64,
+    /// An operator asked for a probe of a down NAS now (the console's "probe now").
+    probe: std::sync::atomic::AtomicBool,
 }
 
 impl OwnerWake {
@@ -81,6 +86,12 @@ impl OwnerWake {
         if self.seen_max_id.load(Ordering::Relaxed) < max_id {
             self.notify.notify_one();
         }
+    }
+
+    /// Asks the owner to probe its NAS now if it is down (the next event is the probe).
+    pub fn probe_now(&self) {
+        self.probe.store(true, Ordering::Relaxed);
+        self.notify.notify_one();
     }
 
     fn seen(&self, max_id: i64) {
@@ -287,7 +298,12 @@ impl Owner {
                         self.breaker.probe_now(Instant::now());
                     }
                 }
-                _ = self.wake.notify.notified() => { self.want_refill = true; }
+                _ = self.wake.notify.notified() => {
+                    self.want_refill = true;
+                    if self.wake.probe.swap(false, Ordering::Relaxed) {
+                        self.breaker.probe_now(Instant::now());
+                    }
+                }
                 _ = sleep_until(deadline) => {}
             }
         }

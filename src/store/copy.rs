@@ -71,6 +71,7 @@ pub const TABLES: &[Table] = &[
             ("host_key_policy", Text),
             ("host_key", Text),
             ("legacy_crypto", Bool),
+            ("paused", Bool),
         ],
     },
     Table {
@@ -163,6 +164,39 @@ pub const TABLES: &[Table] = &[
             ("error", Text),
             ("duration_ms", Int),
             ("finished_at", Time),
+        ],
+    },
+    Table {
+        name: "nasd_audit",
+        key: "id",
+        serial: true,
+        columns: &[
+            ("id", Int),
+            ("at", Time),
+            ("who", Text),
+            ("action", Text),
+            ("target", Text),
+            ("detail", Text),
+            ("count", Int),
+        ],
+    },
+    // `[billing]` events source: the cursor and the billing ids moved (a copy without
+    // them would move the billing's events a second time).
+    Table {
+        name: "billing_cursor",
+        key: "id",
+        serial: false,
+        columns: &[("id", Int), ("last_id", Int), ("updated_at", Time)],
+    },
+    Table {
+        name: "billing_moved",
+        key: "billing_id",
+        serial: false,
+        columns: &[
+            ("billing_id", Int),
+            ("compact_id", Int),
+            ("moved_at", Time),
+            ("done", Bool),
         ],
     },
 ];

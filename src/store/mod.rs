@@ -4,7 +4,9 @@
 //! two backends answer the same calls; what differs (placeholders, arrays, time types,
 //! locking) stays inside their files.
 
+pub mod billing;
 pub mod cluster;
+pub mod console;
 pub mod copy;
 pub mod postgres;
 pub mod sqlite;
@@ -18,6 +20,10 @@ use serde::Serialize;
 
 // The domain types moved to `crate::model`; their old paths keep working.
 pub use crate::model::{CompactEvent, Nas, NewStackEvent, Outcome, Secret, StackEvent};
+
+pub use console::{
+    AccountHit, AuditEntry, AuditRow, BulkOutcome, EventPage, EventQuery, EventState,
+};
 
 use crate::model::Vars;
 
@@ -161,6 +167,28 @@ pub struct EventStatus {
     pub answer: Option<String>,
     pub finished_at: Option<DateTime<Utc>>,
     pub duration_ms: Option<i64>,
+    /// The variables the event was expanded with (none before expansion); values of
+    /// keys that look like secrets (`password`, `secret`, `psw`, `key`) shown as `••••`.
+    pub params: Option<Vars>,
+}
+
+/// An event's variables as operators are shown them: secret-looking keys masked.
+pub fn visible_params(params: &Vars) -> Vars {
+    params
+        .iter()
+        .map(|(k, v)| {
+            let key = k.to_ascii_lowercase();
+            let secret = ["pass", "secret", "psw", "key", "token"]
+                .iter()
+                .any(|s| key.contains(s));
+            let v = if secret && !v.is_null() {
+                serde_json::Value::String("••••".into())
+            } else {
+                v.clone()
+            };
+            (k.clone(), v)
+        })
+        .collect()
 }
 
 impl EventStatus {
@@ -187,6 +215,7 @@ impl EventStatus {
             answer: None,
             finished_at: None,
             duration_ms: None,
+            params: None,
         }
     }
 
@@ -223,6 +252,7 @@ impl EventStatus {
             answer: None,
             finished_at: None,
             duration_ms: None,
+            params: Some(visible_params(&e.params)),
         }
     }
 }
@@ -346,6 +376,39 @@ pub const STACK_FILTER_COLUMNS: &[&str] = &[
     "try_count",
     "state",
 ];
+
+/// Where an expansion takes the account variables from.
+#[derive(Debug, Clone, Copy)]
+pub enum ParamsFrom<'a> {
+    /// `[database] params_query`, run on nasd's own database inside the expansion.
+    Query(&'a str),
+    /// Looked up beforehand (in the billing database, `[billing]`) for the users of the
+    /// compact rows up to id `up_to` (see `Store::compact_users`); None: no row.
+    Given {
+        params: &'a HashMap<i64, Option<Vars>>,
+        up_to: i64,
+    },
+}
+
+impl ParamsFrom<'_> {
+    /// The highest compact id this expansion may take.
+    pub(crate) fn up_to(&self) -> i64 {
+        match self {
+            ParamsFrom::Query(_) => i64::MAX,
+            ParamsFrom::Given { up_to, .. } => *up_to,
+        }
+    }
+}
+
+/// How many of `rows` (in id order) have their variables looked up in `params`: an
+/// expansion with variables given beforehand stops at the first row whose user was not
+/// looked up (a row committed after the look-up with a lower id), which waits for the
+/// next round, so the main stack keeps compact-id order. Pure.
+pub fn looked_up_prefix(rows: &[CompactRow], params: &HashMap<i64, Option<Vars>>) -> usize {
+    rows.iter()
+        .position(|r| !params.contains_key(&r.event.user_id))
+        .unwrap_or(rows.len())
+}
 
 /// Pure part of expansion: turns compact rows into stack events or failures with a reason.
 ///
@@ -714,7 +777,18 @@ impl Store {
     /// Moves up to `limit` compact rows into the main stack (or history, when they
     /// cannot be expanded) in one transaction.
     pub async fn expand(&self, params_query: &str, limit: i64) -> Result<ExpandReport, StoreError> {
-        on_backend!(self, s => s.expand(params_query, limit).await)
+        on_backend!(self, s => s.expand(ParamsFrom::Query(params_query), limit).await)
+    }
+
+    /// `expand` with the variables looked up beforehand (`[billing]`): `params` for the
+    /// users of the compact rows up to id `up_to` (`Store::compact_users`).
+    pub async fn expand_given(
+        &self,
+        params: &HashMap<i64, Option<Vars>>,
+        up_to: i64,
+        limit: i64,
+    ) -> Result<ExpandReport, StoreError> {
+        on_backend!(self, s => s.expand(ParamsFrom::Given { params, up_to }, limit).await)
     }
 
     /// For each `(nas_id, after_id, limit)`: up to `limit` events of that NAS with id >
@@ -993,6 +1067,22 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn secret_looking_params_are_masked() {
+        let mut p = Vars::new();
+        p.insert("login".into(), "user7".into());
+        p.insert("pppoe_password".into(), "hunter2".into());
+        p.insert("coa_psw".into(), "x".into());
+        p.insert("api_key".into(), serde_json::Value::Null);
+        p.insert("rate_in".into(), 10240.into());
+        let v = visible_params(&p);
+        assert_eq!(v["login"], "user7");
+        assert_eq!(v["pppoe_password"], "••••");
+        assert_eq!(v["coa_psw"], "••••");
+        assert_eq!(v["api_key"], serde_json::Value::Null);
+        assert_eq!(v["rate_in"], 10240);
+    }
     use super::*;
 
     fn compact(id: i64, user_id: i64, nas_ip: Option<&str>) -> CompactRow {

@@ -304,7 +304,7 @@ impl PgStore {
         let mut db = self.open().await.ctx("list nas")?;
         let rows = sqlx::query(
             "SELECT id, name, ip, scheme, script_name, n_workers, protocol, port, login, password, \
-             secret, max_sessions, enabled, host_key_policy, host_key, legacy_crypto FROM nas ORDER BY id",
+             secret, max_sessions, enabled, host_key_policy, host_key, legacy_crypto, paused FROM nas ORDER BY id",
         )
         .persistent(self.persistent)
         .fetch_all(db.exec())
@@ -321,14 +321,16 @@ impl PgStore {
         let mut db = self.open().await.ctx("save nas")?;
         sqlx::query(
             "INSERT INTO nas (id, name, ip, scheme, script_name, n_workers, protocol, port, login, \
-             password, secret, max_sessions, enabled, host_key_policy, host_key, legacy_crypto, updated_at) \
-             VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16, clock_timestamp()) \
+             password, secret, max_sessions, enabled, host_key_policy, host_key, legacy_crypto, paused, \
+             updated_at) \
+             VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17, clock_timestamp()) \
              ON CONFLICT (id) DO UPDATE SET name=EXCLUDED.name, ip=EXCLUDED.ip, \
              scheme=EXCLUDED.scheme, script_name=EXCLUDED.script_name, n_workers=EXCLUDED.n_workers, \
              protocol=EXCLUDED.protocol, port=EXCLUDED.port, login=EXCLUDED.login, \
              password=EXCLUDED.password, secret=EXCLUDED.secret, max_sessions=EXCLUDED.max_sessions, \
              enabled=EXCLUDED.enabled, host_key_policy=EXCLUDED.host_key_policy, \
-             host_key=EXCLUDED.host_key, legacy_crypto=EXCLUDED.legacy_crypto, updated_at=clock_timestamp()",
+             host_key=EXCLUDED.host_key, legacy_crypto=EXCLUDED.legacy_crypto, paused=EXCLUDED.paused, \
+             updated_at=clock_timestamp()",
         )
         .persistent(self.persistent)
         .bind(nas.id)
@@ -347,6 +349,7 @@ impl PgStore {
         .bind(&nas.host_key_policy)
         .bind(&nas.host_key)
         .bind(nas.legacy_crypto)
+        .bind(nas.paused)
         .execute(db.exec())
         .await
         .ctx("save nas")?;
@@ -452,7 +455,11 @@ impl PgStore {
     /// Expands with a synchronous commit: an expansion lost in a crash of the server
     /// would be expanded again under new event ids, and commands already sent for the
     /// lost ids would name events that exist nowhere (the fault harness counts them).
-    pub async fn expand(&self, params_query: &str, limit: i64) -> Result<ExpandReport, StoreError> {
+    pub async fn expand(
+        &self,
+        from: super::ParamsFrom<'_>,
+        limit: i64,
+    ) -> Result<ExpandReport, StoreError> {
         let mut tx = self.pool.begin().await.ctx("expand")?;
         // One expander at a time in the whole cluster: the main stack's ids must follow
         // compact-id order (owners refill their windows by `id > max_loaded_id`), so two
@@ -466,23 +473,27 @@ impl PgStore {
             "SELECT id, cmd, user_id, abonent_id, nas_ip, usluga_id, acct_session_id, created_at \
              FROM events_stack_compact, \
              (SELECT set_config('idle_in_transaction_session_timeout', '5000', true)) AS t \
-             WHERE pg_try_advisory_xact_lock($2) \
+             WHERE pg_try_advisory_xact_lock($2) AND id <= $3 \
              ORDER BY id LIMIT $1 FOR UPDATE OF events_stack_compact SKIP LOCKED",
         )
         .persistent(self.persistent)
         .bind(limit)
         .bind(EXPAND_LOCK)
+        .bind(from.up_to())
         .fetch_all(&mut *tx)
         .await
         .ctx("expand: read compact stack")?;
-        if rows.is_empty() {
-            return Ok(ExpandReport::default());
-        }
-        let compact: Vec<CompactRow> = rows
+        let mut compact: Vec<CompactRow> = rows
             .iter()
             .map(compact_from_row)
             .collect::<Result<_, _>>()
             .ctx("expand: read compact stack")?;
+        if let super::ParamsFrom::Given { params, .. } = from {
+            compact.truncate(super::looked_up_prefix(&compact, params));
+        }
+        if compact.is_empty() {
+            return Ok(ExpandReport::default());
+        }
         let nas: Vec<(i64, String)> = sqlx::query_as("SELECT id, ip FROM nas")
             .persistent(self.persistent)
             .fetch_all(&mut *tx)
@@ -494,37 +505,45 @@ impl PgStore {
         let mut users: Vec<i64> = compact.iter().map(|r| r.event.user_id).collect();
         users.sort_unstable();
         users.dedup();
-        let mut params: HashMap<i64, Option<Vars>> = HashMap::with_capacity(users.len());
-        match self.batched_params_query(params_query, &mut tx).await? {
-            Some(batched) => {
-                // One statement for every user of the batch instead of one each.
-                let rows = sqlx::query(&batched)
-                    .persistent(self.persistent)
-                    .bind(&users)
-                    .fetch_all(&mut *tx)
-                    .await
-                    .map_err(|e| StoreError::ParamsQuery(e.to_string()))?;
-                for row in &rows {
-                    let user_id: i64 = row
-                        .try_get(0)
-                        .map_err(|e| StoreError::ParamsQuery(e.to_string()))?;
-                    let vars = row_to_vars(row, 1).map_err(StoreError::ParamsQuery)?;
-                    params.insert(user_id, Some(vars));
+        let mut looked_up: HashMap<i64, Option<Vars>> = HashMap::new();
+        let params = match from {
+            // Looked up in the billing database before this transaction began.
+            super::ParamsFrom::Given { params, .. } => params,
+            super::ParamsFrom::Query(params_query) => {
+                looked_up.reserve(users.len());
+                match self.batched_params_query(params_query, &mut tx).await? {
+                    Some(batched) => {
+                        // One statement for every user of the batch instead of one each.
+                        let rows = sqlx::query(&batched)
+                            .persistent(self.persistent)
+                            .bind(&users)
+                            .fetch_all(&mut *tx)
+                            .await
+                            .map_err(|e| StoreError::ParamsQuery(e.to_string()))?;
+                        for row in &rows {
+                            let user_id: i64 = row
+                                .try_get(0)
+                                .map_err(|e| StoreError::ParamsQuery(e.to_string()))?;
+                            let vars = row_to_vars(row, 1).map_err(StoreError::ParamsQuery)?;
+                            looked_up.insert(user_id, Some(vars));
+                        }
+                        for user_id in users {
+                            looked_up.entry(user_id).or_insert(None);
+                        }
+                    }
+                    None => {
+                        for user_id in users {
+                            looked_up.insert(
+                                user_id,
+                                params_for(&mut tx, params_query, user_id, self.persistent).await?,
+                            );
+                        }
+                    }
                 }
-                for user_id in users {
-                    params.entry(user_id).or_insert(None);
-                }
+                &looked_up
             }
-            None => {
-                for user_id in users {
-                    params.insert(
-                        user_id,
-                        params_for(&mut tx, params_query, user_id, self.persistent).await?,
-                    );
-                }
-            }
-        }
-        let (events, failures) = plan_expansion(&compact, &params, &nas_by_ip, &nas_ids);
+        };
+        let (events, failures) = plan_expansion(&compact, params, &nas_by_ip, &nas_ids);
 
         if !events.is_empty() {
             let compact_ids: Vec<Option<i64>> = events.iter().map(|e| e.compact_id).collect();
@@ -978,6 +997,7 @@ fn nas_from_row(r: &PgRow) -> Result<Nas, sqlx::Error> {
         host_key_policy: r.try_get("host_key_policy")?,
         host_key: r.try_get("host_key")?,
         legacy_crypto: r.try_get("legacy_crypto")?,
+        paused: r.try_get("paused")?,
     })
 }
 
@@ -1055,7 +1075,7 @@ impl PgStore {
 /// each user id of the array `$1`) runs as a LATERAL subquery per user, keeping its
 /// first row as a lookup of its own would. The first column is the user id. None when
 /// the query has no `$1` outside quotes, or other parameters.
-fn lateral_params_query(params_query: &str) -> Option<String> {
+pub(crate) fn lateral_params_query(params_query: &str) -> Option<String> {
     let query = params_query.trim().trim_end_matches(';').trim_end();
     let bytes = query.as_bytes();
     let mut out = String::with_capacity(query.len() + 160);
@@ -1222,16 +1242,17 @@ fn row_to_vars(row: &PgRow, skip: usize) -> Result<Vars, String> {
 
 // Queries of the HTTP API: event status, account history, cancel, filters, queue depth.
 
-const STACK_COLUMNS: &str = "s.id, s.compact_id, s.event_date, s.enqueued_at, s.cmd, s.user_id, \
+pub(super) const STACK_COLUMNS: &str = "s.id, s.compact_id, s.event_date, s.enqueued_at, s.cmd, s.user_id, \
      s.abonent_id, s.nas_id, s.usluga_id, s.acct_session_id, s.params, s.try_count, s.state, \
      s.retry_at, s.claim_token, s.lease_until, s.last_error, n.ip AS nas_ip";
-const HISTORY_COLUMNS: &str = "h.event_id, h.compact_id, h.enqueued_at, h.cmd, h.user_id, \
+pub(super) const HISTORY_COLUMNS: &str = "h.event_id, h.compact_id, h.enqueued_at, h.cmd, h.user_id, \
      h.abonent_id, h.nas_id, h.usluga_id, h.acct_session_id, h.outcome, h.attempts, \
-     h.commands::text AS commands, h.answer, h.error, h.duration_ms, h.finished_at, n.ip AS nas_ip";
-const COMPACT_COLUMNS: &str =
+     h.commands::text AS commands, h.answer, h.error, h.duration_ms, h.finished_at, n.ip AS nas_ip, \
+     h.params::text AS params";
+pub(super) const COMPACT_COLUMNS: &str =
     "id, cmd, user_id, abonent_id, nas_ip, usluga_id, acct_session_id, created_at";
 
-fn compact_from_row(r: &PgRow) -> Result<CompactRow, sqlx::Error> {
+pub(super) fn compact_from_row(r: &PgRow) -> Result<CompactRow, sqlx::Error> {
     Ok(CompactRow {
         id: r.try_get("id")?,
         event: CompactEvent {
@@ -1246,7 +1267,7 @@ fn compact_from_row(r: &PgRow) -> Result<CompactRow, sqlx::Error> {
     })
 }
 
-fn stack_from_row(r: &PgRow) -> Result<StackEvent, sqlx::Error> {
+pub(super) fn stack_from_row(r: &PgRow) -> Result<StackEvent, sqlx::Error> {
     let params: serde_json::Value = r.try_get("params")?;
     Ok(StackEvent {
         id: r.try_get("id")?,
@@ -1272,7 +1293,7 @@ fn stack_from_row(r: &PgRow) -> Result<StackEvent, sqlx::Error> {
     })
 }
 
-fn history_status(r: &PgRow) -> Result<EventStatus, sqlx::Error> {
+pub(super) fn history_status(r: &PgRow) -> Result<EventStatus, sqlx::Error> {
     let commands: String = r.try_get("commands")?;
     let outcome: String = r.try_get("outcome")?;
     Ok(EventStatus {
@@ -1297,6 +1318,10 @@ fn history_status(r: &PgRow) -> Result<EventStatus, sqlx::Error> {
         answer: Some(r.try_get("answer")?),
         finished_at: Some(r.try_get("finished_at")?),
         duration_ms: Some(r.try_get("duration_ms")?),
+        params: r
+            .try_get::<Option<String>, _>("params")?
+            .and_then(|p| serde_json::from_str::<Vars>(&p).ok())
+            .map(|p| super::visible_params(&p)),
     })
 }
 

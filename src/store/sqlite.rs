@@ -107,7 +107,7 @@ impl SqliteStore {
     pub async fn nas_list(&self) -> Result<Vec<Nas>, StoreError> {
         let rows = sqlx::query(
             "SELECT id, name, ip, scheme, script_name, n_workers, protocol, port, login, password, \
-             secret, max_sessions, enabled, host_key_policy, host_key, legacy_crypto FROM nas ORDER BY id",
+             secret, max_sessions, enabled, host_key_policy, host_key, legacy_crypto, paused FROM nas ORDER BY id",
         )
         .fetch_all(&self.pool)
         .await
@@ -131,6 +131,7 @@ impl SqliteStore {
                     host_key_policy: r.try_get("host_key_policy")?,
                     host_key: r.try_get("host_key")?,
                     legacy_crypto: r.try_get("legacy_crypto")?,
+                    paused: r.try_get("paused")?,
                 })
             })
             .collect::<Result<_, _>>()
@@ -140,15 +141,16 @@ impl SqliteStore {
     pub async fn nas_upsert(&self, nas: &Nas) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO nas (id, name, ip, scheme, script_name, n_workers, protocol, port, login, \
-             password, secret, max_sessions, enabled, updated_at, host_key_policy, host_key, legacy_crypto) \
-             VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17) \
+             password, secret, max_sessions, enabled, updated_at, host_key_policy, host_key, legacy_crypto, \
+             paused) \
+             VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18) \
              ON CONFLICT (id) DO UPDATE SET name=excluded.name, ip=excluded.ip, \
              scheme=excluded.scheme, script_name=excluded.script_name, n_workers=excluded.n_workers, \
              protocol=excluded.protocol, port=excluded.port, login=excluded.login, \
              password=excluded.password, secret=excluded.secret, max_sessions=excluded.max_sessions, \
              enabled=excluded.enabled, updated_at=excluded.updated_at, \
              host_key_policy=excluded.host_key_policy, host_key=excluded.host_key, \
-             legacy_crypto=excluded.legacy_crypto",
+             legacy_crypto=excluded.legacy_crypto, paused=excluded.paused",
         )
         .bind(nas.id)
         .bind(&nas.name)
@@ -167,6 +169,7 @@ impl SqliteStore {
         .bind(&nas.host_key_policy)
         .bind(&nas.host_key)
         .bind(nas.legacy_crypto)
+        .bind(nas.paused)
         .execute(&self.pool)
         .await
         .ctx("save nas")?;
@@ -264,7 +267,11 @@ impl SqliteStore {
         Ok(ids)
     }
 
-    pub async fn expand(&self, params_query: &str, limit: i64) -> Result<ExpandReport, StoreError> {
+    pub async fn expand(
+        &self,
+        from: super::ParamsFrom<'_>,
+        limit: i64,
+    ) -> Result<ExpandReport, StoreError> {
         let mut tx = self
             .pool
             .begin_with("BEGIN IMMEDIATE")
@@ -272,20 +279,24 @@ impl SqliteStore {
             .ctx("expand")?;
         let rows = sqlx::query(
             "SELECT id, cmd, user_id, abonent_id, nas_ip, usluga_id, acct_session_id, created_at \
-             FROM events_stack_compact ORDER BY id LIMIT ?1",
+             FROM events_stack_compact WHERE id <= ?2 ORDER BY id LIMIT ?1",
         )
         .bind(limit)
+        .bind(from.up_to())
         .fetch_all(&mut *tx)
         .await
         .ctx("expand: read compact stack")?;
-        if rows.is_empty() {
-            return Ok(ExpandReport::default());
-        }
-        let compact: Vec<CompactRow> = rows
+        let mut compact: Vec<CompactRow> = rows
             .iter()
             .map(compact_from_row)
             .collect::<Result<_, _>>()
             .ctx("expand: read compact stack")?;
+        if let super::ParamsFrom::Given { params, .. } = from {
+            compact.truncate(super::looked_up_prefix(&compact, params));
+        }
+        if compact.is_empty() {
+            return Ok(ExpandReport::default());
+        }
         let nas: Vec<(i64, String)> = sqlx::query_as("SELECT id, ip FROM nas")
             .fetch_all(&mut *tx)
             .await
@@ -293,14 +304,22 @@ impl SqliteStore {
         let nas_by_ip: HashMap<String, i64> =
             nas.iter().map(|(id, ip)| (ip.clone(), *id)).collect();
         let nas_ids: Vec<i64> = nas.iter().map(|(id, _)| *id).collect();
-        let mut params: HashMap<i64, Option<Vars>> = HashMap::new();
-        for row in &compact {
-            if let std::collections::hash_map::Entry::Vacant(slot) = params.entry(row.event.user_id)
-            {
-                slot.insert(params_for(&mut tx, params_query, row.event.user_id).await?);
+        let mut looked_up: HashMap<i64, Option<Vars>> = HashMap::new();
+        let params = match from {
+            // Looked up in the billing database before this transaction began.
+            super::ParamsFrom::Given { params, .. } => params,
+            super::ParamsFrom::Query(params_query) => {
+                for row in &compact {
+                    if let std::collections::hash_map::Entry::Vacant(slot) =
+                        looked_up.entry(row.event.user_id)
+                    {
+                        slot.insert(params_for(&mut tx, params_query, row.event.user_id).await?);
+                    }
+                }
+                &looked_up
             }
-        }
-        let (events, failures) = plan_expansion(&compact, &params, &nas_by_ip, &nas_ids);
+        };
+        let (events, failures) = plan_expansion(&compact, params, &nas_by_ip, &nas_ids);
         let now = ms(Utc::now());
         for e in &events {
             sqlx::query(
@@ -726,16 +745,16 @@ fn row_to_vars(row: &SqliteRow) -> Result<Vars, String> {
 
 // Queries of the HTTP API: event status, account history, cancel, filters, queue depth.
 
-const STACK_COLUMNS: &str = "s.id, s.compact_id, s.event_date, s.enqueued_at, s.cmd, s.user_id, \
+pub(super) const STACK_COLUMNS: &str = "s.id, s.compact_id, s.event_date, s.enqueued_at, s.cmd, s.user_id, \
      s.abonent_id, s.nas_id, s.usluga_id, s.acct_session_id, s.params, s.try_count, s.state, \
      s.retry_at, s.claim_token, s.lease_until, s.last_error, n.ip AS nas_ip";
-const HISTORY_COLUMNS: &str = "h.event_id, h.compact_id, h.enqueued_at, h.cmd, h.user_id, \
+pub(super) const HISTORY_COLUMNS: &str = "h.event_id, h.compact_id, h.enqueued_at, h.cmd, h.user_id, \
      h.abonent_id, h.nas_id, h.usluga_id, h.acct_session_id, h.outcome, h.attempts, \
-     h.commands, h.answer, h.error, h.duration_ms, h.finished_at, n.ip AS nas_ip";
-const COMPACT_COLUMNS: &str =
+     h.commands, h.answer, h.error, h.duration_ms, h.finished_at, n.ip AS nas_ip, h.params";
+pub(super) const COMPACT_COLUMNS: &str =
     "id, cmd, user_id, abonent_id, nas_ip, usluga_id, acct_session_id, created_at";
 
-fn compact_from_row(r: &SqliteRow) -> Result<CompactRow, sqlx::Error> {
+pub(super) fn compact_from_row(r: &SqliteRow) -> Result<CompactRow, sqlx::Error> {
     Ok(CompactRow {
         id: r.try_get("id")?,
         event: CompactEvent {
@@ -750,7 +769,7 @@ fn compact_from_row(r: &SqliteRow) -> Result<CompactRow, sqlx::Error> {
     })
 }
 
-fn stack_from_row(r: &SqliteRow) -> Result<StackEvent, sqlx::Error> {
+pub(super) fn stack_from_row(r: &SqliteRow) -> Result<StackEvent, sqlx::Error> {
     let params: String = r.try_get("params")?;
     Ok(StackEvent {
         id: r.try_get("id")?,
@@ -773,7 +792,7 @@ fn stack_from_row(r: &SqliteRow) -> Result<StackEvent, sqlx::Error> {
     })
 }
 
-fn history_status(r: &SqliteRow) -> Result<EventStatus, sqlx::Error> {
+pub(super) fn history_status(r: &SqliteRow) -> Result<EventStatus, sqlx::Error> {
     let commands: String = r.try_get("commands")?;
     Ok(EventStatus {
         id: r
@@ -797,6 +816,10 @@ fn history_status(r: &SqliteRow) -> Result<EventStatus, sqlx::Error> {
         answer: Some(r.try_get("answer")?),
         finished_at: Some(from_ms(r.try_get("finished_at")?)),
         duration_ms: Some(r.try_get("duration_ms")?),
+        params: r
+            .try_get::<Option<String>, _>("params")?
+            .and_then(|p| serde_json::from_str::<crate::model::Vars>(&p).ok())
+            .map(|p| super::visible_params(&p)),
     })
 }
 

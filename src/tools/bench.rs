@@ -85,6 +85,12 @@ pub struct BenchOptions {
     /// --workers 4 --compare-nas 2`).
     #[arg(long, default_value_t = 0)]
     pub compare_nas: i64,
+    /// Expansion only (`[billing]`): expand --events compact events for --accounts
+    /// accounts with the variables from nasd's own `accounts` table, then with the same
+    /// variables from a MariaDB/MySQL billing database (a scratch database created on
+    /// this server, e.g. mysql://root@127.0.0.1:3306), and print both events/s.
+    #[arg(long)]
+    pub billing_mysql: Option<String>,
 }
 
 pub struct BenchResult {
@@ -349,6 +355,9 @@ async fn process_per_command(
 }
 
 pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
+    if let Some(billing) = &opts.billing_mysql {
+        return super::bench_billing::run(&opts, billing).await;
+    }
     if opts.idle_nas > 0 {
         let r = measure_idle(&opts).await?;
         println!(

@@ -124,7 +124,11 @@ async fn measure_on(
     cfg.daemon.resync_interval = Duration::from_millis(500);
     cfg.api = Some(ApiConfig {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        tokens: vec![Secret::new(TOKEN)],
+        tokens: vec![crate::config::ApiToken {
+            name: "bench".into(),
+            role: crate::config::Role::Admin,
+            secret: Secret::new(TOKEN),
+        }],
         ..ApiConfig::default()
     });
     let store = crate::daemon::open_store(&cfg).await?;

@@ -5,6 +5,8 @@
 
 pub mod bench;
 pub mod bench_api;
+pub mod bench_billing;
+pub mod bench_console;
 pub mod demo;
 pub mod http_client;
 pub mod scratch;

@@ -297,6 +297,27 @@ impl Device {
         }
     }
 
+    /// Opens a session and logs in without sending a command (a pooled idle session is
+    /// reused, so probe with a device of its own). RADIUS, scripts and the null
+    /// transport have no login: an error says so.
+    pub async fn login(&self, timeout: std::time::Duration) -> Result<(), String> {
+        let result = match self {
+            Device::Ssh(p) => p.run(&[], timeout).await,
+            Device::Telnet(p) => p.run(&[], timeout).await,
+            Device::Api(p) => p.run(&[], timeout).await,
+            Device::Radius(_) => {
+                return Err("RADIUS has no login: its next event is the probe".into());
+            }
+            Device::Exec | Device::Null | Device::Script(_) => {
+                return Err("a local script has no login to probe".into());
+            }
+        };
+        match result.error {
+            None => Ok(()),
+            Some(e) => Err(e.to_string()),
+        }
+    }
+
     /// Connections open to the device now (RADIUS: 0, it is connectionless).
     pub fn open_sessions(&self) -> usize {
         self.pool_counters().map_or(0, |c| c.open_sessions())

@@ -153,6 +153,7 @@ mod tests {
             host_key_policy: "strict".into(),
             host_key: None,
             legacy_crypto: false,
+            paused: false,
         }
     }
 

@@ -189,6 +189,7 @@ pub fn nas(id: i64, script: Option<&Path>, scheme: Option<&str>, workers: i32) -
         host_key_policy: "strict".into(),
         host_key: None,
         legacy_crypto: false,
+        paused: false,
     }
 }
 

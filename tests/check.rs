@@ -1,0 +1,99 @@
+//! `nasd check --connect` with the real binary: one login per NAS against the
+//! simulator's SSH server, with its time; a NAS nobody answers for is an error naming
+//! it, and the exit code says so. Secrets never appear in the report.
+
+use std::process::Command;
+
+use nasd::sim::{self, SimOptions};
+use nasd::store::{Nas, Secret, Store};
+use tokio_util::sync::CancellationToken;
+
+fn ssh_nas(id: i64, port: u16, password: &str) -> Nas {
+    Nas {
+        scheme: Some("mikrotik-ssh".into()),
+        port: Some(i32::from(port)),
+        login: Some("admin".into()),
+        password: Some(Secret::new(password)),
+        max_sessions: 2,
+        host_key_policy: "accept-new".into(),
+        ..Nas::new(id, &format!("Router {id}"), "127.0.0.1")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connect_logs_in_to_every_nas_and_names_the_one_that_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("nasd.db");
+    let url = format!("sqlite://{}", db.display());
+    let store = Store::connect(&url, 2).await.unwrap();
+    store.migrate().await.unwrap();
+    let sim = sim::start(&SimOptions::default(), CancellationToken::new())
+        .await
+        .unwrap();
+    // A port nobody listens on: bound, then released.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    store
+        .nas_upsert(&ssh_nas(1, sim.ssh_addr.port(), "admin"))
+        .await
+        .unwrap();
+    let mut gone = ssh_nas(2, closed, "never-printed-secret");
+    gone.ip = "127.0.0.2".into();
+    store.nas_upsert(&gone).await.unwrap();
+    let schemes = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemes");
+    let config = dir.path().join("nasd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[database]\nurl = \"{url}\"\n[daemon]\nschemes_dir = \"{}\"\nlog_dir = \"{}\"\n\
+             [transport]\nknown_hosts = \"{}\"\nconnect_timeout = \"2s\"\n",
+            schemes.display(),
+            dir.path().join("log").display(),
+            dir.path().join("known_hosts").display()
+        ),
+    )
+    .unwrap();
+    let bin = env!("CARGO_BIN_EXE_nasd");
+    let run = move |args: &[&str]| {
+        let out = Command::new(bin)
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    };
+    let check = tokio::task::spawn_blocking(move || {
+        let plain = run(&["check"]);
+        let connect = run(&["check", "--connect"]);
+        (plain, connect)
+    });
+    let ((plain_code, plain), (code, text)) = check.await.unwrap();
+    // Without --connect nothing logs in: the rows are fine.
+    assert_eq!(plain_code, Some(0), "{plain}");
+    assert!(!plain.contains("login"), "{plain}");
+    assert_eq!(code, Some(1), "{text}");
+    let ok = text
+        .lines()
+        .find(|l| l.contains("nas 1 (Router 1 127.0.0.1): login ok in"))
+        .unwrap_or_else(|| panic!("no login line for nas 1:\n{text}"));
+    assert!(ok.starts_with("ok"), "{ok}");
+    let failed = text
+        .lines()
+        .find(|l| l.contains("nas 2 (Router 2 127.0.0.2): login failed"))
+        .unwrap_or_else(|| panic!("no failure line for nas 2:\n{text}"));
+    assert!(failed.starts_with("error"), "{failed}");
+    assert!(
+        failed.contains(&closed.to_string()) || failed.contains("connect"),
+        "{failed}"
+    );
+    assert!(!text.contains("never-printed-secret"), "{text}");
+    assert!(text.contains("nasd check: 1 error(s)"), "{text}");
+    sim.stop().await;
+}
