@@ -42,7 +42,7 @@ fn main() -> ExitCode {
         }
     };
     init_tracing(cfg.log.stderr_format);
-    nasd::cli::run(cli.command, cfg)
+    nasd::cli::run(cli.command, cfg, cli.config)
 }
 
 /// Log lines to stderr, filtered by `NASD_LOG` (default `warn`), as text or JSON.

@@ -97,3 +97,70 @@ async fn connect_logs_in_to_every_nas_and_names_the_one_that_fails() {
     assert!(text.contains("nasd check: 1 error(s)"), "{text}");
     sim.stop().await;
 }
+
+/// SIGHUP (`systemctl reload`) rereads and checks the config; the daemon goes on.
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_checks_the_config_and_the_daemon_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let log_dir = dir.path().join("log");
+    let config = dir.path().join("nasd.toml");
+    let text = format!(
+        "[database]\nurl = \"sqlite://{}\"\n[daemon]\nlog_dir = \"{}\"\nschemes_dir = \"{}\"\n",
+        dir.path().join("nasd.db").display(),
+        log_dir.display(),
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("schemes")
+            .display()
+    );
+    std::fs::write(&config, &text).unwrap();
+    let stderr = dir.path().join("stderr");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nasd"))
+        .arg("--config")
+        .arg(&config)
+        .arg("run")
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .unwrap();
+    let pid = child.id().to_string();
+    let daemon_log = log_dir.join("nas_event_daemon.log");
+    let wait = |what: &str, check: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !check() {
+            assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
+    wait("the daemon started", &|| {
+        read(&daemon_log).contains("started")
+    });
+    let hup = || {
+        assert!(
+            Command::new("kill")
+                .args(["-HUP", &pid])
+                .status()
+                .unwrap()
+                .success()
+        )
+    };
+    hup();
+    wait("the valid config reported", &|| {
+        read(&stderr).contains("SIGHUP: the config is valid")
+    });
+    // A broken config is named, and the daemon still runs.
+    std::fs::write(&config, format!("{text}[daemon]\n")).unwrap();
+    hup();
+    wait("the broken config reported", &|| {
+        read(&stderr).contains("SIGHUP: the config has an error")
+    });
+    assert!(child.try_wait().unwrap().is_none(), "the daemon goes on");
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}: {}", read(&stderr));
+}

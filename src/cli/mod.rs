@@ -127,7 +127,7 @@ pub enum Command {
 /// exists. It builds the tokio runtime itself, and for `nasd demo` it first sets
 /// `NASD_DEMO_STATE` in the process environment, which is only sound while the process
 /// has a single thread.
-pub fn run(mut command: Command, cfg: Config) -> ExitCode {
+pub fn run(mut command: Command, cfg: Config, config_path: Option<std::path::PathBuf>) -> ExitCode {
     if let Command::Demo(opts) = &mut command {
         let dir = tools::demo::choose_dir(opts);
         // SAFETY: no other thread exists yet (the runtime starts below, and `run` is
@@ -149,7 +149,7 @@ pub fn run(mut command: Command, cfg: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(execute(command, cfg)) {
+    match runtime.block_on(execute(command, cfg, config_path)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("nasd: {e:#}");
@@ -159,9 +159,13 @@ pub fn run(mut command: Command, cfg: Config) -> ExitCode {
 }
 
 /// Dispatches the parsed command to the code that carries it out.
-async fn execute(command: Command, cfg: Config) -> anyhow::Result<ExitCode> {
+async fn execute(
+    command: Command,
+    cfg: Config,
+    config_path: Option<std::path::PathBuf>,
+) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Run => run_daemon(cfg).await?,
+        Command::Run => run_daemon(cfg, config_path).await?,
         Command::Migrate => migrate(&cfg).await?,
         Command::Check { connect } => return check::run(&cfg, connect).await,
         Command::Nas(cmd) => nas::run(cmd, &cfg).await?,
@@ -223,7 +227,9 @@ async fn execute(command: Command, cfg: Config) -> anyhow::Result<ExitCode> {
 }
 
 /// `nasd run`: the daemon until SIGTERM or SIGINT (a second signal exits at once).
-async fn run_daemon(cfg: Config) -> anyhow::Result<()> {
+/// SIGHUP rereads and checks the config file (see `check_on_hup`).
+async fn run_daemon(cfg: Config, config_path: Option<std::path::PathBuf>) -> anyhow::Result<()> {
+    tokio::spawn(check_on_hup(config_path));
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
     tokio::spawn(async move {
@@ -234,6 +240,28 @@ async fn run_daemon(cfg: Config) -> anyhow::Result<()> {
         std::process::exit(130);
     });
     crate::daemon::run(cfg, shutdown).await
+}
+
+/// SIGHUP (`systemctl reload nasd`): the config file is read and checked again and the
+/// result logged; the daemon goes on with the settings it started with (applying them
+/// live is not there yet: a restart applies them). Without this handler SIGHUP would
+/// end the process.
+async fn check_on_hup(config_path: Option<std::path::PathBuf>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    while hup.recv().await.is_some() {
+        match Config::load(config_path.as_deref()) {
+            Ok(_) => tracing::warn!(
+                "SIGHUP: the config is valid; the daemon keeps the settings it started with \
+                 (live reload is not implemented yet): restart it to apply changes"
+            ),
+            Err(e) => tracing::error!(
+                "SIGHUP: the config has an error, the daemon keeps the settings it started with: {e}"
+            ),
+        }
+    }
 }
 
 async fn wait_for_signal() {
