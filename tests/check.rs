@@ -98,6 +98,15 @@ async fn connect_logs_in_to_every_nas_and_names_the_one_that_fails() {
     sim.stop().await;
 }
 
+/// Polls `check` every 50 ms until it holds; panics naming `what` after 20 s.
+async fn wait(what: &str, check: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !check() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 /// SIGHUP (`systemctl reload`) rereads and checks the config; the daemon goes on.
 #[tokio::test(flavor = "multi_thread")]
 async fn sighup_checks_the_config_and_the_daemon_goes_on() {
@@ -123,17 +132,11 @@ async fn sighup_checks_the_config_and_the_daemon_goes_on() {
         .unwrap();
     let pid = child.id().to_string();
     let daemon_log = log_dir.join("nas_event_daemon.log");
-    let wait = |what: &str, check: &dyn Fn() -> bool| {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while !check() {
-            assert!(std::time::Instant::now() < deadline, "timed out: {what}");
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-    };
     let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
-    wait("the daemon started", &|| {
+    wait("the daemon started", || {
         read(&daemon_log).contains("started")
-    });
+    })
+    .await;
     let hup = || {
         assert!(
             Command::new("kill")
@@ -144,15 +147,17 @@ async fn sighup_checks_the_config_and_the_daemon_goes_on() {
         )
     };
     hup();
-    wait("the valid config reported", &|| {
+    wait("the valid config reported", || {
         read(&stderr).contains("SIGHUP: the config is valid")
-    });
+    })
+    .await;
     // A broken config is named, and the daemon still runs.
     std::fs::write(&config, format!("{text}[daemon]\n")).unwrap();
     hup();
-    wait("the broken config reported", &|| {
+    wait("the broken config reported", || {
         read(&stderr).contains("SIGHUP: the config has an error")
-    });
+    })
+    .await;
     assert!(child.try_wait().unwrap().is_none(), "the daemon goes on");
     assert!(
         Command::new("kill")
