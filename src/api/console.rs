@@ -24,7 +24,7 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::json::{Owners, json_body, parse_id};
+use super::json::{Owners, json_body, parse_id, query};
 use super::{ApiError, ApiState, Caller, json_response, printable};
 use crate::config::DaemonConfig;
 use crate::journal::{Journal, NasTarget};
@@ -588,16 +588,6 @@ struct LinesQuery {
     lines: Option<usize>,
 }
 
-fn parse_query<T: serde::de::DeserializeOwned + Default>(
-    raw: Option<String>,
-) -> Result<T, ApiError> {
-    match raw.as_deref() {
-        None | Some("") => Ok(T::default()),
-        Some(q) => serde_urlencoded::from_str(q)
-            .map_err(|e| ApiError::bad_request(format!("invalid query string: {e}"))),
-    }
-}
-
 /// The last `lines` lines of a file, reading at most its last 1 MiB.
 pub fn tail(path: &std::path::Path, lines: usize) -> std::io::Result<Vec<String>> {
     use std::io::{Read, Seek, SeekFrom};
@@ -624,7 +614,7 @@ pub async fn nas_log(
     RawQuery(raw): RawQuery,
 ) -> ApiResult {
     let nas = nas_of(&state, &id).await?;
-    let q: LinesQuery = parse_query(raw)?;
+    let q: LinesQuery = query(raw)?;
     let lines = q.lines.unwrap_or(200);
     if !(1..=5000).contains(&lines) {
         return Err(ApiError::bad_request(format!(
@@ -963,7 +953,7 @@ impl FilterInput {
 
 /// `GET /api/v1/events?state=&nas=&cmd=&error=&since=&until=&user_id=&before=&limit=`.
 pub async fn events(State(state): State<Arc<ApiState>>, RawQuery(raw): RawQuery) -> ApiResult {
-    let input: ListInput = parse_query(raw)?;
+    let input: ListInput = query(raw)?;
     let filter = FilterInput {
         state: input.state,
         nas: input.nas,
@@ -1142,7 +1132,7 @@ struct SearchInput {
 
 /// `GET /api/v1/accounts?q=`: by user id, login, IP or MAC.
 pub async fn accounts(State(state): State<Arc<ApiState>>, RawQuery(raw): RawQuery) -> ApiResult {
-    let input: SearchInput = parse_query(raw)?;
+    let input: SearchInput = query(raw)?;
     let q = input.q.unwrap_or_default();
     if q.trim().is_empty() {
         return Err(ApiError::bad_request(
@@ -1172,7 +1162,7 @@ struct AuditInput {
 
 /// `GET /api/v1/audit?before=&limit=`: operator actions, newest first.
 pub async fn audit_list(State(state): State<Arc<ApiState>>, RawQuery(raw): RawQuery) -> ApiResult {
-    let input: AuditInput = parse_query(raw)?;
+    let input: AuditInput = query(raw)?;
     let limit = input.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::bad_request(format!(

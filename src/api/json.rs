@@ -82,7 +82,7 @@ pub fn parse_id(what: &str, raw: &str) -> Result<i64, ApiError> {
 }
 
 /// Query parameters into `T` (unknown parameters are errors).
-fn query<T: DeserializeOwned + Default>(raw: Option<String>) -> Result<T, ApiError> {
+pub(super) fn query<T: DeserializeOwned + Default>(raw: Option<String>) -> Result<T, ApiError> {
     match raw.as_deref() {
         None | Some("") => Ok(T::default()),
         Some(q) => serde_urlencoded::from_str(q)
