@@ -109,6 +109,8 @@ pub struct Running {
     pub daemon_id: String,
     /// The cluster's daemons as its last heartbeat saw them (PostgreSQL).
     pub members: Option<Arc<Mutex<Vec<crate::store::cluster::Member>>>>,
+    /// Applies a reloaded config (SIGHUP).
+    pub reloader: Arc<Mutex<crate::reload::Reloader>>,
     join: tokio::task::JoinHandle<()>,
 }
 
@@ -127,6 +129,15 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
     // Before anything else: a second daemon on the same SQLite file stops here.
     let sqlite_lock = crate::daemon_lock::lock_sqlite(&cfg.database.url)?;
     let store = open_store(&cfg).await?;
+    // A schemes_dir that is not there, while an enabled NAS needs a scheme found in no
+    // other directory, stops the start (a daemon of scripts alone needs none).
+    let dirs = cfg.daemon.schemes_dirs();
+    let (schemes, _) = crate::scheme::SchemeSet::load_dirs(&dirs);
+    if let Some(problem) =
+        crate::supervisor::schemes_dirs_problem(&dirs, &schemes, &store.nas_list().await?)
+    {
+        anyhow::bail!(problem);
+    }
     let billing = match &cfg.billing {
         Some(billing_cfg) => Some(open_billing(billing_cfg).await?),
         None => None,
@@ -151,10 +162,15 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
     let stats = crate::stats::Stats::new();
     // `/status` and `/metrics` report the journal's failing files and dropped lines.
     stats.attach_journal(journal.health());
-    let (alerts, alerts_join) = match &cfg.alerts {
-        Some(alerts_cfg) => {
+    // `[alerts]` as a watched value, so a SIGHUP can replace it.
+    let alerts_live = cfg
+        .alerts
+        .as_ref()
+        .map(|a| tokio::sync::watch::channel(Arc::new(a.clone())));
+    let (alerts, alerts_join) = match &alerts_live {
+        Some((_, rx)) => {
             let (alerts, join) = crate::alerts::start(
-                alerts_cfg.clone(),
+                rx.clone(),
                 store.clone(),
                 stats.clone(),
                 journal.clone(),
@@ -164,6 +180,13 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         }
         None => (crate::alerts::Alerts::off(), None),
     };
+    let (tuning_tx, tuning_rx) = tokio::sync::watch::channel(cfg.daemon.tuning());
+    let reloader = Arc::new(Mutex::new(crate::reload::Reloader::new(
+        cfg.clone(),
+        journal.clone(),
+        tuning_tx,
+        alerts_live.map(|(tx, _)| tx),
+    )));
     let billing = billing.map(|(billing, checked)| {
         let shown_url = billing.config().shown_url();
         match checked {
@@ -220,6 +243,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         batches: crate::dispatch::batch::Batches::start(store.clone(), cfg.daemon.lease),
         fence,
         resync: resync.clone(),
+        tuning: tuning_rx,
     });
     let wakers: Wakers = Arc::new(Mutex::new(HashMap::new()));
     // The console's recent history: one sampler per daemon, whatever the open pages.
@@ -358,6 +382,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         store: running_store,
         daemon_id,
         members,
+        reloader,
         join,
     })
 }

@@ -19,8 +19,8 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::billing::{Billing, BillingError, Health, Part};
-use crate::journal::Journal;
-use crate::store::{ExpandReport, Store, StoreError};
+use crate::journal::{AccountTarget, Journal};
+use crate::store::{EventQuery, EventState, EventStatus, ExpandReport, Store, StoreError};
 
 /// What the expander needs: where the stacks are, where to report, how much to move
 /// per statement and how often to look when nothing announces work.
@@ -67,6 +67,67 @@ async fn expand_once(
     Ok(store.expand_given(&params, up_to, batch).await?)
 }
 
+/// Pages of failed events (500 each, newest first) read back at most to find those of
+/// one expansion among the failures of attempts finished meanwhile.
+const NOT_EXPANDED_PAGES: usize = 4;
+
+/// Writes each event the last expansion failed (no account for its user, no NAS for
+/// it) to the daemon log and to its account's log, with the reason. The expansion
+/// reports only how many failed (`failed`), so they are read back from
+/// `events_history`: the newest failed events that never reached the main stack and
+/// were enqueued after the last one written (`written_up_to`, an enqueued id).
+async fn journal_not_expanded(
+    store: &Store,
+    journal: &Journal,
+    failed: usize,
+    written_up_to: &mut i64,
+) -> Result<(), StoreError> {
+    let mut found: Vec<EventStatus> = Vec::new();
+    let mut query = EventQuery {
+        limit: 500,
+        ..EventQuery::new(EventState::Failed)
+    };
+    for _ in 0..NOT_EXPANDED_PAGES {
+        let page = store.events_list(&query).await?;
+        found.extend(
+            page.events
+                .into_iter()
+                .filter(|e| not_expanded(e, *written_up_to)),
+        );
+        match page.next_before {
+            Some(before) if found.len() < failed => query.before_id = Some(before),
+            _ => break,
+        }
+    }
+    found.truncate(failed);
+    // In the order they were enqueued.
+    found.sort_by_key(|e| e.id);
+    for e in &found {
+        let account = AccountTarget {
+            abonent_id: e.abonent_id,
+            user_id: e.user_id,
+        };
+        journal.not_expanded(&account, e.id, &e.cmd, e.error.as_deref().unwrap_or("-"));
+    }
+    if let Some(last) = found.last() {
+        *written_up_to = (*written_up_to).max(last.id);
+    }
+    if found.len() < failed {
+        journal.daemon(&format!(
+            "{} more compact event(s) could not be expanded and went to events_history as \
+             failed (see its error column)",
+            failed - found.len()
+        ));
+    }
+    Ok(())
+}
+
+/// Whether a failed event failed at expansion (it never reached the main stack nor a
+/// NAS, no attempt was made) and was enqueued after `written_up_to`. Pure.
+fn not_expanded(e: &EventStatus, written_up_to: i64) -> bool {
+    e.stack_id.is_none() && e.nas_id.is_none() && e.try_count == 0 && e.id > written_up_to
+}
+
 /// Whom to wake, as the expander reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Wake<'a> {
@@ -103,6 +164,8 @@ pub async fn run(expander: Expander, wake: impl Fn(Wake<'_>) + Send, shutdown: C
     // The safety net's position: the highest event id it has looked at.
     let mut looked_up_to = 0i64;
     let mut polls = 0u32;
+    // The highest enqueued id of an event not expanded that the logs were told of.
+    let mut not_expanded_up_to = 0i64;
     // The server processes that sent this daemon's own `nasd_stack` notifications.
     let mut own_notifiers: std::collections::VecDeque<i32> = std::collections::VecDeque::new();
     loop {
@@ -139,9 +202,19 @@ pub async fn run(expander: Expander, wake: impl Fn(Wake<'_>) + Send, shutdown: C
                     billing_failures = 0;
                     health.ok(Part::Params);
                 }
-                if report.failed > 0 {
+                if report.failed > 0
+                    && let Err(e) = journal_not_expanded(
+                        &store,
+                        &journal,
+                        report.failed,
+                        &mut not_expanded_up_to,
+                    )
+                    .await
+                {
                     journal.daemon(&format!(
-                        "{} compact event(s) could not be expanded and went to events_history as failed (see its error column)",
+                        "{} compact event(s) could not be expanded and went to events_history \
+                         as failed (see its error column; reading them back for the logs \
+                         failed: {e})",
                         report.failed
                     ));
                 }
@@ -234,5 +307,47 @@ pub async fn run(expander: Expander, wake: impl Fn(Wake<'_>) + Send, shutdown: C
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failed(id: i64, stack_id: Option<i64>, nas_id: Option<i64>, try_count: i32) -> EventStatus {
+        EventStatus {
+            id,
+            state: "failed".into(),
+            stage: "history".into(),
+            stack_id,
+            cmd: "user_add".into(),
+            user_id: 77,
+            abonent_id: None,
+            nas_id,
+            nas_ip: None,
+            usluga_id: None,
+            acct_session_id: None,
+            enqueued_at: chrono::DateTime::default(),
+            try_count,
+            next_try_at: None,
+            error: Some("unknown account user_id=77".into()),
+            commands: Vec::new(),
+            answer: None,
+            finished_at: None,
+            duration_ms: None,
+            params: None,
+        }
+    }
+
+    #[test]
+    fn only_events_that_failed_at_expansion_are_read_back() {
+        // Failed at expansion, enqueued after what was written: taken.
+        assert!(not_expanded(&failed(5, None, None, 0), 4));
+        // Already written.
+        assert!(!not_expanded(&failed(4, None, None, 0), 4));
+        // Failed on its NAS (expanded, tried).
+        assert!(!not_expanded(&failed(6, Some(3), Some(1), 2), 4));
+        assert!(!not_expanded(&failed(6, None, Some(1), 0), 4));
+        assert!(!not_expanded(&failed(6, None, None, 1), 4));
     }
 }

@@ -18,6 +18,7 @@ pub mod limits;
 pub mod manual;
 pub mod model;
 pub mod prune;
+pub mod reload;
 pub mod scheme;
 pub mod series;
 pub mod sim;

@@ -13,11 +13,20 @@ use crate::config::HistoryConfig;
 use crate::journal::Journal;
 use crate::store::Store;
 
-/// The pause between two delete statements: delivery gets the database meanwhile.
+/// The shortest pause between two delete statements: delivery gets the database
+/// meanwhile.
 const PAUSE: Duration = Duration::from_millis(20);
 
 /// The first look, soon after the start.
 const FIRST: Duration = Duration::from_secs(5);
+
+/// The pause after a statement that took `took`: at least as long, so that the pruner
+/// holds the database at most half of the time even when a statement is slow (a
+/// checkpoint's sync, a busy disk; SQLite has one writer and the daemon one connection
+/// to it).
+pub fn pause_after(took: Duration) -> Duration {
+    PAUSE.max(took)
+}
 
 /// Whether one round goes on after a statement that deleted `deleted` rows.
 pub fn more_after(deleted: u64, batch: i64) -> bool {
@@ -40,8 +49,14 @@ pub async fn run(store: Store, journal: Journal, cfg: HistoryConfig, shutdown: C
         }
         let cutoff = Utc::now() - keep;
         let mut total = 0u64;
+        let started = tokio::time::Instant::now();
+        let mut slowest = Duration::ZERO;
         loop {
-            match store.prune_history(cutoff, cfg.prune_batch).await {
+            let statement = tokio::time::Instant::now();
+            let pruned = store.prune_history(cutoff, cfg.prune_batch).await;
+            let took = statement.elapsed();
+            slowest = slowest.max(took);
+            match pruned {
                 Ok(deleted) => {
                     total += deleted;
                     if !more_after(deleted, cfg.prune_batch) {
@@ -58,14 +73,16 @@ pub async fn run(store: Store, journal: Journal, cfg: HistoryConfig, shutdown: C
             }
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = tokio::time::sleep(PAUSE) => {}
+                _ = tokio::time::sleep(pause_after(took)) => {}
             }
         }
         if total > 0 {
             journal.daemon(&format!(
-                "History pruned: {total} event(s) finished before {} deleted ([history] keep = {})",
+                "History pruned: {total} event(s) finished before {} deleted ([history] keep = {}) in {:.1} s, the slowest statement {} ms",
                 cutoff.format("%Y-%m-%d %H:%M:%S"),
-                crate::duration::format_duration(cfg.keep)
+                crate::duration::format_duration(cfg.keep),
+                started.elapsed().as_secs_f64(),
+                slowest.as_millis()
             ));
         }
         if shutdown.is_cancelled() {
@@ -78,6 +95,15 @@ pub async fn run(store: Store, journal: Journal, cfg: HistoryConfig, shutdown: C
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_pause_is_at_least_as_long_as_the_statement() {
+        assert_eq!(pause_after(Duration::from_millis(3)), PAUSE);
+        assert_eq!(
+            pause_after(Duration::from_millis(120)),
+            Duration::from_millis(120)
+        );
+    }
 
     #[test]
     fn a_round_ends_at_the_first_short_batch() {

@@ -83,6 +83,53 @@ fn describe_change(old: &Nas, new: &Nas) -> String {
     parts.join(", ")
 }
 
+/// The `[daemon] schemes_dir` directories that do not exist (or are not directories),
+/// as a message naming each: `/etc/nasd/schemes does not exist`. None when all are.
+pub fn missing_schemes_dirs(dirs: &[std::path::PathBuf]) -> Option<String> {
+    let missing: Vec<String> = dirs
+        .iter()
+        .filter(|d| !d.is_dir())
+        .map(|d| {
+            if d.exists() {
+                format!("{} is not a directory", d.display())
+            } else {
+                format!("{} does not exist", d.display())
+            }
+        })
+        .collect();
+    (!missing.is_empty()).then(|| missing.join(", "))
+}
+
+/// Why the daemon must not start: a `schemes_dir` directory is missing and an enabled
+/// NAS needs a scheme found in none of them (`set`, loaded from the directories that
+/// are there), so its events would only wait. A NAS with its own script needs no
+/// scheme, so a daemon of scripts alone starts without the directory.
+pub fn schemes_dirs_problem(
+    dirs: &[std::path::PathBuf],
+    set: &SchemeSet,
+    nas: &[Nas],
+) -> Option<String> {
+    let missing = missing_schemes_dirs(dirs)?;
+    let needing: Vec<String> = nas
+        .iter()
+        .filter(|n| n.enabled && n.script_name.is_none())
+        .filter_map(|n| {
+            let scheme = n.scheme.as_deref().unwrap_or_default();
+            set.get(scheme)
+                .is_none()
+                .then(|| format!("nas {} ({}, {}): {scheme}", n.id, n.name, n.ip))
+        })
+        .collect();
+    if needing.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "config key daemon.schemes_dir: {missing}; no schemes directory has the scheme of {} \
+         (its events would only wait)",
+        needing.join(", ")
+    ))
+}
+
 /// The owners' wake-up handles, shared with the expander.
 pub type Wakers = Arc<Mutex<HashMap<i64, Arc<OwnerWake>>>>;
 
@@ -172,8 +219,11 @@ impl Supervisor {
         }
         let name = nas.scheme.clone().unwrap_or_default();
         let Some(scheme) = schemes.get(&name) else {
+            let missing = missing_schemes_dirs(&self.shared.cfg.schemes_dirs())
+                .map(|m| format!(" ({m})"))
+                .unwrap_or_default();
             runtime.unavailable = Some(format!(
-                "scheme {name} not found (or broken) under {}",
+                "scheme {name} not found (or broken) under {}{missing}",
                 self.shared.cfg.schemes_shown()
             ));
             return runtime;
@@ -189,7 +239,15 @@ impl Supervisor {
                     runtime.device = Some(device);
                 }
                 Ok(None) => {}
-                Err(why) => runtime.unavailable = Some(why),
+                // A mistake in the NAS row or the config (no login, no secret, a bad
+                // fingerprint): nothing would reach the device, so nothing is sent and
+                // the NAS is not counted as down; its events wait until it is fixed.
+                Err(why) => {
+                    if let Some((_, old)) = self.devices.remove(&nas.id) {
+                        tokio::spawn(async move { old.close().await });
+                    }
+                    runtime.unavailable = Some(why);
+                }
             },
         }
         runtime.scheme = Some(scheme);
@@ -421,8 +479,11 @@ impl Supervisor {
             let runtime = self.runtime_for(&nas, epoch);
             if let Some(why) = &runtime.unavailable {
                 if self.reported.get(&nas.id) != Some(why) {
+                    // A configuration error, not the NAS being down: nothing is sent,
+                    // so the circuit breaker never counts it.
                     journal.daemon(&format!(
-                        "nas nasid={} nas_ip={}: {why}; its events wait until this is fixed",
+                        "nas nasid={} nas_ip={}: configuration error: {why}; its events wait \
+                         until this is fixed (the NAS is not counted as down)",
                         nas.id, nas.ip
                     ));
                     self.reported.insert(nas.id, why.clone());
@@ -578,6 +639,52 @@ mod tests {
             legacy_crypto: false,
             paused: false,
         }
+    }
+
+    #[test]
+    fn a_missing_schemes_dir_is_named_when_a_nas_needs_it() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let here = dir.path().to_path_buf();
+        let file = here.join("file");
+        std::fs::write(&file, "").expect("file");
+        let gone = here.join("no-schemes");
+        assert_eq!(missing_schemes_dirs(std::slice::from_ref(&here)), None);
+        let dirs = [here.clone(), gone.clone(), file.clone()];
+        assert_eq!(
+            missing_schemes_dirs(&dirs),
+            Some(format!(
+                "{} does not exist, {} is not a directory",
+                gone.display(),
+                file.display()
+            ))
+        );
+        let set = SchemeSet::default();
+        let scripted = Nas {
+            script_name: Some("/opt/oss/session".into()),
+            ..nas(1, 4, true)
+        };
+        // Only NAS with their own script, or the scheme's NAS disabled: nothing waits.
+        assert_eq!(
+            schemes_dirs_problem(&dirs, &set, std::slice::from_ref(&scripted)),
+            None
+        );
+        assert_eq!(schemes_dirs_problem(&dirs, &set, &[nas(2, 4, false)]), None);
+        assert_eq!(
+            schemes_dirs_problem(&dirs, &set, &[scripted, nas(2, 4, true)]),
+            Some(format!(
+                "config key daemon.schemes_dir: {} does not exist, {} is not a directory; no \
+                 schemes directory has the scheme of nas 2 (nas2, 10.0.0.2): demo-exec (its \
+                 events would only wait)",
+                gone.display(),
+                file.display()
+            ))
+        );
+        // Every directory there: the daemon starts (a scheme missing from them is a
+        // configuration error of that NAS, see `/status`).
+        assert_eq!(
+            schemes_dirs_problem(std::slice::from_ref(&here), &set, &[nas(2, 4, true)]),
+            None
+        );
     }
 
     #[test]

@@ -97,7 +97,8 @@ fn api_config() -> ApiConfig {
             name: "test".into(),
             role: nasd::config::Role::Admin,
             secret: Secret::new(TOKEN),
-        }],
+        }]
+        .into(),
         ..ApiConfig::default()
     }
 }

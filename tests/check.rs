@@ -107,21 +107,30 @@ async fn wait(what: &str, check: impl Fn() -> bool) {
     }
 }
 
-/// SIGHUP (`systemctl reload`) rereads and checks the config; the daemon goes on.
+/// SIGHUP (`systemctl reload`) reloads the config: the API tokens and the retries
+/// change live, a changed `[database]` is named as needing a restart, a broken config
+/// changes nothing; the daemon goes on.
 #[tokio::test(flavor = "multi_thread")]
-async fn sighup_checks_the_config_and_the_daemon_goes_on() {
+async fn sighup_reloads_the_config_and_the_daemon_goes_on() {
+    const OLD: &str = "old-token-0123456789abcdef";
+    const NEW: &str = "new-token-fedcba9876543210";
     let dir = tempfile::tempdir().unwrap();
     let log_dir = dir.path().join("log");
     let config = dir.path().join("nasd.toml");
-    let text = format!(
-        "[database]\nurl = \"sqlite://{}\"\n[daemon]\nlog_dir = \"{}\"\nschemes_dir = \"{}\"\n",
-        dir.path().join("nasd.db").display(),
-        log_dir.display(),
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("schemes")
-            .display()
-    );
-    std::fs::write(&config, &text).unwrap();
+    let write = |token: &str, extra: &str| {
+        let text = format!(
+            "[database]\nurl = \"sqlite://{}\"\n{extra}[daemon]\nlog_dir = \"{}\"\nschemes_dir = \"{}\"\n\
+             [api]\nlisten = \"127.0.0.1:0\"\ntokens = [\"{token}\"]\n",
+            dir.path().join("nasd.db").display(),
+            log_dir.display(),
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("schemes")
+                .display()
+        );
+        std::fs::write(&config, &text).unwrap();
+        text
+    };
+    let text = write(OLD, "");
     let stderr = dir.path().join("stderr");
     let mut child = Command::new(env!("CARGO_BIN_EXE_nasd"))
         .arg("--config")
@@ -134,9 +143,31 @@ async fn sighup_checks_the_config_and_the_daemon_goes_on() {
     let daemon_log = log_dir.join("nas_event_daemon.log");
     let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
     wait("the daemon started", || {
-        read(&daemon_log).contains("started")
+        read(&daemon_log).contains("api on http://")
     })
     .await;
+    let log = read(&daemon_log);
+    let addr: std::net::SocketAddr = log
+        .split("api on http://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no api address in {log}"));
+    let status_with = |token: &'static str| async move {
+        let bearer = format!("Bearer {token}");
+        nasd::tools::http_client::request(
+            addr,
+            "GET",
+            "/api/v1/nas",
+            &[("authorization", bearer.as_str())],
+            b"",
+        )
+        .await
+        .unwrap()
+        .status
+    };
+    assert_eq!(status_with(OLD).await, 200);
+    assert_eq!(status_with(NEW).await, 401);
     let hup = || {
         assert!(
             Command::new("kill")
@@ -146,18 +177,43 @@ async fn sighup_checks_the_config_and_the_daemon_goes_on() {
                 .success()
         )
     };
+    // New token, more attempts, and a database setting that needs a restart.
+    write(NEW, "max_connections = 7\n[breaker]\nfailures = 9\n");
+    std::fs::write(
+        &config,
+        read(&config).replace("[daemon]\n", "[daemon]\nmax_attempts = 7\n"),
+    )
+    .unwrap();
     hup();
-    wait("the valid config reported", || {
-        read(&stderr).contains("SIGHUP: the config is valid")
+    wait("the reload reported", || {
+        read(&daemon_log).contains("SIGHUP: changed but kept until a restart")
     })
     .await;
-    // A broken config is named, and the daemon still runs.
+    let log = read(&daemon_log);
+    assert!(
+        log.contains("SIGHUP: config reloaded: applied retries (max_attempts 7")
+            && log.contains("[breaker]")
+            && log.contains("API tokens (now: tokens[0] (admin))"),
+        "{log}"
+    );
+    assert!(
+        log.contains("changed but kept until a restart: [database] (restart nasd to apply)"),
+        "{log}"
+    );
+    assert!(
+        !log.contains(OLD) && !log.contains(NEW),
+        "no token in the log"
+    );
+    assert_eq!(status_with(OLD).await, 401, "the old token is gone");
+    assert_eq!(status_with(NEW).await, 200, "the new token works");
+    // A broken config is named, nothing changes, and the daemon still runs.
     std::fs::write(&config, format!("{text}[daemon]\n")).unwrap();
     hup();
     wait("the broken config reported", || {
-        read(&stderr).contains("SIGHUP: the config has an error")
+        read(&daemon_log).contains("SIGHUP: the config has an error, nothing was changed")
     })
     .await;
+    assert_eq!(status_with(NEW).await, 200, "still the reloaded token");
     assert!(child.try_wait().unwrap().is_none(), "the daemon goes on");
     assert!(
         Command::new("kill")

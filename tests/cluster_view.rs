@@ -39,7 +39,8 @@ fn config(env: &TestEnv, name: &str) -> Config {
             name: "test".into(),
             role: nasd::config::Role::Admin,
             secret: Secret::new("cluster-view-token-7d2e91"),
-        }],
+        }]
+        .into(),
         ..ApiConfig::default()
     });
     cfg.validate().expect("config");

@@ -127,7 +127,8 @@ fn api_config() -> ApiConfig {
                 role: Role::ReadOnly,
                 secret: Secret::new(HELPDESK),
             },
-        ],
+        ]
+        .into(),
         ..ApiConfig::default()
     }
 }

@@ -141,7 +141,8 @@ impl Daemon {
                     role: Role::ReadOnly,
                     secret: Secret::new(HELPDESK_TOKEN),
                 },
-            ],
+            ]
+            .into(),
             ..ApiConfig::default()
         });
         let shutdown = CancellationToken::new();

@@ -161,6 +161,17 @@ fn example_config_names_every_key() {
 /// other keys beside them).
 const NO_DEFAULT: &[&str] = &[
     "transport.ssh_key",
+    "transport.ssh_key_passphrase",
+    "transport.ssh_key_passphrase_file",
+    "transport.ssh_key_passphrase_env",
+    "transport.ssh_key_passphrase_credential",
+    "api.token.secret_credential",
+    "alerts.webhooks_file",
+    "alerts.webhooks_env",
+    "alerts.webhooks_credential",
+    "alerts.telegram_bot_token_file",
+    "alerts.telegram_bot_token_env",
+    "alerts.telegram_bot_token_credential",
     "transport.api_tls_ca",
     "cluster.name",
     "alerts.telegram_bot_token",
@@ -488,6 +499,8 @@ fn debian_package_installs_runs_and_removes() {
     for file in [
         "/usr/share/nasd/schemes/mikrotik-api/scheme.toml",
         "/usr/share/nasd/schemes/null-routeros/scheme.toml",
+        "/usr/share/nasd/contrib/grafana/nasd.json",
+        "/usr/share/nasd/contrib/prometheus/nasd-rules.yml",
         "/usr/share/man/man1/nasd.1.gz",
         "/usr/share/man/man1/nasd-nas-add.1.gz",
         "/usr/share/bash-completion/completions/nasd",

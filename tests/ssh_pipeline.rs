@@ -325,7 +325,56 @@ async fn expected_events(store: &Store, accounts: i64) -> HashMap<i64, Vec<(Vec<
     out
 }
 
+/// An encrypted client key, its passphrase from a file named by
+/// `ssh_key_passphrase_file`: the daemon logs in with it and the command arrives.
+async fn encrypted_key_with_its_passphrase_from_a_file(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let sshd = Sshd::start(&env.path().join("sshd"), "");
+    let passphrase = "S3cr3t-key-passphrase-41";
+    let status = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-p", "-P", "", "-N", passphrase, "-f"])
+        .arg(&sshd.client_key)
+        .status()
+        .expect("ssh-keygen -p");
+    assert!(status.success(), "ssh-keygen -p: {status}");
+    let pass_file = env.path().join("key.pass");
+    std::fs::write(&pass_file, format!("{passphrase}\n")).unwrap();
+    let parsed = Config::from_toml(&format!(
+        "[transport]\nssh_key_passphrase_file = \"{}\"\n",
+        pass_file.display()
+    ))
+    .expect("config");
+    let store = env.store().await;
+    store
+        .nas_upsert(&ssh_nas(&sshd, 1, 1, "accept-new"))
+        .await
+        .unwrap();
+    add_accounts(&store, 1, &[1]).await;
+    let mut cfg = config(&env, &sshd);
+    cfg.daemon.transport.ssh_key_passphrase = parsed.daemon.transport.ssh_key_passphrase;
+    store
+        .enqueue_compact(&[event("user_add", 1)])
+        .await
+        .unwrap();
+    let (token, handle) = start(cfg).await;
+    wait_history(&store, 1, Duration::from_secs(60)).await;
+    token.cancel();
+    handle.await.unwrap().unwrap();
+    let h = store.history(None, 10).await.unwrap();
+    assert_eq!(h[0].outcome, "done", "{:?}", h[0].error);
+    assert!(
+        sshd.received()
+            .iter()
+            .any(|(_, cmd)| cmd.contains("address=10.88.0.2")),
+        "{:?}",
+        sshd.received()
+    );
+    let daemon_log = std::fs::read_to_string(env.log_dir().join("nas_event_daemon.log")).unwrap();
+    assert!(!daemon_log.contains(passphrase));
+}
+
 both_backends!(
+    encrypted_key_with_its_passphrase_from_a_file,
     commands_arrive_once_in_order,
     changed_host_key_sends_nothing,
     dropped_connection_loses_nothing,

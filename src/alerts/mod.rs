@@ -12,7 +12,7 @@
 //!
 //! Layers: `crate::config::alerts` (what to send, templates), [`watch`] (pure
 //! transitions), this file (the handle, the watcher loop and the sender), [`http`]
-//! (the POST itself).
+//! (the POST itself, one kept-alive reqwest client per sender).
 
 pub mod http;
 pub mod watch;
@@ -21,7 +21,7 @@ pub use crate::config::alerts::{
     Alert, AlertKind, AlertsConfig, RawAlerts, TelegramConfig, Url, WatchConfig, alerts_section,
     render, tls_config,
 };
-pub use http::{parse_status, post_json};
+pub use http::{Poster, post_json};
 pub use watch::{Found, Observation, Watcher};
 
 use std::sync::Arc;
@@ -57,7 +57,7 @@ impl Alerts {
 /// Starts the sender and the watcher; both stop with `shutdown` (the sender first
 /// delivers what is queued, for at most a few seconds).
 pub fn start(
-    cfg: AlertsConfig,
+    cfg: tokio::sync::watch::Receiver<Arc<AlertsConfig>>,
     store: Store,
     stats: Arc<Stats>,
     journal: Journal,
@@ -65,7 +65,6 @@ pub fn start(
 ) -> (Alerts, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::unbounded_channel();
     let alerts = Alerts { tx: Some(tx) };
-    let cfg = Arc::new(cfg);
     let sender = tokio::spawn(deliver_all(
         cfg.clone(),
         rx,
@@ -88,7 +87,7 @@ pub fn start(
 }
 
 async fn watch_loop(
-    cfg: Arc<AlertsConfig>,
+    live: tokio::sync::watch::Receiver<Arc<AlertsConfig>>,
     store: Store,
     stats: Arc<Stats>,
     alerts: Alerts,
@@ -98,6 +97,8 @@ async fn watch_loop(
     let mut watcher = Watcher::default();
     let mut warned = false;
     loop {
+        // The settings as the config says now (SIGHUP replaces them).
+        let cfg = live.borrow().clone();
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(cfg.watch.check_interval) => {}
@@ -152,23 +153,31 @@ async fn watch_loop(
 }
 
 async fn deliver_all(
-    cfg: Arc<AlertsConfig>,
+    mut live: tokio::sync::watch::Receiver<Arc<AlertsConfig>>,
     mut rx: mpsc::UnboundedReceiver<Alert>,
     journal: Journal,
     shutdown: CancellationToken,
 ) {
+    // One client for every alert and destination, built again when a reload changes
+    // the settings; should it not build, each delivery logs why.
+    let mut cfg = live.borrow_and_update().clone();
+    let mut poster = Poster::new(cfg.timeout, cfg.tls.as_ref());
     loop {
         let alert = tokio::select! {
             biased;
             a = rx.recv() => match a { Some(a) => a, None => return },
             _ = shutdown.cancelled() => break,
         };
-        deliver(&cfg, &alert, &journal).await;
+        if live.has_changed().unwrap_or(false) {
+            cfg = live.borrow_and_update().clone();
+            poster = Poster::new(cfg.timeout, cfg.tls.as_ref());
+        }
+        deliver(&cfg, &poster, &alert, &journal).await;
     }
     // Shutting down: what is queued still goes out, within a short deadline.
     let deadline = Instant::now() + Duration::from_secs(5);
     while let Ok(alert) = rx.try_recv() {
-        if tokio::time::timeout_at(deadline, deliver(&cfg, &alert, &journal))
+        if tokio::time::timeout_at(deadline, deliver(&cfg, &poster, &alert, &journal))
             .await
             .is_err()
         {
@@ -178,7 +187,12 @@ async fn deliver_all(
     }
 }
 
-async fn deliver(cfg: &AlertsConfig, alert: &Alert, journal: &Journal) {
+async fn deliver(
+    cfg: &AlertsConfig,
+    poster: &Result<Poster, String>,
+    alert: &Alert,
+    journal: &Journal,
+) {
     let template = cfg
         .templates
         .get(&alert.kind)
@@ -201,7 +215,7 @@ async fn deliver(cfg: &AlertsConfig, alert: &Alert, journal: &Journal) {
         let dest = Url::parse(hook.expose())
             .map(|u| format!("webhook {}", u.host))
             .unwrap_or_else(|_| "webhook".into());
-        post_with_tries(cfg, hook.expose(), &body, &dest, journal).await;
+        post_with_tries(cfg, poster, hook.expose(), &body, &dest, journal).await;
     }
     if let Some(tg) = &cfg.telegram {
         let url = format!("{}/bot{}/sendMessage", tg.api, tg.bot_token.expose());
@@ -211,16 +225,30 @@ async fn deliver(cfg: &AlertsConfig, alert: &Alert, journal: &Journal) {
             "disable_web_page_preview": true,
         })
         .to_string();
-        post_with_tries(cfg, &url, &body, "telegram", journal).await;
+        post_with_tries(cfg, poster, &url, &body, "telegram", journal).await;
     }
 }
 
 /// Posts with up to `cfg.tries` tries, 1 s, 2 s, ... apart. Errors name `dest` (never
 /// the address, which may hold a token).
-async fn post_with_tries(cfg: &AlertsConfig, url: &str, body: &str, dest: &str, journal: &Journal) {
+async fn post_with_tries(
+    cfg: &AlertsConfig,
+    poster: &Result<Poster, String>,
+    url: &str,
+    body: &str,
+    dest: &str,
+    journal: &Journal,
+) {
+    let poster = match poster {
+        Ok(p) => p,
+        Err(e) => {
+            journal.daemon(&format!("alerts: {dest}: {e}"));
+            return;
+        }
+    };
     let mut wait = Duration::from_secs(1);
     for attempt in 1..=cfg.tries {
-        match post_json(url, body, cfg.timeout, cfg.tls.as_ref()).await {
+        match poster.post_json(url, body).await {
             Ok(status) if (200..300).contains(&status) => return,
             Ok(status) => {
                 journal.daemon(&format!(

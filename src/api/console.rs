@@ -254,6 +254,20 @@ fn session_id(headers: &HeaderMap) -> Option<&str> {
 pub fn session_caller(state: &ApiState, headers: &HeaderMap) -> Option<(Caller, Option<String>)> {
     let id = session_id(headers)?;
     let (caller, csrf) = state.console.sessions.get(id)?;
+    // A session outlives no change of its token: removed, or its role changed by a
+    // reload (SIGHUP), the session ends and the page asks for a token again.
+    let tokens = state.cfg.tokens.get();
+    let still = if tokens.is_empty() {
+        caller.name == Caller::anonymous().name
+    } else {
+        tokens
+            .iter()
+            .any(|t| t.name == caller.name && t.role == caller.role)
+    };
+    if !still {
+        state.console.sessions.close(id);
+        return None;
+    }
     Some((caller, Some(csrf)))
 }
 
@@ -320,7 +334,7 @@ pub async fn login(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
     let input: Login = json_body(&headers, body)?;
-    let caller = if state.cfg.tokens.is_empty() {
+    let caller = if state.cfg.tokens.get().is_empty() {
         Caller::anonymous()
     } else {
         match super::token_caller(&state.cfg, input.token.trim()) {
@@ -369,7 +383,7 @@ pub async fn whoami(
     json_response(
         StatusCode::OK,
         &json!({ "name": caller.name, "role": caller.role.as_str(), "csrf": csrf,
-                 "auth": !state.cfg.tokens.is_empty() }),
+                 "auth": !state.cfg.tokens.get().is_empty() }),
     )
 }
 

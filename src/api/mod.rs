@@ -188,7 +188,7 @@ async fn method_not_allowed(req: Request) -> ApiError {
 /// Which paths need a token: everything but the OpenAPI document, and `/status`,
 /// `/metrics` and the billing-compatible endpoint when the config leaves them open.
 fn needs_token(cfg: &ApiConfig, path: &str) -> bool {
-    if cfg.tokens.is_empty() || path == "/api/v1/openapi.json" {
+    if cfg.tokens.get().is_empty() || path == "/api/v1/openapi.json" {
         return false;
     }
     if path == "/status" {
@@ -231,7 +231,8 @@ fn check_token(cfg: &ApiConfig, headers: &HeaderMap) -> Result<Caller, &'static 
 /// which one nearly matched.
 pub fn token_caller(cfg: &ApiConfig, given: &str) -> Option<Caller> {
     let given = given.as_bytes();
-    let found = cfg.tokens.iter().fold(None, |found, t| {
+    let tokens = cfg.tokens.get();
+    let found = tokens.iter().fold(None, |found, t| {
         if same_secret(t.secret.expose().as_bytes(), given) {
             Some(t)
         } else {
@@ -266,7 +267,7 @@ async fn auth(State(state): State<Arc<ApiState>>, mut req: Request, next: Next) 
         return refused(StatusCode::FORBIDDEN, why);
     }
     if console::is_public(&path) || !needs_token(&state.cfg, &path) {
-        let caller = if state.cfg.tokens.is_empty() {
+        let caller = if state.cfg.tokens.get().is_empty() {
             Caller::anonymous()
         } else {
             // An open endpoint: whoever it is, known by a token or a session if given.
@@ -519,7 +520,8 @@ mod tests {
                 name: "tokens[0]".into(),
                 role: Role::Admin,
                 secret: crate::store::Secret::new("0123456789abcdef"),
-            }],
+            }]
+            .into(),
             ..Default::default()
         };
         let mut h = HeaderMap::new();

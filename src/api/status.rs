@@ -276,8 +276,12 @@ pub fn nas_problem(
     down_after: Duration,
 ) -> Option<String> {
     let who = who(nas);
+    // A mistake in the NAS row, its scheme or the config: nothing is sent, so this is
+    // never the NAS being down (the circuit breaker does not count it).
     if let Some(why) = &snap.unavailable {
-        return Some(format!("{who} cannot be served: {why}"));
+        return Some(format!(
+            "{who} config_error: {why}; its events wait until this is fixed (not counted as the NAS being down)"
+        ));
     }
     if let (Some(since), Some(why)) = (snap.down_since, &snap.down_reason)
         && let Ok(down_for) = (now - since).to_std()
@@ -470,7 +474,20 @@ mod tests {
         snap.unavailable = Some("scheme x not found".into());
         assert_eq!(
             nas_problem(&nas, &snap, now, Duration::from_secs(600)).unwrap(),
-            "nas 3 (Core, 10.0.0.3) cannot be served: scheme x not found"
+            "nas 3 (Core, 10.0.0.3) config_error: scheme x not found; its events wait until \
+             this is fixed (not counted as the NAS being down)"
+        );
+        // A configuration error is named as one, whatever the failures before it.
+        snap.unavailable = Some(
+            "login is not set for its ssh scheme mikrotik-ssh (nasd nas set 3 --login NAME)".into(),
+        );
+        snap.down_since = Some(now - chrono::Duration::seconds(900));
+        snap.down_reason = Some("connect: connection refused".into());
+        assert_eq!(
+            nas_problem(&nas, &snap, now, Duration::from_secs(60)).unwrap(),
+            "nas 3 (Core, 10.0.0.3) config_error: login is not set for its ssh scheme \
+             mikrotik-ssh (nasd nas set 3 --login NAME); its events wait until this is fixed \
+             (not counted as the NAS being down)"
         );
     }
 }

@@ -49,21 +49,41 @@ pub async fn run(args: EnqueueArgs, cfg: &Config) -> anyhow::Result<ExitCode> {
     if user_id <= 0 {
         bail!("--user-id must be a positive number, got {user_id}");
     }
+    // Checked as the HTTP API and `--from-file` check an event (a nas_ip that is no IP
+    // address is refused, naming it); the IP is written as they write it.
+    let event = EventInput {
+        cmd,
+        user_id,
+        abonent_id: args.abonent_id,
+        nas_ip: args.nas_ip,
+        usluga_id: args.usluga_id,
+        acct_session_id: args.acct_session_id,
+    }
+    .validate()
+    .map_err(|why| anyhow::Error::msg(option_names(&why)))?;
     let store = crate::daemon::open_store(cfg).await?;
-    let ids = store
-        .enqueue_compact(&[CompactEvent {
-            cmd,
-            user_id,
-            abonent_id: args.abonent_id,
-            nas_ip: args.nas_ip,
-            usluga_id: args.usluga_id,
-            acct_session_id: args.acct_session_id,
-        }])
-        .await?;
+    let ids = store.enqueue_compact(&[event]).await?;
     for id in ids {
         println!("{id}");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// An event check's message as the command line names things: `nas_ip` becomes
+/// `--nas-ip` (and so on) where it starts a message about that field. Pure.
+fn option_names(why: &str) -> String {
+    for field in [
+        "nas_ip",
+        "abonent_id",
+        "usluga_id",
+        "acct_session_id",
+        "user_id",
+    ] {
+        if let Some(rest) = why.strip_prefix(field) {
+            return format!("--{}{rest}", field.replace('_', "-"));
+        }
+    }
+    why.to_string()
 }
 
 /// One line of an enqueue file, parsed: its line number and the event or why not.
@@ -263,6 +283,32 @@ async fn enqueue_file(cfg: &Config, file: &Path, batch: usize) -> anyhow::Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bad_nas_ip_is_named_as_the_option() {
+        let why = EventInput {
+            cmd: "user_add".into(),
+            user_id: 1,
+            abonent_id: None,
+            nas_ip: Some("10.0.0.999".into()),
+            usluga_id: None,
+            acct_session_id: None,
+        }
+        .validate()
+        .expect_err("10.0.0.999 is no IP address");
+        assert_eq!(
+            option_names(&why),
+            "--nas-ip `10.0.0.999` is not an IP address"
+        );
+        assert_eq!(
+            option_names("abonent_id must be a positive integer, got 0"),
+            "--abonent-id must be a positive integer, got 0"
+        );
+        assert_eq!(
+            option_names("cmd `x y` is not a cmd name"),
+            "cmd `x y` is not a cmd name"
+        );
+    }
 
     fn event(cmd: &str, user_id: i64) -> CompactEvent {
         CompactEvent {

@@ -115,6 +115,9 @@ pub enum Command {
     /// Time the operator console's data requests on big tables (1M history rows, 100k
     /// queued) against the daemon started in-process on a fresh database.
     BenchConsole(tools::bench_console::BenchConsoleOptions),
+    /// Prune `[history] keep` from a big history (10 million rows) while events are
+    /// delivered, and print the longest delivery pause.
+    BenchPrune(tools::bench_prune::BenchPruneOptions),
     /// Write the man pages or a shell's completions (for the Debian package).
     #[command(hide = true)]
     Generate(generate::GenerateArgs),
@@ -152,10 +155,27 @@ pub fn run(mut command: Command, cfg: Config, config_path: Option<std::path::Pat
     match runtime.block_on(execute(command, cfg, config_path)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("nasd: {e:#}");
+            eprintln!("nasd: {}", error_text(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes on one line, each cause once: a context that already
+/// quotes its source's text (`migration failed: X` over `X`) does not repeat it.
+pub fn error_text(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 /// Dispatches the parsed command to the code that carries it out.
@@ -220,6 +240,7 @@ async fn execute(
         Command::Sim(opts) => crate::sim::run(opts).await?,
         Command::BenchApi(opts) => tools::bench_api::run(opts).await?,
         Command::BenchConsole(opts) => tools::bench_console::run(opts).await?,
+        Command::BenchPrune(opts) => tools::bench_prune::run(opts).await?,
         // main.rs runs it before the config is loaded: it needs the whole clap command.
         Command::Generate(_) => bail!("nasd generate runs from main, with the clap command"),
     }
@@ -227,9 +248,8 @@ async fn execute(
 }
 
 /// `nasd run`: the daemon until SIGTERM or SIGINT (a second signal exits at once).
-/// SIGHUP rereads and checks the config file (see `check_on_hup`).
+/// SIGHUP reloads the config file (see `reload_on_hup`).
 async fn run_daemon(cfg: Config, config_path: Option<std::path::PathBuf>) -> anyhow::Result<()> {
-    tokio::spawn(check_on_hup(config_path));
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
     tokio::spawn(async move {
@@ -239,27 +259,33 @@ async fn run_daemon(cfg: Config, config_path: Option<std::path::PathBuf>) -> any
         eprintln!("nasd: second signal, exiting at once");
         std::process::exit(130);
     });
-    crate::daemon::run(cfg, shutdown).await
+    let running = crate::daemon::start(cfg, shutdown).await?;
+    tokio::spawn(reload_on_hup(config_path, running.reloader.clone()));
+    running.wait().await
 }
 
-/// SIGHUP (`systemctl reload nasd`): the config file is read and checked again and the
-/// result logged; the daemon goes on with the settings it started with (applying them
-/// live is not there yet: a restart applies them). Without this handler SIGHUP would
-/// end the process.
-async fn check_on_hup(config_path: Option<std::path::PathBuf>) {
+/// SIGHUP (`systemctl reload nasd`): the config file is read and checked again; what
+/// can change live is applied and what needs a restart is named in the daemon log
+/// (see `reload.rs`). A config with an error changes nothing. Without this handler
+/// SIGHUP would end the process.
+async fn reload_on_hup(
+    config_path: Option<std::path::PathBuf>,
+    reloader: std::sync::Arc<std::sync::Mutex<crate::reload::Reloader>>,
+) {
     use tokio::signal::unix::{SignalKind, signal};
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
         return;
     };
     while hup.recv().await.is_some() {
-        match Config::load(config_path.as_deref()) {
-            Ok(_) => tracing::warn!(
-                "SIGHUP: the config is valid; the daemon keeps the settings it started with \
-                 (live reload is not implemented yet): restart it to apply changes"
-            ),
-            Err(e) => tracing::error!(
-                "SIGHUP: the config has an error, the daemon keeps the settings it started with: {e}"
-            ),
+        let loaded = Config::load(config_path.as_deref());
+        let Ok(mut r) = reloader.lock() else {
+            return;
+        };
+        match loaded {
+            Ok(cfg) => {
+                r.apply(cfg);
+            }
+            Err(e) => r.refused(&e.to_string()),
         }
     }
 }
@@ -309,6 +335,18 @@ fn redact_url(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_cause_is_printed_once() {
+        let repeated = anyhow::Error::new(std::io::Error::other("boom")).context("reading x: boom");
+        assert_eq!(error_text(&repeated), "reading x: boom");
+        let chained = anyhow::Error::new(std::io::Error::other("connection refused"))
+            .context("opening the database");
+        assert_eq!(
+            error_text(&chained),
+            "opening the database: connection refused"
+        );
+    }
 
     #[test]
     fn cmd_names() {

@@ -138,7 +138,73 @@ impl NasFields {
     }
 }
 
-/// `nasd nas add|set|remove|list`.
+/// Checks `--ip`: an IP address (written as the API writes event `nas_ip`s, so that
+/// they match: `2001:DB8::1` becomes `2001:db8::1`), or a host name, accepted with a
+/// warning (it is resolved at each connect, and no event names its NAS by a host
+/// name). Anything else, `10.0.0.999` included, is refused naming the value. Pure.
+pub fn check_ip(value: &str) -> Result<(String, Option<String>), String> {
+    let value = value.trim();
+    if let Ok(addr) = value.parse::<std::net::IpAddr>() {
+        return Ok((addr.to_string(), None));
+    }
+    let refused = || format!("--ip `{}` is not an IP address", value.escape_debug());
+    // Digits and dots only (a mistyped IPv4 address) or a colon (IPv6) is no host name.
+    let numeric = value.chars().all(|c| c.is_ascii_digit() || c == '.');
+    if value.is_empty() || numeric || value.contains(':') || !is_host_name(value) {
+        return Err(refused());
+    }
+    Ok((
+        value.to_string(),
+        Some(format!(
+            "--ip `{value}` is not an IP address: it is resolved at each connect, and events \
+             that name their NAS by nas_ip (an IP address) never match it"
+        )),
+    ))
+}
+
+/// RFC 1123 host name syntax: dot-separated labels of letters, digits and inner hyphens.
+fn is_host_name(s: &str) -> bool {
+    s.len() <= 253
+        && s.trim_end_matches('.').split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
+}
+
+/// A warning when the NAS's scheme is not in any schemes directory of the config, naming
+/// the scheme and where it was looked for (its events would wait until it exists).
+fn missing_scheme(nas: &Nas, cfg: &Config) -> Option<String> {
+    let name = nas
+        .scheme
+        .as_deref()
+        .filter(|_| nas.script_name.is_none())?;
+    let (set, _) = crate::scheme::SchemeSet::load_dirs(&cfg.daemon.schemes_dirs());
+    if set.get(name).is_some() {
+        return None;
+    }
+    Some(scheme_warning(
+        name,
+        &cfg.daemon.schemes_shown(),
+        &set.names(),
+    ))
+}
+
+/// The text of [`missing_scheme`]. Pure.
+pub fn scheme_warning(name: &str, looked_in: &str, found: &[String]) -> String {
+    let known = if found.is_empty() {
+        "no scheme there".to_string()
+    } else {
+        format!("schemes there: {}", found.join(", "))
+    };
+    format!(
+        "scheme {name} was not found in {looked_in} ({known}); the NAS is saved, but its \
+         events wait until the scheme exists"
+    )
+}
+
 /// `nas pause` / `nas resume`, with an audit row.
 async fn set_paused(store: &crate::store::Store, id: i64, paused: bool) -> anyhow::Result<()> {
     if !store.nas_set_paused(id, paused).await? {
@@ -174,21 +240,41 @@ pub async fn run(cmd: NasCommand, cfg: &Config) -> anyhow::Result<()> {
             if fields.scheme.is_some() == fields.script.is_some() {
                 bail!("nas add needs exactly one of --scheme or --script");
             }
+            let (ip, ip_warning) = check_ip(&ip).map_err(anyhow::Error::msg)?;
             let mut nas = Nas::new(id, &name, &ip);
             fields.apply(&mut nas);
+            nas.ip = ip;
             store.nas_upsert(&nas).await?;
             println!("nas {id} added");
+            for warning in ip_warning.into_iter().chain(missing_scheme(&nas, cfg)) {
+                eprintln!("warning: {warning}");
+            }
         }
-        NasCommand::Set { id, fields } => {
+        NasCommand::Set { id, mut fields } => {
             let Some(mut nas) = store.nas_get(id).await? else {
                 bail!("nas {id} does not exist");
             };
+            let mut ip_warning = None;
+            if let Some(ip) = &fields.ip {
+                let (ip, warning) = check_ip(ip).map_err(anyhow::Error::msg)?;
+                fields.ip = Some(ip);
+                ip_warning = warning;
+            }
+            let scheme_given = fields.scheme.is_some();
             if fields.script.is_some() {
                 nas.scheme = None;
             }
             fields.apply(&mut nas);
             store.nas_upsert(&nas).await?;
             println!("nas {id} updated (the daemon applies it at its next resync)");
+            let scheme_warning = if scheme_given {
+                missing_scheme(&nas, cfg)
+            } else {
+                None
+            };
+            for warning in ip_warning.into_iter().chain(scheme_warning) {
+                eprintln!("warning: {warning}");
+            }
         }
         NasCommand::Remove { id } => {
             if !store.nas_remove(id).await? {
@@ -331,6 +417,57 @@ mod tests {
             change(&mut want);
             assert_eq!(got, want);
         }
+    }
+
+    #[test]
+    fn an_ip_is_checked_and_written_as_events_write_it() {
+        let ok = |v: &str| check_ip(v).map(|(ip, warning)| (ip, warning.is_some()));
+        assert_eq!(ok("10.0.0.1"), Ok(("10.0.0.1".into(), false)));
+        assert_eq!(ok(" 10.0.0.1 "), Ok(("10.0.0.1".into(), false)));
+        assert_eq!(ok("2001:DB8::1"), Ok(("2001:db8::1".into(), false)));
+        for bad in [
+            "10.0.0.999",
+            "10.0.0",
+            "1.2.3.4.5",
+            "2001:db8::g",
+            "",
+            "nas one",
+            "-nas",
+            "nas_1",
+        ] {
+            assert_eq!(
+                check_ip(bad),
+                Err(format!("--ip `{}` is not an IP address", bad.trim())),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            check_ip("bras-1.example.net"),
+            Ok((
+                "bras-1.example.net".into(),
+                Some(
+                    "--ip `bras-1.example.net` is not an IP address: it is resolved at each \
+                     connect, and events that name their NAS by nas_ip (an IP address) never \
+                     match it"
+                        .into()
+                )
+            ))
+        );
+    }
+
+    #[test]
+    fn a_missing_scheme_is_named_with_where_it_was_looked_for() {
+        assert_eq!(
+            scheme_warning(
+                "mikrotik-sssh",
+                "/etc/nasd/schemes, /usr/share/nasd/schemes",
+                &["mikrotik-api".into(), "mikrotik-ssh".into()]
+            ),
+            "scheme mikrotik-sssh was not found in /etc/nasd/schemes, /usr/share/nasd/schemes \
+             (schemes there: mikrotik-api, mikrotik-ssh); the NAS is saved, but its events \
+             wait until the scheme exists"
+        );
+        assert!(scheme_warning("x", "schemes", &[]).contains("(no scheme there)"));
     }
 
     #[test]

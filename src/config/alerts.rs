@@ -204,7 +204,13 @@ impl Default for WatchConfig {
 #[serde(deny_unknown_fields)]
 pub struct RawAlerts {
     webhooks: Option<Vec<String>>,
+    webhooks_file: Option<std::path::PathBuf>,
+    webhooks_env: Option<String>,
+    webhooks_credential: Option<String>,
     telegram_bot_token: Option<String>,
+    telegram_bot_token_file: Option<std::path::PathBuf>,
+    telegram_bot_token_env: Option<String>,
+    telegram_bot_token_credential: Option<String>,
     telegram_chat_id: Option<toml::Value>,
     telegram_api: Option<String>,
     check_interval: Option<String>,
@@ -229,11 +235,44 @@ fn key_error(key: &'static str, message: impl Into<String>) -> ConfigError {
 /// once with sample values, so a typo fails at start, not at the first outage).
 pub fn alerts_section(raw: RawAlerts) -> Result<AlertsConfig, ConfigError> {
     let d = WatchConfig::default();
-    let webhooks = raw.webhooks.unwrap_or_default();
+    let mut webhooks = raw.webhooks.unwrap_or_default();
+    // More addresses from outside the file (they often hold a token): one per line or
+    // separated by spaces; lines starting with `#` are comments.
+    let more = crate::config::secret::resolve(
+        "webhooks",
+        crate::config::secret::Sources {
+            value: None,
+            file: raw.webhooks_file,
+            env: raw.webhooks_env,
+            credential: raw.webhooks_credential,
+        },
+        &crate::config::secret::process_env,
+    )
+    .map_err(|e| key_error("alerts.webhooks", e))?;
+    if let Some(text) = more {
+        webhooks.extend(
+            text.lines()
+                .filter(|l| !l.trim_start().starts_with('#'))
+                .flat_map(str::split_whitespace)
+                .map(str::to_string),
+        );
+    }
     for url in &webhooks {
+        // The parse error names the problem, not the address (it may hold a token).
         Url::parse(url).map_err(|e| key_error("alerts.webhooks", e))?;
     }
-    let telegram = match (raw.telegram_bot_token, raw.telegram_chat_id) {
+    let bot_token = crate::config::secret::resolve(
+        "telegram_bot_token",
+        crate::config::secret::Sources {
+            value: raw.telegram_bot_token,
+            file: raw.telegram_bot_token_file,
+            env: raw.telegram_bot_token_env,
+            credential: raw.telegram_bot_token_credential,
+        },
+        &crate::config::secret::process_env,
+    )
+    .map_err(|e| key_error("alerts.telegram_bot_token", e))?;
+    let telegram = match (bot_token, raw.telegram_chat_id) {
         (None, None) => None,
         (Some(token), Some(chat)) => {
             let chat_id = match chat {

@@ -1,6 +1,7 @@
 //! Configuration: the TOML file, its defaults, and validation before anything starts.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -8,6 +9,7 @@ use serde::Deserialize;
 pub mod alerts;
 pub mod billing;
 pub mod keys;
+pub mod secret;
 
 use keys::size_key;
 pub use keys::{ConfigError, duration_key};
@@ -152,6 +154,42 @@ pub struct ApiToken {
     pub secret: crate::model::Secret,
 }
 
+/// The API's tokens, replaced as a whole when SIGHUP reloads the config. Clones share
+/// one set: the API server reads the set the reload wrote.
+#[derive(Clone, Default)]
+pub struct Tokens(Arc<std::sync::RwLock<Arc<Vec<ApiToken>>>>);
+
+impl Tokens {
+    pub fn new(tokens: Vec<ApiToken>) -> Tokens {
+        Tokens(Arc::new(std::sync::RwLock::new(Arc::new(tokens))))
+    }
+    /// The tokens now.
+    pub fn get(&self) -> Arc<Vec<ApiToken>> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+    pub fn set(&self, tokens: Vec<ApiToken>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(tokens);
+    }
+    pub fn is_empty(&self) -> bool {
+        self.get().is_empty()
+    }
+    pub fn len(&self) -> usize {
+        self.get().len()
+    }
+}
+
+impl From<Vec<ApiToken>> for Tokens {
+    fn from(tokens: Vec<ApiToken>) -> Tokens {
+        Tokens::new(tokens)
+    }
+}
+
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} token(s)", self.len())
+    }
+}
+
 /// `[api]`: the REST API, the console, `/status` and `/metrics`.
 #[derive(Clone)]
 pub struct ApiConfig {
@@ -159,7 +197,7 @@ pub struct ApiConfig {
     pub listen: std::net::SocketAddr,
     /// Bearer tokens accepted by the API, each with a name (who, in the audit log) and a
     /// role. Empty: no authentication (loopback only).
-    pub tokens: Vec<ApiToken>,
+    pub tokens: Tokens,
     /// `/status` answers without a token.
     pub open_status: bool,
     /// `/metrics` answers without a token.
@@ -211,7 +249,7 @@ impl Default for ApiConfig {
     fn default() -> ApiConfig {
         ApiConfig {
             listen: std::net::SocketAddr::from(([127, 0, 0, 1], 8082)),
-            tokens: Vec::new(),
+            tokens: Tokens::default(),
             open_status: true,
             open_metrics: true,
             open_rest_compat: false,
@@ -266,6 +304,27 @@ pub struct DaemonConfig {
     pub breaker: BreakerConfig,
 }
 
+/// The delivery settings a SIGHUP changes while the daemon runs: retries and the
+/// circuit breaker. Owners read them at each decision.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tuning {
+    pub max_attempts: i32,
+    pub retry_base: Duration,
+    pub retry_cap: Duration,
+    pub breaker: BreakerConfig,
+}
+
+impl DaemonConfig {
+    pub fn tuning(&self) -> Tuning {
+        Tuning {
+            max_attempts: self.max_attempts,
+            retry_base: self.retry_base,
+            retry_cap: self.retry_cap,
+            breaker: self.breaker.clone(),
+        }
+    }
+}
+
 /// `[breaker]` settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BreakerConfig {
@@ -306,6 +365,9 @@ pub struct TransportConfig {
     pub known_hosts: PathBuf,
     /// Private key for SSH key authentication; NAS without it use their password.
     pub ssh_key: Option<PathBuf>,
+    /// The passphrase of an encrypted `ssh_key` (`ssh_key_passphrase`, or from
+    /// `_file`, `_env` or `_credential`).
+    pub ssh_key_passphrase: Option<crate::model::Secret>,
     /// Extra FreeRADIUS-format dictionaries (vendor attributes) beside the built-in one.
     pub radius_dictionaries: Vec<PathBuf>,
     /// RADIUS: wait per try, and tries (the first send plus retransmits).
@@ -348,6 +410,7 @@ impl Default for Config {
                 transport: TransportConfig {
                     known_hosts: "var/known_hosts".into(),
                     ssh_key: None,
+                    ssh_key_passphrase: None,
                     radius_dictionaries: Vec::new(),
                     radius_timeout: Duration::from_secs(1),
                     radius_tries: 3,
@@ -551,6 +614,7 @@ struct RawToken {
     secret: Option<String>,
     secret_file: Option<std::path::PathBuf>,
     secret_env: Option<String>,
+    secret_credential: Option<String>,
 }
 
 /// The tokens of `[api]`: plain `tokens` are admins named `tokens[N]`, then the
@@ -595,28 +659,22 @@ fn api_tokens(
                 )));
             }
         };
-        let secret = match (t.secret, t.secret_file, t.secret_env) {
-            (Some(s), None, None) => s,
-            (None, Some(path), None) => std::fs::read_to_string(&path)
-                .map_err(|e| {
-                    key(format!(
-                        "token `{name}`: cannot read secret_file {}: {e}",
-                        path.display()
-                    ))
-                })?
-                .trim_end_matches(['\n', '\r'])
-                .to_string(),
-            (None, None, Some(var)) => env(&var).ok_or_else(|| {
-                key(format!(
-                    "token `{name}`: environment variable {var} (secret_env) is not set"
-                ))
-            })?,
-            _ => {
-                return Err(key(format!(
-                    "token `{name}` needs exactly one of secret, secret_file, secret_env"
-                )));
-            }
-        };
+        let secret = secret::resolve(
+            "secret",
+            secret::Sources {
+                value: t.secret,
+                file: t.secret_file,
+                env: t.secret_env,
+                credential: t.secret_credential,
+            },
+            env,
+        )
+        .map_err(|e| key(format!("token `{name}`: {e}")))?
+        .ok_or_else(|| {
+            key(format!(
+                "token `{name}` needs one of secret, secret_file, secret_env, secret_credential"
+            ))
+        })?;
         out.push(ApiToken {
             name,
             role,
@@ -641,7 +699,8 @@ fn api_section(raw: RawApi) -> Result<ApiConfig, ConfigError> {
             raw.tokens.unwrap_or_default(),
             raw.token.unwrap_or_default(),
             &|var| std::env::var(var).ok(),
-        )?,
+        )?
+        .into(),
         open_status: raw.open_status.unwrap_or(d.open_status),
         open_metrics: raw.open_metrics.unwrap_or(d.open_metrics),
         open_rest_compat: raw.open_rest_compat.unwrap_or(d.open_rest_compat),
@@ -676,6 +735,10 @@ fn api_section(raw: RawApi) -> Result<ApiConfig, ConfigError> {
 struct RawTransport {
     known_hosts: Option<PathBuf>,
     ssh_key: Option<PathBuf>,
+    ssh_key_passphrase: Option<String>,
+    ssh_key_passphrase_file: Option<PathBuf>,
+    ssh_key_passphrase_env: Option<String>,
+    ssh_key_passphrase_credential: Option<String>,
     radius_dictionaries: Option<Vec<PathBuf>>,
     radius_timeout: Option<String>,
     radius_tries: Option<u32>,
@@ -774,6 +837,12 @@ struct RawDaemon {
     exec_timeout: Option<String>,
 }
 
+/// The 1-based line of byte `offset` in `text`.
+fn line_of(text: &str, offset: usize) -> usize {
+    text.get(..offset)
+        .map_or(1, |head| head.matches('\n').count() + 1)
+}
+
 impl Config {
     /// `--config FILE` when given; else `nasd.toml` in the working directory when present;
     /// else the built-in defaults.
@@ -804,7 +873,7 @@ impl Config {
             path: "(text)".into(),
             message: e.message().to_string()
                 + &e.span()
-                    .map(|s| format!(" (at line {})", text[..s.start].lines().count().max(1)))
+                    .map(|s| format!(" (at line {})", line_of(text, s.start)))
                     .unwrap_or_default(),
         })?;
         let d = Config::default();
@@ -872,6 +941,21 @@ impl Config {
                         .known_hosts
                         .unwrap_or(d.daemon.transport.known_hosts),
                     ssh_key: raw.transport.ssh_key,
+                    ssh_key_passphrase: secret::resolve(
+                        "ssh_key_passphrase",
+                        secret::Sources {
+                            value: raw.transport.ssh_key_passphrase,
+                            file: raw.transport.ssh_key_passphrase_file,
+                            env: raw.transport.ssh_key_passphrase_env,
+                            credential: raw.transport.ssh_key_passphrase_credential,
+                        },
+                        &secret::process_env,
+                    )
+                    .map_err(|message| ConfigError::Key {
+                        key: "transport.ssh_key_passphrase",
+                        message,
+                    })?
+                    .map(crate::model::Secret::new),
                     radius_dictionaries: raw.transport.radius_dictionaries.unwrap_or_default(),
                     radius_timeout: duration_key(
                         "transport.radius_timeout",
@@ -967,11 +1051,8 @@ impl Config {
             return key("transport.connect_timeout", "must be above 0");
         }
         if let Some(api) = &self.api {
-            if let Some(t) = api
-                .tokens
-                .iter()
-                .find(|t| t.secret.expose().trim().len() < 16)
-            {
+            let tokens = api.tokens.get();
+            if let Some(t) = tokens.iter().find(|t| t.secret.expose().trim().len() < 16) {
                 return Err(ConfigError::Key {
                     key: if t.name.starts_with("tokens[") {
                         "api.tokens"
@@ -1312,7 +1393,10 @@ mod tests {
                 "[[api.token]]\nname = \"a\"\nsecret = \"short\"",
                 "token `a`: every token",
             ),
-            ("[[api.token]]\nname = \"a\"", "exactly one of secret"),
+            (
+                "[[api.token]]\nname = \"a\"",
+                "needs one of secret, secret_file",
+            ),
             (
                 "[[api.token]]\nname = \"a\"\nsecret_file = \"/nonexistent/t\"",
                 "cannot read secret_file /nonexistent/t",
@@ -1333,6 +1417,23 @@ mod tests {
     }
 
     #[test]
+    fn syntax_errors_name_their_line() {
+        for (text, line) in [
+            ("[daemon\n", "at line 1"),
+            ("[daemon]\nmax_attempts = = 3\n", "at line 2"),
+            (
+                "# a comment\n\n[api]\nlisten = 127.0.0.1:8082\n",
+                "at line 4",
+            ),
+        ] {
+            let err = Config::from_toml(text).unwrap_err().to_string();
+            assert!(err.contains(line), "{text:?} gave {err:?}");
+        }
+        assert_eq!(line_of("a\nb\nc", 4), 3);
+        assert_eq!(line_of("a", 99), 1);
+    }
+
+    #[test]
     fn named_tokens_with_roles_and_secret_sources() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("helpdesk.token");
@@ -1345,6 +1446,7 @@ mod tests {
                 secret: None,
                 secret_file: Some(file),
                 secret_env: None,
+                secret_credential: None,
             },
             RawToken {
                 name: "noc".into(),
@@ -1352,6 +1454,7 @@ mod tests {
                 secret: None,
                 secret_file: None,
                 secret_env: Some("NOC_TOKEN".into()),
+                secret_credential: None,
             },
         ];
         let env = |v: &str| (v == "NOC_TOKEN").then(|| "eeeeeeeeeeeeeeee".to_string());
@@ -1374,6 +1477,7 @@ mod tests {
             secret: None,
             secret_file: None,
             secret_env: Some("UNSET_VAR".into()),
+            secret_credential: None,
         }];
         let err = api_tokens(Vec::new(), missing, &env)
             .unwrap_err()

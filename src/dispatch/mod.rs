@@ -28,7 +28,7 @@ use crate::journal::{AccountTarget, Attempt, Journal, NasTarget};
 use crate::model::StackEvent;
 use crate::stats::NasStats;
 use crate::store::{Finish, Reschedule, Store};
-use crate::transport::Reply;
+use crate::transport::{Reply, Verdict};
 use breaker::{Admit, Breaker, Transition};
 use lanes::Lanes;
 use outcome::Plan;
@@ -60,6 +60,8 @@ pub struct Shared {
     /// Asks the supervisor to reread the NAS table now (the console paused or resumed a
     /// NAS) instead of at its next `resync_interval`.
     pub resync: Arc<Notify>,
+    /// Retries and the breaker as the config says now (SIGHUP replaces them).
+    pub tuning: watch::Receiver<crate::config::Tuning>,
 }
 
 /// How an owner is woken: by whoever put work in its stack (the expander after each
@@ -163,6 +165,8 @@ struct Owner {
     /// Highest event id counted as enqueued (not reset by a reload).
     counted_max_id: i64,
     breaker: Breaker,
+    /// This owner's view of `Shared::tuning` (it notices a change at its next turn).
+    tuning: watch::Receiver<crate::config::Tuning>,
 }
 
 impl Drop for Owner {
@@ -185,7 +189,8 @@ impl Owner {
         let stats = shared.stats.nas(runtime.nas.id);
         let stats_generation = stats.start();
         record_runtime(&stats, &runtime);
-        let breaker = Breaker::new(shared.cfg.breaker.clone());
+        let mut tuning = shared.tuning.clone();
+        let breaker = Breaker::new(tuning.borrow_and_update().breaker.clone());
         Owner {
             shared,
             config_rx,
@@ -206,6 +211,7 @@ impl Owner {
             stats_generation,
             counted_max_id: 0,
             breaker,
+            tuning,
         }
     }
 
@@ -222,6 +228,10 @@ impl Owner {
         let mut stopping_since: Option<Instant> = None;
         loop {
             while self.workers.try_join_next().is_some() {}
+            if self.tuning.has_changed().unwrap_or(false) {
+                let breaker = self.tuning.borrow_and_update().breaker.clone();
+                self.breaker.reconfigure(breaker);
+            }
             let now = Instant::now();
             if stopping_since.is_none() && self.stop.is_cancelled() {
                 stopping_since = Some(now);
@@ -488,7 +498,7 @@ impl Owner {
             let runtime = self.runtime.clone();
             let tx = self.results_tx.clone();
             let exec_timeout = self.shared.cfg.exec_timeout;
-            let max_attempts = self.shared.cfg.max_attempts;
+            let max_attempts = self.tuning.borrow().max_attempts;
             let fence = self.shared.fence.clone();
             let gate = fence.clone();
             self.workers.spawn(async move {
@@ -552,7 +562,7 @@ impl Owner {
                          (last: {reason}); its events wait, probing every {} at most",
                         nas.id,
                         nas.ip,
-                        crate::duration::format_duration(self.shared.cfg.breaker.probe_max)
+                        crate::duration::format_duration(self.tuning.borrow().breaker.probe_max)
                     ),
                     (crate::alerts::AlertKind::NasDown, fields),
                 )
@@ -591,7 +601,7 @@ impl Owner {
     }
 
     async fn complete(&mut self, results: Vec<AttemptResult>) {
-        let policy = outcome::Policy::from_config(&self.shared.cfg);
+        let policy = outcome::Policy::from_config(&self.tuning.borrow());
         let now = Utc::now();
         let mut finishes = Vec::new();
         let mut reschedules = Vec::new();
@@ -599,6 +609,14 @@ impl Owner {
             .iter()
             .map(|r| {
                 let unit: f64 = rand::rng().random();
+                // A done answer that matched one of the scheme's benign patterns says so
+                // in the logs: `done (benign: already have such entry)`.
+                let benign = match (&r.reply.verdict, &self.runtime.scheme) {
+                    (Verdict::Done, Some(scheme)) => {
+                        outcome::benign_match(&r.event.cmd, &r.reply.answer, &scheme.answers)
+                    }
+                    _ => None,
+                };
                 outcome::decide(
                     &r.reply.verdict,
                     !r.reply.commands.is_empty(),
@@ -606,6 +624,7 @@ impl Owner {
                     &policy,
                     unit,
                 )
+                .benign(benign.as_deref())
             })
             .collect();
         for (r, decision) in results.iter().zip(&decisions) {

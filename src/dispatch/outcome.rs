@@ -10,9 +10,10 @@ use std::time::Duration;
 
 use super::breaker::Reach;
 use super::retry::{Next, next_step};
-use crate::config::DaemonConfig;
+use crate::config::Tuning;
 use crate::duration::format_duration;
 use crate::model::Outcome;
+use crate::scheme::AnswerPatterns;
 use crate::stats::AttemptKind;
 use crate::transport::Verdict;
 
@@ -28,7 +29,7 @@ pub struct Policy {
 }
 
 impl Policy {
-    pub fn from_config(cfg: &DaemonConfig) -> Policy {
+    pub fn from_config(cfg: &Tuning) -> Policy {
         Policy {
             max_attempts: cfg.max_attempts,
             retry_base: cfg.retry_base,
@@ -74,6 +75,39 @@ impl Decision {
             _ => try_count,
         }
     }
+}
+
+impl Decision {
+    /// A done attempt whose answer matched one of the scheme's benign patterns for its
+    /// cmd ([`benign_match`]) says so in its outcome, `done (benign: already have such
+    /// entry)`, so that the logs tell a real change from a state that was already there.
+    /// Any other decision is kept as it is.
+    pub fn benign(mut self, matched: Option<&str>) -> Decision {
+        if let (
+            Plan::Finish {
+                outcome: Outcome::Done,
+                ..
+            },
+            Some(matched),
+        ) = (&self.plan, matched)
+        {
+            self.text = format!("done (benign: {matched})");
+        }
+        self
+    }
+}
+
+/// The text of `answer` that one of the scheme's benign patterns for `cmd` matched (an
+/// answer that reads like a failure but means the wanted state is already there, e.g.
+/// `already have such entry` on an add), on one line; None when none matched. Pure.
+pub fn benign_match(cmd: &str, answer: &str, patterns: &AnswerPatterns) -> Option<String> {
+    patterns
+        .benign
+        .get(cmd)?
+        .iter()
+        .find_map(|re| re.find(answer))
+        .map(|m| m.as_str().split_whitespace().collect::<Vec<_>>().join(" "))
+        .filter(|text| !text.is_empty())
 }
 
 /// What to do with an event whose attempt number `try_count` ended with `verdict`.
@@ -173,6 +207,40 @@ pub fn reach(verdict: &Verdict, sent: bool, remote: bool) -> Reach {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_benign_answer_is_named_in_the_outcome() {
+        let re = |p: &str| regex::Regex::new(p).expect("pattern");
+        let mut patterns = AnswerPatterns::default();
+        patterns.benign.insert(
+            "user_add".into(),
+            vec![re("no such item"), re("already have such entry")],
+        );
+        let answer = "failure: already have such entry";
+        let matched = benign_match("user_add", answer, &patterns);
+        assert_eq!(matched.as_deref(), Some("already have such entry"));
+        // Another cmd's patterns, or no match: nothing to say.
+        assert_eq!(benign_match("user_del", answer, &patterns), None);
+        assert_eq!(benign_match("user_add", "ok", &patterns), None);
+        let done = decide(&Verdict::Done, true, 1, &policy(true), 0.5);
+        assert_eq!(done.text, "done");
+        let benign = done.clone().benign(matched.as_deref());
+        assert_eq!(benign.text, "done (benign: already have such entry)");
+        assert_eq!(benign.plan, done.plan);
+        assert_eq!(benign.kind, done.kind);
+        assert_eq!(done.clone().benign(None), done);
+        // Only a done attempt is benign.
+        let failed = decide(&Verdict::Failed("x".into()), true, 1, &policy(true), 0.5);
+        assert_eq!(
+            failed.clone().benign(Some("already have such entry")),
+            failed
+        );
+        // The JSON `outcome` still reads it as done.
+        assert_eq!(
+            crate::journal::classify_outcome(&benign.text),
+            ("done", None)
+        );
+    }
 
     const S: fn(u64) -> Duration = Duration::from_secs;
 

@@ -39,7 +39,8 @@ pub(super) fn read_lines(path: &Path) -> Vec<String> {
     );
     text.lines()
         .map(|line| {
-            let (ts, rest) = line.split_at(19);
+            // `2026-12-03 10:11:12.345`: Carbon's prefix and the milliseconds.
+            let (ts, rest) = line.split_at("2026-12-03 10:11:12.345".len());
             NaiveDateTime::parse_from_str(ts, TIME_FORMAT)
                 .unwrap_or_else(|e| panic!("bad timestamp in {line:?}: {e}"));
             rest.strip_prefix(' ')

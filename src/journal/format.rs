@@ -8,8 +8,11 @@ use serde::Serialize;
 
 /// Program name in daemon-log lines: operators grep for it, as with the old daemon.
 pub const PROGRAM: &str = "nas_event_daemon";
-/// Timestamp format that starts every line.
-pub const TIME_FORMAT: &str = "%Y-%m-%d %H:%M:%S";
+/// Timestamp format that starts every line: Carbon's `YYYY-MM-DD HH:MM:SS` (what
+/// operators' scripts cut at) with the milliseconds after it, `2026-12-03 10:11:12.345`.
+pub const TIME_FORMAT: &str = "%Y-%m-%d %H:%M:%S%.3f";
+/// A moment named inside a message (`since 2026-12-03 10:11:12`): to the second.
+pub const SECONDS_FORMAT: &str = "%Y-%m-%d %H:%M:%S";
 /// Longest sanitized NAS name kept in a file name, well below the usual 255-byte limit.
 const MAX_NAME_LEN: usize = 100;
 
@@ -249,6 +252,111 @@ pub fn attempt_json(
     })
 }
 
+/// An event that failed before it reached any NAS: expansion found no account for its
+/// user, or no NAS for its `nas_ip` / the account's `nas_id`. `id` is the id it was
+/// enqueued under (what `nasd enqueue` and the API answered).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct NotExpanded<'a> {
+    pub id: i64,
+    pub cmd: &'a str,
+    pub reason: &'a str,
+}
+
+/// The account-log line (without timestamp) of an event that failed at expansion, in
+/// the shape of an attempt's `outcome:` line: `nas=- event=- user_id=U cmd=C try=0
+/// outcome: failed (not expanded, nothing was sent; enqueued as id I): REASON`. Pure.
+pub(super) fn format_not_expanded(account: &AccountTarget, event: &NotExpanded<'_>) -> String {
+    format!(
+        "nas=- event=- user_id={} cmd={} try=0 outcome: failed (not expanded, nothing was sent; \
+         enqueued as id {}): {}",
+        account.user_id,
+        one_line(event.cmd),
+        event.id,
+        one_line(event.reason)
+    )
+}
+
+/// The daemon-log message of an event that failed at expansion. Pure.
+pub(super) fn not_expanded_message(account: &AccountTarget, event: &NotExpanded<'_>) -> String {
+    format!(
+        "event id={} user_id={} abonent_id={} cmd={} failed at expansion, nothing was sent: {}",
+        event.id,
+        account.user_id,
+        account
+            .abonent_id
+            .map_or_else(|| "-".to_string(), |a| a.to_string()),
+        one_line(event.cmd),
+        one_line(event.reason)
+    )
+}
+
+/// One JSON record for an event that failed at expansion (no trailing newline).
+#[derive(Serialize)]
+struct NotExpandedRecord<'a> {
+    ts: String,
+    kind: &'static str,
+    level: &'static str,
+    abonent_id: Option<i64>,
+    user_id: i64,
+    id: i64,
+    cmd: String,
+    outcome: &'static str,
+    error: &'a str,
+    message: String,
+}
+
+/// An event that failed at expansion as JSON: `kind` = `not_expanded`, `level` =
+/// `error`, `outcome` = `failed`, the account, the enqueued `id`, `cmd`, the reason as
+/// `error` and the text line as `message`.
+pub(super) fn not_expanded_json(
+    ts: &DateTime<Local>,
+    account: &AccountTarget,
+    event: &NotExpanded<'_>,
+) -> String {
+    to_json(&NotExpandedRecord {
+        ts: rfc3339(ts),
+        kind: "not_expanded",
+        level: "error",
+        abonent_id: account.abonent_id,
+        user_id: account.user_id,
+        id: event.id,
+        cmd: one_line(event.cmd),
+        outcome: "failed",
+        error: event.reason,
+        message: format_not_expanded(account, event),
+    })
+}
+
+// Kept beside its lines while `journal/mod.rs` is being changed elsewhere; it belongs
+// with `Journal::attempt` there.
+impl super::Journal {
+    /// Writes that an event failed at expansion (no account for its user, no NAS for
+    /// it) to the daemon log ([`not_expanded_message`]) and to the account's log, only
+    /// there of the attempt logs since no NAS was involved ([`format_not_expanded`], or
+    /// one [`not_expanded_json`] line). `id` is the id it was enqueued under.
+    pub fn not_expanded(&self, account: &AccountTarget, id: i64, cmd: &str, reason: &str) {
+        let event = NotExpanded { id, cmd, reason };
+        self.daemon(&not_expanded_message(account, &event));
+        let now = Local::now();
+        let settings = self.settings();
+        let text = match settings.format {
+            super::LogFormat::Text => format!(
+                "{} {}\n",
+                now.format(TIME_FORMAT),
+                format_not_expanded(account, &event)
+            ),
+            super::LogFormat::Json => not_expanded_json(&now, account, &event) + "\n",
+        };
+        self.send(
+            vec![super::writer::Target {
+                path: self.account_log_path(account),
+                max_size: settings.account_max_size,
+            }],
+            text,
+        );
+    }
+}
+
 fn to_json<T: Serialize>(record: &T) -> String {
     // Serializing plain strings and numbers into a String cannot fail; an empty object
     // keeps the line valid JSON should it ever do so.
@@ -298,7 +406,79 @@ pub(super) fn one_line(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::journal::fixtures::{attempt, nas};
+    use crate::journal::fixtures::{attempt, nas, read_lines};
+
+    #[test]
+    fn lines_start_with_carbons_time_and_the_milliseconds() {
+        use chrono::Timelike as _;
+        let t = chrono::NaiveDate::from_ymd_opt(2026, 12, 3)
+            .and_then(|d| d.and_hms_milli_opt(10, 11, 12, 345))
+            .expect("a valid time");
+        assert_eq!(t.format(TIME_FORMAT).to_string(), "2026-12-03 10:11:12.345");
+        assert_eq!(t.format(SECONDS_FORMAT).to_string(), "2026-12-03 10:11:12");
+        let whole = t.with_nanosecond(0).expect("a valid time");
+        assert_eq!(
+            whole.format(TIME_FORMAT).to_string(),
+            "2026-12-03 10:11:12.000"
+        );
+    }
+
+    #[test]
+    fn an_event_not_expanded_goes_to_its_account_log() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let event = NotExpanded {
+            id: 5,
+            cmd: "user_add",
+            reason: "unknown account user_id=77",
+        };
+        let line = "nas=- event=- user_id=77 cmd=user_add try=0 outcome: failed (not expanded, \
+                    nothing was sent; enqueued as id 5): unknown account user_id=77";
+        for (abonent_id, dir_name) in [(None, "0"), (Some(12), "12")] {
+            let account = AccountTarget {
+                abonent_id,
+                user_id: 77,
+            };
+            let journal = crate::journal::Journal::open(dir.path()).expect("journal");
+            journal.not_expanded(&account, 5, "user_add", "unknown account user_id=77");
+            journal.flush();
+            let path = dir.path().join(format!("abonents/{dir_name}/event_77.log"));
+            assert_eq!(read_lines(&path), vec![line.to_string()]);
+            let daemon = read_lines(&journal.daemon_log_path());
+            let message = not_expanded_message(&account, &event);
+            assert!(
+                daemon.last().is_some_and(|l| l.ends_with(&message)),
+                "{daemon:?}"
+            );
+        }
+        let account = AccountTarget {
+            abonent_id: None,
+            user_id: 77,
+        };
+        assert_eq!(
+            not_expanded_message(&account, &event),
+            "event id=5 user_id=77 abonent_id=- cmd=user_add failed at expansion, nothing was \
+             sent: unknown account user_id=77"
+        );
+        let json: serde_json::Value =
+            serde_json::from_str(&not_expanded_json(&Local::now(), &account, &event))
+                .expect("json");
+        assert_eq!(json["kind"], "not_expanded");
+        assert_eq!(json["level"], "error");
+        assert_eq!(json["outcome"], "failed");
+        assert_eq!(json["id"], 5);
+        assert_eq!(json["abonent_id"], serde_json::Value::Null);
+        assert_eq!(json["error"], "unknown account user_id=77");
+        assert_eq!(json["message"], line);
+        // The JSON `outcome` of the text line reads as a failure with its reason.
+        let outcome = line
+            .split_once(" outcome: ")
+            .map(|(_, o)| o)
+            .unwrap_or_default();
+        assert_eq!(
+            classify_outcome(outcome),
+            ("failed", Some("unknown account user_id=77"))
+        );
+    }
 
     #[test]
     fn format_attempt_table() {

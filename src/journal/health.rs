@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use chrono::{DateTime, Local, Utc};
 
-use super::format::TIME_FORMAT;
+use super::format::SECONDS_FORMAT;
 
 /// Recovered files named one by one in a daemon-log report; the rest are counted.
 pub const MAX_REPORTED: usize = 20;
@@ -225,9 +225,10 @@ impl RecoveryReport {
     }
 }
 
-/// `2026-11-22 00:03:10`, local time, as every log line starts.
+/// `2026-11-22 00:03:10`, local time to the second, as messages name a moment (log
+/// lines start with the milliseconds too, see `TIME_FORMAT`).
 pub fn local_time(t: DateTime<Utc>) -> String {
-    t.with_timezone(&Local).format(TIME_FORMAT).to_string()
+    t.with_timezone(&Local).format(SECONDS_FORMAT).to_string()
 }
 
 #[cfg(test)]

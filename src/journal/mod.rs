@@ -80,10 +80,17 @@ struct Inner {
     log_dir: PathBuf,
     hostname: String,
     pid: u32,
-    format: LogFormat,
-    max_size: u64,
-    account_max_size: u64,
+    /// What a SIGHUP may change (see [`Journal::reconfigure`]).
+    settings: std::sync::RwLock<Settings>,
     health: JournalHealth,
+}
+
+/// The `[log]` settings read per line.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Settings {
+    pub(crate) format: LogFormat,
+    pub(crate) max_size: u64,
+    pub(crate) account_max_size: u64,
 }
 
 impl Journal {
@@ -125,18 +132,53 @@ impl Journal {
                 log_dir: log_dir.to_path_buf(),
                 hostname,
                 pid,
-                format: cfg.format,
-                max_size: cfg.max_size,
-                account_max_size: cfg.account_max_size,
+                settings: std::sync::RwLock::new(Settings {
+                    format: cfg.format,
+                    max_size: cfg.max_size,
+                    account_max_size: cfg.account_max_size,
+                }),
                 health,
             }),
         })
     }
 
+    pub(crate) fn settings(&self) -> Settings {
+        *self
+            .inner
+            .settings
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// New `[log]` settings (SIGHUP): the format and the rotation sizes apply to the
+    /// next line, the backups and gzip to the next rotation. `stderr_format` and the
+    /// directory need a restart.
+    pub fn reconfigure(&self, cfg: &LogConfig) {
+        *self
+            .inner
+            .settings
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Settings {
+            format: cfg.format,
+            max_size: cfg.max_size,
+            account_max_size: cfg.account_max_size,
+        };
+        let (format, host, pid) = (cfg.format, self.inner.hostname.clone(), self.inner.pid);
+        if let Some(tx) = &self.inner.tx {
+            let _ = tx.send(Msg::Configure {
+                backups: cfg.backups,
+                gzip: cfg.gzip,
+                daemon_max_size: cfg.max_size,
+                daemon_line: Box::new(move |message| daemon_line(format, &host, pid, message)),
+            });
+        }
+    }
+
     /// Appends one daemon-log line; newlines in `message` become spaces.
     pub fn daemon(&self, message: &str) {
+        let settings = self.settings();
         let line = daemon_line(
-            self.inner.format,
+            settings.format,
             &self.inner.hostname,
             self.inner.pid,
             message,
@@ -144,7 +186,7 @@ impl Journal {
         self.send(
             vec![Target {
                 path: self.daemon_log_path(),
-                max_size: self.inner.max_size,
+                max_size: settings.max_size,
             }],
             line,
         );
@@ -154,7 +196,8 @@ impl Journal {
     /// line) to the NAS log and to the account log, all with the same timestamp.
     pub fn attempt(&self, nas: &NasTarget, account: &AccountTarget, attempt: &Attempt) {
         let now = Local::now();
-        let text = match self.inner.format {
+        let settings = self.settings();
+        let text = match settings.format {
             LogFormat::Text => {
                 let ts = now.format(TIME_FORMAT).to_string();
                 let mut text = String::new();
@@ -170,11 +213,11 @@ impl Journal {
             vec![
                 Target {
                     path: self.nas_log_path(nas),
-                    max_size: self.inner.max_size,
+                    max_size: settings.max_size,
                 },
                 Target {
                     path: self.account_log_path(account),
-                    max_size: self.inner.account_max_size,
+                    max_size: settings.account_max_size,
                 },
             ],
             text,
@@ -186,7 +229,8 @@ impl Journal {
     /// not an outcome (see [`format_discarded`], or one [`discarded_json`] line).
     pub fn discarded(&self, nas: &NasTarget, account: &AccountTarget, attempt: &Attempt) {
         let now = Local::now();
-        let text = match self.inner.format {
+        let settings = self.settings();
+        let text = match settings.format {
             LogFormat::Text => format!(
                 "{} {}\n",
                 now.format(TIME_FORMAT),
@@ -197,7 +241,7 @@ impl Journal {
         self.send(
             vec![Target {
                 path: self.nas_log_path(nas),
-                max_size: self.inner.max_size,
+                max_size: settings.max_size,
             }],
             text,
         );
@@ -522,6 +566,35 @@ mod tests {
         j.daemon("still alive");
         j.flush();
         assert_eq!(read_lines(&j.daemon_log_path()).len(), 1);
+    }
+
+    #[test]
+    fn reconfigure_changes_the_format_and_rotation_of_the_next_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open_with(dir.path(), &LogConfig::default()).unwrap();
+        j.daemon("before");
+        j.flush();
+        j.reconfigure(&LogConfig {
+            format: LogFormat::Json,
+            max_size: 200,
+            backups: 1,
+            ..LogConfig::default()
+        });
+        for i in 0..4 {
+            j.daemon(&format!("after {i}"));
+        }
+        j.flush();
+        let now = fs::read_to_string(j.daemon_log_path()).unwrap();
+        let rotated =
+            fs::read_to_string(writer::backup_path(&j.daemon_log_path(), 1, false)).unwrap();
+        // Each JSON line is over half of 200 bytes: every line starts a new file, the
+        // one before it is the one backup kept.
+        assert!(rotated.contains("after 2"), "{rotated}");
+        assert!(!now.contains("before") && !rotated.contains("before"));
+        let last = now.lines().last().unwrap();
+        let v: serde_json::Value = serde_json::from_str(last).unwrap();
+        assert_eq!(v["message"], "after 3");
+        assert!(now.len() <= 200 + last.len() + 1, "rotated at the new size");
     }
 
     #[test]

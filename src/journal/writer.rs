@@ -44,6 +44,14 @@ pub(super) enum Msg {
     /// Answer once everything queued before this message is flushed to the OS and every
     /// rotated file is compressed.
     Flush(Sender<()>),
+    /// New `[log]` settings (SIGHUP): backups and gzip for the next rotation, the daemon
+    /// log's size and line format.
+    Configure {
+        backups: u32,
+        gzip: bool,
+        daemon_max_size: u64,
+        daemon_line: Box<dyn Fn(&str) -> String + Send>,
+    },
 }
 
 pub(super) fn open_append(path: &Path) -> io::Result<File> {
@@ -437,6 +445,27 @@ impl Writer {
                 }
             }
             Msg::Flush(waiter) => waiters.push(waiter),
+            Msg::Configure {
+                backups,
+                gzip,
+                daemon_max_size,
+                daemon_line,
+            } => {
+                self.backups = backups;
+                if !(gzip && backups > 0) {
+                    // Dropping it finishes what it was compressing.
+                    self.compressor = None;
+                } else if self.compressor.is_none() {
+                    match Compressor::spawn() {
+                        Ok(c) => self.compressor = Some(c),
+                        Err(e) => tracing::warn!("log gzip helper could not start: {e}"),
+                    }
+                }
+                if let Some(log) = &mut self.daemon_log {
+                    log.max_size = daemon_max_size;
+                    log.line = daemon_line;
+                }
+            }
         }
     }
 

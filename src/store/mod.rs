@@ -655,8 +655,34 @@ impl ConnectOptions {
     }
 }
 
+/// Why a connection to the database could not be opened, in a few words and once (the
+/// text of `sqlx::Error` repeats its source's, and never names the url, so no password
+/// can show): `connection refused`, the server's own message
+/// (`database "x" does not exist`), or the I/O error.
+pub(crate) fn connect_cause(e: &sqlx::Error) -> String {
+    use std::io::ErrorKind;
+    match e {
+        sqlx::Error::Io(io) => match io.kind() {
+            ErrorKind::ConnectionRefused => "connection refused".into(),
+            ErrorKind::TimedOut => "connection timed out".into(),
+            ErrorKind::HostUnreachable => "host unreachable".into(),
+            ErrorKind::NetworkUnreachable => "network unreachable".into(),
+            ErrorKind::ConnectionReset => "connection reset by the server".into(),
+            ErrorKind::NotFound => "no such file or directory".into(),
+            ErrorKind::PermissionDenied => "permission denied".into(),
+            _ => io.to_string(),
+        },
+        sqlx::Error::Database(db) => db.message().to_string(),
+        sqlx::Error::Tls(tls) => format!("TLS: {tls}"),
+        sqlx::Error::Configuration(why) => why.to_string(),
+        sqlx::Error::PoolTimedOut => "no connection within the timeout".into(),
+        other => other.to_string(),
+    }
+}
+
 impl Store {
-    /// Connects to `url` (`postgres://...` or `sqlite://path`); an SQLite file is created.
+    /// Connects to `url` (`postgres://...` or `sqlite://path`); an SQLite file is created
+    /// (and its directory, when only that one level is missing).
     pub async fn connect(url: &str, max_connections: u32) -> Result<Store, StoreError> {
         Store::connect_with(url, &ConnectOptions::new(max_connections)).await
     }

@@ -130,11 +130,22 @@ impl PgStore {
 
     /// Connects with `options`: the pool size and whether sqlx keeps its per-connection
     /// cache of prepared statements (`[database] statement_cache`).
+    ///
+    /// A server that cannot be reached is reported at once with its address and the
+    /// cause, `cannot connect to PostgreSQL at 127.0.0.1:5432: connection refused` (the
+    /// url's password never appears): a first connection of its own is opened before
+    /// the pool, because the pool retries until its acquire timeout and then reports
+    /// only that it timed out, hiding the cause.
     pub async fn connect_with(
         url: &str,
         options: &super::ConnectOptions,
     ) -> Result<PgStore, StoreError> {
-        let mut connect: PgConnectOptions = url.parse().ctx("connect: parse the url")?;
+        use sqlx::Connection as _;
+        /// The longest the first connection, and later a connection of the pool, may take.
+        const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+        let mut connect: PgConnectOptions = url.parse().map_err(|e| {
+            StoreError::Invalid(format!("database url: {}", super::connect_cause(&e)))
+        })?;
         if !options.statement_cache {
             // Capacity 0 is sqlx's switch for "no cache". sqlx 0.8 would still name
             // every statement run with `persistent(true)` and never close it; nasd's
@@ -142,9 +153,29 @@ impl PgStore {
             // migrator's named ones are cleaned up by `migrate_pooled`.
             connect = connect.statement_cache_capacity(0);
         }
+        let at = match connect.get_socket() {
+            Some(socket) => socket.display().to_string(),
+            None => format!("{}:{}", connect.get_host(), connect.get_port()),
+        };
+        let failed = |cause: String| {
+            StoreError::Invalid(format!("cannot connect to PostgreSQL at {at}: {cause}"))
+        };
+        match tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(&connect)).await {
+            Err(_) => {
+                return Err(failed(format!(
+                    "no answer within {}s",
+                    CONNECT_TIMEOUT.as_secs()
+                )));
+            }
+            Ok(Err(e)) => return Err(failed(super::connect_cause(&e))),
+            // The server answers: the pool opens its own connections.
+            Ok(Ok(first)) => {
+                let _ = first.close().await;
+            }
+        }
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections)
-            .acquire_timeout(std::time::Duration::from_secs(10))
+            .acquire_timeout(CONNECT_TIMEOUT)
             // No ping before each statement (sqlx's default is one extra round trip per
             // acquire, doubling the cost of a short statement): a connection that broke
             // while idle fails its statement instead, which every caller already treats
@@ -152,7 +183,7 @@ impl PgStore {
             .test_before_acquire(false)
             .connect_with(connect)
             .await
-            .ctx("connect")?;
+            .map_err(|e| failed(super::connect_cause(&e)))?;
         Ok(PgStore {
             calls: Default::default(),
             pool,
@@ -949,19 +980,56 @@ impl PgStore {
         cutoff: DateTime<Utc>,
         batch: i64,
     ) -> Result<u64, StoreError> {
+        // Where the round (its cutoff) got to: the lowest id it may still delete. A
+        // deleted row leaves its index entries behind until VACUUM, so a scan from the
+        // start of the primary key walks over every row deleted since the last one
+        // (35 ms and more per statement after a few million, growing with each): each
+        // statement starts where the previous one of the round stopped instead. Below
+        // that id the round left nothing it could delete: what it saw there was
+        // deleted, and a row committed there since (its id taken earlier) finished
+        // after the cutoff. A new round (a new cutoff) starts from the lowest id again.
+        // Kept per cutoff for a few rounds at once (several stores in one process); a
+        // mix-up could only leave rows for the next round.
+        static ROUNDS: std::sync::Mutex<Vec<(DateTime<Utc>, i64)>> =
+            std::sync::Mutex::new(Vec::new());
+        let from = ROUNDS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|(c, _)| *c == cutoff)
+            .map_or(0, |(_, from)| *from);
         let mut db = self.open().await.ctx("prune history")?;
-        let done = sqlx::query(
-            "DELETE FROM events_history WHERE id IN (SELECT id FROM (SELECT id, finished_at \
-             FROM events_history ORDER BY id LIMIT $2) head WHERE finished_at < $1)",
+        // The `batch` lowest ids from `from`: those finished before the cutoff go; the
+        // lowest one kept (if any) is where the next statement looks again. Committed
+        // asynchronously, as claims are: the commit does not wait for its WAL (a whole
+        // page image per heap page) to reach the disk; only a crash of the server can
+        // lose a batch, and the next round deletes those rows again.
+        let (deleted, kept, last, _): (i64, Option<i64>, Option<i64>, String) = sqlx::query_as(
+            "WITH head AS (SELECT id, finished_at FROM events_history WHERE id >= $3 \
+             ORDER BY id LIMIT $2), \
+             gone AS (DELETE FROM events_history WHERE id IN \
+             (SELECT id FROM head WHERE finished_at < $1) RETURNING 1) \
+             SELECT (SELECT count(*) FROM gone), \
+             (SELECT min(id) FROM head WHERE finished_at >= $1), (SELECT max(id) FROM head), \
+             set_config('synchronous_commit', 'off', true)",
         )
         .persistent(self.persistent)
         .bind(cutoff)
         .bind(batch)
-        .execute(db.exec())
+        .bind(from)
+        .fetch_one(db.exec())
         .await
         .ctx("prune history")?;
         db.done().await.ctx("prune history")?;
-        Ok(done.rows_affected())
+        if let Some(next) = kept.or(last.map(|l| l + 1)) {
+            let mut rounds = ROUNDS.lock().unwrap_or_else(|e| e.into_inner());
+            rounds.retain(|(c, _)| *c != cutoff);
+            if rounds.len() >= 16 {
+                rounds.remove(0);
+            }
+            rounds.push((cutoff, next));
+        }
+        Ok(deleted.max(0) as u64)
     }
 
     pub async fn latencies_ms(&self) -> Result<Vec<f64>, StoreError> {

@@ -64,31 +64,76 @@ impl SqliteStore {
             .ctx("look for new events")
     }
 
+    /// Opens (and creates) the database file of `url`, its directory made ready by
+    /// [`SqliteStore::prepare_dir`].
     pub async fn connect(url: &str) -> Result<SqliteStore, StoreError> {
-        let opts = SqliteConnectOptions::from_str(url)
-            .ctx("open sqlite")?
+        let opts = SqliteStore::options(url)?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true);
-        if let Some(dir) = opts.get_filename().parent()
-            && !dir.as_os_str().is_empty()
-        {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                StoreError::Invalid(format!("cannot create {}: {e}", dir.display()))
-            })?;
-        }
+        SqliteStore::prepare_dir(url)?;
+        let file = opts.get_filename().display().to_string();
         let pool = SqlitePoolOptions::new()
             .max_connections(1)
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(opts)
             .await
-            .ctx("open sqlite")?;
+            .map_err(|e| {
+                StoreError::Invalid(format!(
+                    "cannot open the SQLite database {file}: {}",
+                    super::connect_cause(&e)
+                ))
+            })?;
         Ok(SqliteStore {
             calls: Default::default(),
             pool,
         })
+    }
+
+    fn options(url: &str) -> Result<SqliteConnectOptions, StoreError> {
+        SqliteConnectOptions::from_str(url).map_err(|e| {
+            StoreError::Invalid(format!("database url {url}: {}", super::connect_cause(&e)))
+        })
+    }
+
+    /// Makes sure the directory of the database file `url` names is there before the
+    /// file is opened (or its daemon lock taken beside it). It must exist, or be one
+    /// level under a directory that does (the default `var/nasd.db` in a fresh working
+    /// directory), which is then created: a path several directories deep that does not
+    /// exist is a mistake in the url, refused naming the directory rather than created.
+    pub fn prepare_dir(url: &str) -> Result<(), StoreError> {
+        let opts = SqliteStore::options(url)?;
+        let file = opts.get_filename();
+        let cannot_open = |why: String| {
+            StoreError::Invalid(format!(
+                "cannot open the SQLite database {}: {why}",
+                file.display()
+            ))
+        };
+        let Some(dir) = file.parent() else {
+            return Ok(());
+        };
+        if dir.as_os_str().is_empty() || dir.is_dir() {
+            return Ok(());
+        }
+        if dir.exists() {
+            return Err(cannot_open(format!("{} is not a directory", dir.display())));
+        }
+        match dir.parent() {
+            Some(up) if up.as_os_str().is_empty() || up.is_dir() => std::fs::create_dir(dir)
+                .map_err(|e| {
+                    cannot_open(format!(
+                        "cannot create the directory {}: {e}",
+                        dir.display()
+                    ))
+                }),
+            _ => Err(cannot_open(format!(
+                "directory {} does not exist (create it first)",
+                dir.display()
+            ))),
+        }
     }
 
     pub async fn migrate(&self) -> Result<(), StoreError> {

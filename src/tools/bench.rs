@@ -8,6 +8,7 @@ use anyhow::Context;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::progress::{Format, Progress};
 use super::scratch::{self, ScratchDb, ScratchDir};
 use crate::config::Config;
 use crate::store::{CompactEvent, Nas, Store};
@@ -761,15 +762,17 @@ async fn measure_on(
     let daemon = tokio::spawn(crate::daemon::run(cfg.clone(), shutdown.clone()));
     // Counting history scans it whole: every 100 ms (the run's end is known to within
     // that), not more often, so that the count does not take the CPU it measures.
+    let progress = Progress::start(Format::events("  progress", opts.events as u64));
     let (done, failed) = scratch::wait_drained(
         &store,
         opts.events,
         &daemon,
         Duration::from_millis(100),
-        |_, _| {},
+        |done, failed| progress.set(done as u64, failed as u64),
     )
     .await?;
     let elapsed = started.elapsed();
+    progress.finish();
     shutdown.cancel();
     daemon.await??;
     if let Some(p) = producer {

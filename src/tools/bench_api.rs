@@ -128,7 +128,8 @@ async fn measure_on(
             name: "bench".into(),
             role: crate::config::Role::Admin,
             secret: Secret::new(TOKEN),
-        }],
+        }]
+        .into(),
         ..ApiConfig::default()
     });
     let store = crate::daemon::open_store(&cfg).await?;

@@ -4,7 +4,6 @@
 //! shipped local script, a few hundred accounts and a burst of events; shows progress and
 //! a summary, and exits when the stack is drained.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -12,6 +11,7 @@ use anyhow::Context;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::progress::{Format, Progress};
 use super::scratch;
 use crate::config::Config;
 use crate::store::{CompactEvent, Nas};
@@ -253,32 +253,19 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     }
     let shutdown = CancellationToken::new();
     let daemon = tokio::spawn(crate::daemon::run(cfg.clone(), shutdown.clone()));
-    let mut last_print = Instant::now();
+    let progress = Progress::start(Format::events("  progress", total as u64));
     let (done, failed) = scratch::wait_drained(
         &store,
         total,
         &daemon,
         Duration::from_millis(100),
-        |done, failed| {
-            if last_print.elapsed() >= Duration::from_millis(500) || done + failed >= total {
-                let secs = started.elapsed().as_secs_f64();
-                print!(
-                    "\r  progress: {:>5}/{total} done {:>5} failed {:>2}  {:>6.0} events/s   ",
-                    done + failed,
-                    done,
-                    failed,
-                    (done + failed) as f64 / secs.max(0.001)
-                );
-                let _ = std::io::stdout().flush();
-                last_print = Instant::now();
-            }
-        },
+        |done, failed| progress.set(done as u64, failed as u64),
     )
     .await?;
     let elapsed = started.elapsed();
+    progress.finish();
     shutdown.cancel();
     daemon.await??;
-    println!();
     let (p50_ms, p99_ms) = scratch::latency_percentiles(&store).await?;
     println!(
         "summary: {} events in {:.2}s: {} done, {} failed, {:.0} events/s, enqueue-to-done p50 {:.0} ms p99 {:.0} ms",

@@ -7,6 +7,8 @@ pub mod bench;
 pub mod bench_api;
 pub mod bench_billing;
 pub mod bench_console;
+pub mod bench_prune;
 pub mod demo;
 pub mod http_client;
+pub mod progress;
 pub mod scratch;

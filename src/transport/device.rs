@@ -104,9 +104,36 @@ fn target_on(nas: &Nas, default_port: Option<u16>) -> Target {
     }
 }
 
+/// A mistake in the NAS row that keeps its transport from ever reaching the device: an
+/// SSH or RouterOS API NAS without a login, a RADIUS NAS without its secret. Reported as
+/// a configuration error (the owner sends nothing and the NAS is not counted as down)
+/// rather than found by failing every event. Telnet may log in without a user name and
+/// SSH without a password (a key, or none), so those are not mistakes here. Pure.
+pub fn config_problem(nas: &Nas, kind: TransportKind, scheme: &str) -> Option<String> {
+    let unset = |v: &Option<String>| v.as_deref().is_none_or(|v| v.trim().is_empty());
+    match kind {
+        TransportKind::Ssh | TransportKind::Api if unset(&nas.login) => Some(format!(
+            "login is not set for its {kind} scheme {scheme} (nasd nas set {} --login NAME)",
+            nas.id
+        )),
+        TransportKind::Radius if nas.secret.as_ref().is_none_or(|s| s.expose().is_empty()) => {
+            Some(format!(
+                "the RADIUS secret is not set for its {kind} scheme {scheme} \
+                 (nasd nas set {} --secret SECRET)",
+                nas.id
+            ))
+        }
+        _ => None,
+    }
+}
+
 /// Builds the device for a NAS with a scheme (always `Some`; the `Option` stays for the
-/// callers written when exec and null had none).
+/// callers written when exec and null had none). A mistake in the row
+/// ([`config_problem`]) or in the transport settings is the error.
 pub fn build(nas: &Nas, scheme: &Scheme, cfg: &TransportConfig) -> Result<Option<Device>, String> {
+    if let Some(problem) = config_problem(nas, scheme.transport, &scheme.name) {
+        return Err(problem);
+    }
     let target = target_on(nas, scheme_port(scheme));
     Ok(Some(match scheme.transport {
         TransportKind::Exec => Device::Exec,
@@ -125,6 +152,7 @@ pub fn build(nas: &Nas, scheme: &Scheme, cfg: &TransportConfig) -> Result<Option
             };
             opts.legacy_crypto = nas.legacy_crypto;
             opts.private_key = cfg.ssh_key.clone();
+            opts.key_passphrase = cfg.ssh_key_passphrase.clone();
             if let Some(p) = &scheme.cli.prompt {
                 opts.prompt = p.clone();
             }
@@ -339,6 +367,80 @@ impl Device {
             Device::Telnet(p) => p.close().await,
             Device::Api(p) => p.close().await,
             Device::Radius(_) | Device::Exec | Device::Null | Device::Script(_) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Secret;
+
+    #[test]
+    fn a_missing_login_or_secret_is_a_configuration_error() {
+        let bare = Nas::new(7, "core", "10.0.0.7");
+        let with = Nas {
+            login: Some("admin".into()),
+            secret: Some(Secret::new("s3cret")),
+            ..bare.clone()
+        };
+        let blank = Nas {
+            login: Some(" ".into()),
+            secret: Some(Secret::new("")),
+            ..bare.clone()
+        };
+        let login =
+            "login is not set for its ssh scheme mikrotik-ssh (nasd nas set 7 --login NAME)";
+        let secret = "the RADIUS secret is not set for its radius scheme mikrotik-coa \
+                      (nasd nas set 7 --secret SECRET)";
+        for (nas, kind, scheme, want) in [
+            (
+                &bare,
+                TransportKind::Ssh,
+                "mikrotik-ssh",
+                Some(login.to_string()),
+            ),
+            (
+                &blank,
+                TransportKind::Ssh,
+                "mikrotik-ssh",
+                Some(login.to_string()),
+            ),
+            (&with, TransportKind::Ssh, "mikrotik-ssh", None),
+            (
+                &bare,
+                TransportKind::Api,
+                "mikrotik-api",
+                Some(
+                    "login is not set for its api scheme mikrotik-api \
+                     (nasd nas set 7 --login NAME)"
+                        .to_string(),
+                ),
+            ),
+            (&with, TransportKind::Api, "mikrotik-api", None),
+            (
+                &bare,
+                TransportKind::Radius,
+                "mikrotik-coa",
+                Some(secret.to_string()),
+            ),
+            (
+                &blank,
+                TransportKind::Radius,
+                "mikrotik-coa",
+                Some(secret.to_string()),
+            ),
+            (&with, TransportKind::Radius, "mikrotik-coa", None),
+            // Telnet may log in without a user name; exec and null need nothing.
+            (&bare, TransportKind::Telnet, "mikrotik-telnet", None),
+            (&bare, TransportKind::Exec, "demo-exec", None),
+            (&bare, TransportKind::Null, "null-routeros", None),
+        ] {
+            assert_eq!(
+                config_problem(nas, kind, scheme),
+                want,
+                "{kind} {scheme} {nas:?}"
+            );
         }
     }
 }

@@ -47,6 +47,8 @@ pub struct SshOptions {
     pub legacy_crypto: bool,
     /// Key authentication with this OpenSSH private key file; password auth when `None`.
     pub private_key: Option<PathBuf>,
+    /// The passphrase of an encrypted `private_key`.
+    pub key_passphrase: Option<crate::model::Secret>,
     /// Shell mode: matched against the text after the last newline of the output.
     pub prompt: Regex,
     /// Shell mode: send `enable` after login, answering `Password:` with `target.secret`.
@@ -72,6 +74,7 @@ impl SshOptions {
             host_key_policy: HostKeyPolicy::Strict,
             legacy_crypto: false,
             private_key: None,
+            key_passphrase: None,
             prompt: default_prompt(),
             enable: false,
             setup: Vec::new(),
@@ -300,7 +303,8 @@ impl SshConnector {
             |error: russh::Error| SessionError::Connect(label.clone(), error.to_string());
         let rejected = || SessionError::Auth(label.clone(), user.to_string());
         if let Some(path) = &self.options.private_key {
-            let key = russh::keys::load_secret_key(path, None).map_err(|error| {
+            let passphrase = self.options.key_passphrase.as_ref().map(|p| p.expose());
+            let key = russh::keys::load_secret_key(path, passphrase).map_err(|error| {
                 SessionError::Connect(
                     label.clone(),
                     format!("cannot load private key {}: {error}", path.display()),
