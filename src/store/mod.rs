@@ -995,16 +995,18 @@ impl Store {
         on_backend!(self, s => s.history_size().await)
     }
 
-    /// Deletes, among the `batch` oldest rows of `events_history` (lowest ids), those
-    /// finished before `cutoff`, in one short statement; returns how many. Fewer than
-    /// `batch` means the old end of the table is done (ids follow completion order, so
-    /// the pruner never scans past the rows it keeps).
+    /// Deletes, among the `batch` lowest ids of `events_history` from `from` on, those
+    /// finished before `cutoff`, in one short statement; returns how many and where the
+    /// round's next statement starts (a round starts at 0). Fewer than `batch` means
+    /// the old end of the table is done (ids follow completion order, so the pruner
+    /// never scans past the rows it keeps).
     pub async fn prune_history(
         &self,
         cutoff: DateTime<Utc>,
         batch: i64,
-    ) -> Result<u64, StoreError> {
-        on_backend!(self, s => s.prune_history(cutoff, batch).await)
+        from: i64,
+    ) -> Result<PruneStep, StoreError> {
+        on_backend!(self, s => s.prune_history(cutoff, batch, from).await)
     }
 
     /// Where the event enqueued under `id` (a compact id) is now. Looks in the order
@@ -1196,4 +1198,12 @@ mod tests {
     fn secret_debug_is_redacted() {
         assert_eq!(format!("{:?}", Secret::new("hunter2")), "***");
     }
+}
+
+/// One statement of a history pruning round: rows deleted, and the id the round's next
+/// statement starts from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PruneStep {
+    pub deleted: u64,
+    pub next: i64,
 }

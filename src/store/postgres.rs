@@ -16,8 +16,8 @@ use sqlx::{Column, PgConnection, Postgres, Row, Transaction, TypeInfo, ValueRef}
 
 use super::{
     AccountRecord, Claimed, CompactEvent, CompactRow, EventStatus, ExpandReport, Filter,
-    FilterValue, Finish, HistoryRow, Nas, NasQueue, PoolFigures, Reschedule, Secret, SqlContext,
-    StackCount, StackEvent, StoreError, plan_expansion,
+    FilterValue, Finish, HistoryRow, Nas, NasQueue, PoolFigures, PruneStep, Reschedule, Secret,
+    SqlContext, StackCount, StackEvent, StoreError, plan_expansion,
 };
 use crate::model::Vars;
 
@@ -979,39 +979,21 @@ impl PgStore {
         &self,
         cutoff: DateTime<Utc>,
         batch: i64,
-    ) -> Result<u64, StoreError> {
-        // Where the round (its cutoff) got to: the lowest id it may still delete. A
-        // deleted row leaves its index entries behind until VACUUM, so a scan from the
-        // start of the primary key walks over every row deleted since the last one
-        // (35 ms and more per statement after a few million, growing with each): each
-        // statement starts where the previous one of the round stopped instead. Below
-        // that id the round left nothing it could delete: what it saw there was
-        // deleted, and a row committed there since (its id taken earlier) finished
-        // after the cutoff. A new round (a new cutoff) starts from the lowest id again.
-        // Kept per cutoff for a few rounds at once (several stores in one process); a
-        // mix-up could only leave rows for the next round.
-        static ROUNDS: std::sync::Mutex<Vec<(DateTime<Utc>, i64)>> =
-            std::sync::Mutex::new(Vec::new());
-        let from = ROUNDS
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .find(|(c, _)| *c == cutoff)
-            .map_or(0, |(_, from)| *from);
+        from: i64,
+    ) -> Result<PruneStep, StoreError> {
         let mut db = self.open().await.ctx("prune history")?;
         // The `batch` lowest ids from `from`: those finished before the cutoff go; the
-        // lowest one kept (if any) is where the next statement looks again. Committed
-        // asynchronously, as claims are: the commit does not wait for its WAL (a whole
-        // page image per heap page) to reach the disk; only a crash of the server can
-        // lose a batch, and the next round deletes those rows again.
-        let (deleted, kept, last, _): (i64, Option<i64>, Option<i64>, String) = sqlx::query_as(
+        // lowest one kept (if any), else the one after the last seen, is where the next
+        // statement of the round looks. A deleted row leaves its index entries behind
+        // until VACUUM, so a scan from the start of the primary key would walk over every
+        // row deleted since (35 to 60 ms per statement after a few million rows).
+        let (deleted, kept, last): (i64, Option<i64>, Option<i64>) = sqlx::query_as(
             "WITH head AS (SELECT id, finished_at FROM events_history WHERE id >= $3 \
              ORDER BY id LIMIT $2), \
              gone AS (DELETE FROM events_history WHERE id IN \
              (SELECT id FROM head WHERE finished_at < $1) RETURNING 1) \
              SELECT (SELECT count(*) FROM gone), \
-             (SELECT min(id) FROM head WHERE finished_at >= $1), (SELECT max(id) FROM head), \
-             set_config('synchronous_commit', 'off', true)",
+             (SELECT min(id) FROM head WHERE finished_at >= $1), (SELECT max(id) FROM head)",
         )
         .persistent(self.persistent)
         .bind(cutoff)
@@ -1021,15 +1003,10 @@ impl PgStore {
         .await
         .ctx("prune history")?;
         db.done().await.ctx("prune history")?;
-        if let Some(next) = kept.or(last.map(|l| l + 1)) {
-            let mut rounds = ROUNDS.lock().unwrap_or_else(|e| e.into_inner());
-            rounds.retain(|(c, _)| *c != cutoff);
-            if rounds.len() >= 16 {
-                rounds.remove(0);
-            }
-            rounds.push((cutoff, next));
-        }
-        Ok(deleted.max(0) as u64)
+        Ok(PruneStep {
+            deleted: deleted.max(0) as u64,
+            next: kept.or(last.map(|l| l + 1)).unwrap_or(from),
+        })
     }
 
     pub async fn latencies_ms(&self) -> Result<Vec<f64>, StoreError> {

@@ -15,8 +15,8 @@ use sqlx::{Column, Row, TypeInfo, ValueRef};
 
 use super::{
     AccountRecord, Claimed, CompactEvent, CompactRow, EventStatus, ExpandReport, Filter,
-    FilterValue, Finish, HistoryRow, Nas, NasQueue, PoolFigures, Reschedule, Secret, SqlContext,
-    StackCount, StackEvent, StoreError, plan_expansion,
+    FilterValue, Finish, HistoryRow, Nas, NasQueue, PoolFigures, PruneStep, Reschedule, Secret,
+    SqlContext, StackCount, StackEvent, StoreError, plan_expansion,
 };
 use crate::model::Vars;
 
@@ -712,17 +712,24 @@ impl SqliteStore {
         &self,
         cutoff: DateTime<Utc>,
         batch: i64,
-    ) -> Result<u64, StoreError> {
+        from: i64,
+    ) -> Result<PruneStep, StoreError> {
+        // SQLite removes a deleted row's index entries at once: scanning from `from`
+        // each time costs nothing more, so the position stays where it is.
         let done = sqlx::query(
             "DELETE FROM events_history WHERE id IN (SELECT id FROM (SELECT id, finished_at \
-             FROM events_history ORDER BY id LIMIT ?2) WHERE finished_at < ?1)",
+             FROM events_history WHERE id >= ?3 ORDER BY id LIMIT ?2) WHERE finished_at < ?1)",
         )
         .bind(ms(cutoff))
         .bind(batch)
+        .bind(from)
         .execute(&self.pool)
         .await
         .ctx("prune history")?;
-        Ok(done.rows_affected())
+        Ok(PruneStep {
+            deleted: done.rows_affected(),
+            next: from,
+        })
     }
 
     pub async fn latencies_ms(&self) -> Result<Vec<f64>, StoreError> {

@@ -45,8 +45,8 @@ pub struct BenchPruneOptions {
     /// Simulated device latency per command.
     #[arg(long, default_value = "5ms")]
     pub latency: String,
-    /// `[history] prune_batch`: rows per delete statement.
-    #[arg(long, default_value_t = 2000)]
+    /// `[history] prune_batch`: rows per delete statement (default: the daemon's).
+    #[arg(long, default_value_t = crate::config::HistoryConfig::default().prune_batch)]
     pub prune_batch: i64,
     /// `[history] prune_interval`; the first round starts this long after the start,
     /// at most 5 s.
@@ -146,7 +146,7 @@ pub async fn run(opts: BenchPruneOptions) -> anyhow::Result<()> {
     db.remove().await;
     let (fill, base, during, pruning) = result?;
     println!(
-        "bench-prune: filled {} rows in {:.1} s ({:.0} rows/s), secondary indexes built in {:.1} s",
+        "bench-prune: filled {} rows in {:.1} s ({:.0} rows/s), then indexes built and the table settled (PostgreSQL: VACUUM ANALYZE, CHECKPOINT; SQLite: synced) in {:.1} s",
         opts.rows,
         fill.rows.as_secs_f64(),
         opts.rows as f64 / fill.rows.as_secs_f64().max(1e-9),
