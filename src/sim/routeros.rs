@@ -1334,6 +1334,8 @@ fn quote_if_needed(value: &str) -> String {
 
 fn print(state: &RouterState, menu: Menu, command: &Command) -> String {
     let count_only = command.flags.iter().any(|f| f == "count-only");
+    // `terse`: one line of key=value words per entry, what scripts (and `[state]`) read.
+    let terse = command.flags.iter().any(|f| f == "terse");
     match menu {
         Menu::AddressList => {
             let rows: Vec<(usize, &AddressListEntry)> = state
@@ -1344,6 +1346,24 @@ fn print(state: &RouterState, menu: Menu, command: &Command) -> String {
                 .collect();
             if count_only {
                 return rows.len().to_string();
+            }
+            if terse {
+                return rows
+                    .iter()
+                    .map(|(index, e)| {
+                        let flag = if e.disabled { 'X' } else { ' ' };
+                        let mut line = format!(
+                            "{index:>2} {flag} list={} address={}",
+                            quote_if_needed(&e.list),
+                            e.address
+                        );
+                        if !e.comment.is_empty() {
+                            line.push_str(&format!(" comment={}", quote_if_needed(&e.comment)));
+                        }
+                        line
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n");
             }
             let list_width = rows
                 .iter()
@@ -1388,6 +1408,25 @@ fn print(state: &RouterState, menu: Menu, command: &Command) -> String {
                 .collect();
             if count_only {
                 return rows.len().to_string();
+            }
+            if terse {
+                return rows
+                    .iter()
+                    .map(|(index, q)| {
+                        let flag = if q.disabled { 'X' } else { ' ' };
+                        let mut line = format!(
+                            "{index:>2} {flag} name={} target={} max-limit={}",
+                            quote_if_needed(&q.name),
+                            q.target,
+                            q.max_limit
+                        );
+                        if !q.comment.is_empty() {
+                            line.push_str(&format!(" comment={}", quote_if_needed(&q.comment)));
+                        }
+                        line
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n");
             }
             let mut lines = vec!["Flags: X - disabled, I - invalid, D - dynamic".to_string()];
             for (index, queue) in rows {
@@ -1657,6 +1696,30 @@ mod tests {
                 " 0     ;;; crb\n",
                 "       name=crb_10.88.0.15 target=10.88.0.15/32 max-limit=20M/20M",
             )
+        );
+    }
+
+    #[test]
+    fn print_terse_is_one_line_of_words_per_entry() {
+        let mut state = RouterState::new("sim");
+        run_all(
+            &mut state,
+            &[
+                "/ip firewall address-list add list=allowed address=10.0.0.1 comment=crb_10.0.0.1",
+                "/ip firewall address-list add list=negbal address=10.0.0.2 disabled=yes",
+                "/queue simple add name=crb_10.0.0.1 target=10.0.0.1 max-limit=10M/10M comment=\"a b\"",
+            ],
+        );
+        assert_eq!(
+            execute(&mut state, "/ip firewall address-list print terse"),
+            " 0   list=allowed address=10.0.0.1 comment=crb_10.0.0.1\n 1 X list=negbal address=10.0.0.2"
+        );
+        assert_eq!(
+            execute(
+                &mut state,
+                "/queue simple print terse where target=10.0.0.1/32"
+            ),
+            " 0   name=crb_10.0.0.1 target=10.0.0.1/32 max-limit=10M/10M comment=\"a b\""
         );
     }
 

@@ -18,6 +18,8 @@ use serde::Deserialize;
 
 use crate::duration::parse_duration;
 
+pub mod state;
+
 pub use crate::model::Vars;
 
 /// The file every scheme directory holds.
@@ -196,6 +198,12 @@ struct SchemeFile {
     /// api: speak TLS (RouterOS `api-ssl`, default port 8729).
     #[serde(default)]
     tls: bool,
+    /// Groups of cmds that set the same piece of state: of several queued events of
+    /// one group in a row for an account, only the last is sent.
+    #[serde(default)]
+    coalesce: BTreeMap<String, Vec<String>>,
+    /// How to read what the NAS holds and what it should hold (`nasd reconcile`).
+    state: Option<toml::Value>,
 }
 
 /// `[answers]`: how device output is judged, per command.
@@ -232,6 +240,47 @@ pub struct CliSettings {
     pub setup: Vec<String>,
 }
 
+/// Cmds that are never coalesced: an operator waits for their answer (`user_info`,
+/// `user_test`) or they act on a session, not on a piece of state (disconnects).
+pub fn never_coalesced(cmd: &str) -> bool {
+    cmd == "user_info" || cmd == "user_test" || cmd.contains("disconnect")
+}
+
+/// `[coalesce]` as written -> cmd -> group, refusing unknown cmds, a cmd in two groups
+/// and the cmds that are never coalesced.
+fn coalesce_groups(
+    groups: &BTreeMap<String, Vec<String>>,
+    defined: impl Fn(&str) -> bool,
+) -> Result<BTreeMap<String, String>, String> {
+    let mut out: BTreeMap<String, String> = BTreeMap::new();
+    for (group, cmds) in groups {
+        if cmds.len() < 2 {
+            return Err(format!(
+                "coalesce.{group}: a group needs at least two cmds, got {}",
+                cmds.len()
+            ));
+        }
+        for cmd in cmds {
+            if never_coalesced(cmd) {
+                return Err(format!(
+                    "coalesce.{group}: {cmd} is never coalesced (user_info, user_test and disconnects always run)"
+                ));
+            }
+            if !defined(cmd) {
+                return Err(format!(
+                    "coalesce.{group}: cmd {cmd} has no template in [commands]"
+                ));
+            }
+            if let Some(other) = out.insert(cmd.clone(), group.clone()) {
+                return Err(format!(
+                    "coalesce: cmd {cmd} is in two groups ({other} and {group})"
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
+
 fn compile_patterns(what: &str, list: &[String]) -> Result<Vec<regex::Regex>, String> {
     list.iter()
         .map(|p| regex::Regex::new(p).map_err(|e| format!("{what}: bad regex `{p}`: {e}")))
@@ -265,6 +314,10 @@ pub struct Scheme {
     pub cli: CliSettings,
     /// api: TLS (RouterOS `api-ssl`) instead of plain TCP.
     pub tls: bool,
+    /// `[coalesce]`: cmd -> the name of its group.
+    coalesce: BTreeMap<String, String>,
+    /// `[state]`: reading the NAS's state and the expected facts (`nasd reconcile`).
+    pub state: Option<state::StateSpec>,
     /// Holds every template compiled, named `cmd[index]`.
     env: Environment<'static>,
     /// The text of scheme.toml as loaded, to tell an edited scheme from a reloaded one.
@@ -404,8 +457,24 @@ impl Scheme {
         if file.tls && file.transport != TransportKind::Api {
             return Err(invalid("tls = true is for transport api".to_string()));
         }
+        let defined = |cmd: &str| match file.transport {
+            TransportKind::Exec => allowed
+                .as_ref()
+                .is_none_or(|a: &BTreeSet<String>| a.contains(cmd)),
+            _ => commands.contains_key(cmd),
+        };
+        let coalesce = coalesce_groups(&file.coalesce, defined).map_err(invalid)?;
+        let state = match &file.state {
+            None => None,
+            Some(raw) => Some(
+                state::StateSpec::parse(raw.clone(), file.dialect, defined)
+                    .map_err(|e| invalid(format!("[state]: {e}")))?,
+            ),
+        };
         let env = build_env(file.dialect, &name, &commands)?;
         Ok(Scheme {
+            coalesce,
+            state,
             answers,
             cli,
             tls: file.tls,
@@ -427,6 +496,11 @@ impl Scheme {
     /// (a resync reloads every scheme; only an edit makes it a different one).
     pub fn same_as(&self, other: &Scheme) -> bool {
         self.dir == other.dir && self.source == other.source
+    }
+
+    /// The `[coalesce]` group `cmd` belongs to, if any.
+    pub fn coalesce_group(&self, cmd: &str) -> Option<&str> {
+        self.coalesce.get(cmd).map(String::as_str)
     }
 
     /// Whether the scheme handles `cmd`: it has templates for it, or (exec) the script is
@@ -1887,6 +1961,109 @@ user_del = ["/c {{ ip }}"]
     }
 
     /// The schemes shipped in the repository load and render.
+    #[test]
+    fn shipped_schemes_declare_state_and_coalescing() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemes");
+        let (set, errors) = SchemeSet::load_dir(&dir);
+        assert!(errors.is_empty(), "{errors:?}");
+        for name in [
+            "mikrotik-ssh",
+            "mikrotik-telnet",
+            "mikrotik-api",
+            "mikrotik-api-ssl",
+        ] {
+            let scheme = set.get(name).expect(name);
+            let state = scheme.state.as_ref().expect("[state]");
+            let e = state
+                .expected(&vars(
+                    json!({"ip": "10.0.0.1", "blocked": 1, "rate_in": 2048, "rate_out": 1024}),
+                ))
+                .expect("expected");
+            assert_eq!(e.key, "10.0.0.1", "{name}");
+            assert_eq!(e.facts["allowed"], None, "{name}");
+            assert_eq!(e.facts["negbal"], None, "{name}");
+            assert_eq!(e.facts["rate"].as_deref(), Some("2048k/1024k"), "{name}");
+            let e = state
+                .expected(&vars(
+                    json!({"ip": "10.0.0.1", "negbal": true, "rate_in": null}),
+                ))
+                .expect("expected");
+            assert_eq!(e.facts["allowed"].as_deref(), Some("yes"), "{name}");
+            assert_eq!(e.facts["negbal"].as_deref(), Some("yes"), "{name}");
+            assert_eq!(e.facts["rate"], None, "{name}");
+            assert_eq!(
+                scheme.coalesce_group("user_drop"),
+                Some("allowed"),
+                "{name}"
+            );
+            assert_eq!(
+                scheme.coalesce_group("user_redirect"),
+                Some("negbal"),
+                "{name}"
+            );
+            assert_eq!(
+                scheme.coalesce_group("user_rate_set"),
+                Some("speed"),
+                "{name}"
+            );
+            assert_eq!(scheme.coalesce_group("user_info"), None, "{name}");
+            assert_eq!(scheme.coalesce_group("user_add"), None, "{name}");
+        }
+        let ipset = set.get("linux-ipset").expect("linux-ipset");
+        assert!(ipset.state.is_some());
+        assert_eq!(ipset.coalesce_group("user_rate_set"), None);
+        assert_eq!(ipset.coalesce_group("user_accept"), Some("allowed"));
+        // Off by default: a scheme without [coalesce] and the render-only scheme.
+        let null = set.get("null-routeros").expect("null-routeros");
+        assert_eq!(null.coalesce_group("user_drop"), None);
+        assert!(null.state.is_none());
+    }
+
+    #[test]
+    fn coalesce_groups_are_checked() {
+        let defined = |cmd: &str| cmd.starts_with("user_");
+        let group = |pairs: &[(&str, &[&str])]| -> BTreeMap<String, Vec<String>> {
+            pairs
+                .iter()
+                .map(|(g, cmds)| (g.to_string(), cmds.iter().map(|c| c.to_string()).collect()))
+                .collect()
+        };
+        let cases: &[(&[(&str, &[&str])], Result<(), &str>)] = &[
+            (&[("a", &["user_accept", "user_drop"])], Ok(())),
+            (
+                &[("a", &["user_accept"])],
+                Err("coalesce.a: a group needs at least two cmds, got 1"),
+            ),
+            (
+                &[("a", &["user_accept", "user_info"])],
+                Err("coalesce.a: user_info is never coalesced"),
+            ),
+            (
+                &[("a", &["user_accept", "user_disconnect"])],
+                Err("user_disconnect is never coalesced"),
+            ),
+            (
+                &[("a", &["user_accept", "reboot"])],
+                Err("coalesce.a: cmd reboot has no template"),
+            ),
+            (
+                &[
+                    ("a", &["user_accept", "user_drop"]),
+                    ("b", &["user_drop", "user_redirect"]),
+                ],
+                Err("coalesce: cmd user_drop is in two groups (a and b)"),
+            ),
+        ];
+        for (groups, want) in cases {
+            let got = coalesce_groups(&group(groups), defined);
+            match (got, want) {
+                (Ok(_), Ok(())) => {}
+                (Err(e), Err(w)) => assert!(e.contains(w), "{e} / {w}"),
+                (got, want) => panic!("{groups:?}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+
     #[test]
     fn shipped_schemes_load() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemes");
