@@ -57,6 +57,8 @@ command -v python3 >/dev/null 2>&1 || need+=(python3 python3-venv)
 # PgBouncer sits between nasd and PostgreSQL in tests/pgbouncer.rs; each test starts its
 # own on a free port, so no system PgBouncer is started or configured here.
 command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || need+=(pgbouncer)
+# tests/reconcile_ipset.rs reads and changes kernel ipsets of its own (as root).
+command -v ipset >/dev/null 2>&1 || [ -x /usr/sbin/ipset ] || need+=(ipset)
 if [ ${#need[@]} -gt 0 ]; then
     echo "test-setup: installing ${need[*]}"
     apt_install "${need[@]}"

@@ -293,6 +293,8 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         _ => None,
     };
     let params_query = cfg.database.params_query.clone();
+    let reconcile_params = cfg.database.params_query.clone();
+    let reconcile = cfg.reconcile.clone();
     let history = cfg.history.clone();
     let supervisor_id = daemon_id.clone();
     let join = tokio::spawn(async move {
@@ -346,6 +348,19 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
             history,
             shutdown.clone(),
         ));
+        let reconciler = tokio::spawn(crate::reconcile::schedule(
+            crate::reconcile::Scheduler {
+                cfg: shared.cfg.clone(),
+                rc: reconcile,
+                store: shared.store.clone(),
+                params_query: reconcile_params,
+                billing: billing.as_ref().map(|(b, _)| b.clone()),
+                journal: shared.journal.clone(),
+                devices: devices.clone(),
+                stats: shared.stats.clone(),
+            },
+            shutdown.clone(),
+        ));
         let cluster_task = cluster.map(|c| tokio::spawn(c.run(shutdown.clone())));
         let supervisor = Supervisor::new(shared.clone(), wakers, link, &supervisor_id, devices);
         supervisor.run(shutdown.clone()).await;
@@ -360,6 +375,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
             billing.close().await;
         }
         let _ = pruner.await;
+        let _ = reconciler.await;
         if let Some(sampler) = sampler {
             let _ = sampler.await;
         }

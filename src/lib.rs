@@ -18,6 +18,7 @@ pub mod limits;
 pub mod manual;
 pub mod model;
 pub mod prune;
+pub mod reconcile;
 pub mod reload;
 pub mod scheme;
 pub mod series;

@@ -170,6 +170,9 @@ pub struct StackEvent {
 pub enum Outcome {
     Done,
     Failed,
+    /// Never sent: a later queued event of the same account and `[coalesce]` group set
+    /// the same state, and only that one was sent.
+    Superseded,
 }
 
 impl Outcome {
@@ -177,6 +180,7 @@ impl Outcome {
         match self {
             Outcome::Done => "done",
             Outcome::Failed => "failed",
+            Outcome::Superseded => "superseded",
         }
     }
 }

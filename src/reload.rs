@@ -1,6 +1,7 @@
 //! SIGHUP (`systemctl reload nasd`): the config file is read again; what can change
 //! while the daemon runs is applied (the `[log]` format, sizes, backups and gzip;
-//! `[alerts]`; retries and `[breaker]`; the API tokens), and what needs a restart is
+//! `[alerts]`; retries, `[breaker]` and `[daemon] coalesce`; the API tokens), and what
+//! needs a restart is
 //! named in the daemon log, its old value kept. A config with an error changes nothing.
 //!
 //! [`restart_needed`] and [`live_changes`] are pure (table tests below); [`Reloader`]
@@ -31,18 +32,20 @@ pub fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
             retry_base: std::time::Duration::ZERO,
             retry_cap: std::time::Duration::ZERO,
             breaker: Default::default(),
+            coalesce: false,
         };
         d.max_attempts = t.max_attempts;
         d.retry_base = t.retry_base;
         d.retry_cap = t.retry_cap;
         d.breaker = t.breaker;
+        d.coalesce = t.coalesce;
         let transport = d.transport.clone();
         (format!("{d:?}"), format!("{transport:?}"))
     };
     let (old_daemon, old_transport) = fixed(old);
     let (new_daemon, new_transport) = fixed(new);
     if old_daemon.replace(&old_transport, "") != new_daemon.replace(&new_transport, "") {
-        out.push("[daemon] (other than max_attempts, retry_base, retry_cap)");
+        out.push("[daemon] (other than max_attempts, retry_base, retry_cap, coalesce)");
     }
     if old_transport != new_transport {
         out.push("[transport]");
@@ -91,6 +94,16 @@ pub fn live_changes(old: &Config, new: &Config) -> Vec<String> {
     }
     if a.breaker != b.breaker {
         out.push("[breaker]".into());
+    }
+    if a.coalesce != b.coalesce {
+        out.push(format!(
+            "coalescing {}",
+            if b.coalesce {
+                "on (where a scheme declares [coalesce])"
+            } else {
+                "off"
+            }
+        ));
     }
     if old.log != new.log {
         out.push("[log]".into());
@@ -170,6 +183,7 @@ impl Reloader {
         self.current.daemon.retry_base = tuning.retry_base;
         self.current.daemon.retry_cap = tuning.retry_cap;
         self.current.daemon.breaker = tuning.breaker;
+        self.current.daemon.coalesce = tuning.coalesce;
         if let (Some(sender), Some(alerts)) = (&self.alerts, &new.alerts) {
             sender.send_replace(Arc::new(alerts.clone()));
             self.current.alerts = Some(alerts.clone());
@@ -224,6 +238,17 @@ mod tests {
                 vec!["retries (max_attempts 9"],
             ),
             ("[breaker]\nfailures = 7\n", vec![], vec!["[breaker]"]),
+            (
+                "[daemon]\ncoalesce = false\n",
+                vec![],
+                vec!["coalescing off"],
+            ),
+            ("[daemon]\ncoalesce = true\n", vec![], vec![]),
+            (
+                "[daemon]\ncoalesce = false\nmax_attempts = 9\n",
+                vec![],
+                vec!["retries (max_attempts 9", "coalescing off"],
+            ),
             ("[log]\nformat = \"json\"\n", vec![], vec!["[log]"]),
             (
                 "[log]\nstderr_format = \"json\"\n",
@@ -238,7 +263,7 @@ mod tests {
             ),
             (
                 "[daemon]\nresync_interval = \"5s\"\n",
-                vec!["[daemon] (other than max_attempts, retry_base, retry_cap)"],
+                vec!["[daemon] (other than max_attempts, retry_base, retry_cap, coalesce)"],
                 vec![],
             ),
             (

@@ -33,6 +33,8 @@ pub struct CmdCounters {
     pub failed: u64,
     /// Attempts that ended in "try again later".
     pub retried: u64,
+    /// Events never sent: a later event of their `[coalesce]` group replaced them.
+    pub superseded: u64,
 }
 
 /// A cumulative histogram of attempt durations.
@@ -106,6 +108,9 @@ pub struct NasStats {
     /// Incremented by each owner start, so a late `stopped` of an old owner of the same
     /// NAS does not mark the new one stopped.
     generation: AtomicU64,
+    /// Times the breaker closed after being open (the NAS came back), for the
+    /// reconciliation run on return, which must not miss a short outage.
+    returns: AtomicU64,
     inner: Mutex<Inner>,
 }
 
@@ -181,7 +186,16 @@ impl NasStats {
 
     /// The circuit breaker opened (`Some`: since when, why) or closed (`None`).
     pub fn set_down(&self, down: Option<(DateTime<Utc>, String)>) {
-        self.lock().down = down;
+        let mut inner = self.lock();
+        if inner.down.is_some() && down.is_none() {
+            self.returns.fetch_add(1, Ordering::Relaxed);
+        }
+        inner.down = down;
+    }
+
+    /// How many times the NAS came back after being down.
+    pub fn returns(&self) -> u64 {
+        self.returns.load(Ordering::Relaxed)
     }
 
     pub fn set_load(&self, in_flight: usize, window: usize) {
@@ -194,6 +208,15 @@ impl NasStats {
         let mut inner = self.lock();
         for cmd in cmds {
             counters(&mut inner.by_cmd, cmd).enqueued += 1;
+        }
+    }
+
+    /// Events recorded as superseded (not attempts: no latency, no failure streak), by
+    /// cmd.
+    pub fn superseded<'a>(&self, cmds: impl IntoIterator<Item = &'a str>) {
+        let mut inner = self.lock();
+        for cmd in cmds {
+            counters(&mut inner.by_cmd, cmd).superseded += 1;
         }
     }
 
@@ -411,9 +434,13 @@ mod tests {
         let n = stats.nas(1);
         let names: Vec<String> = (0..MAX_CMDS + 10).map(|i| format!("cmd_{i}")).collect();
         n.enqueued(names.iter().map(String::as_str));
+        n.superseded(["cmd_0", "cmd_0", "cmd_70"]);
         let s = stats.get(1).unwrap();
         assert_eq!(s.by_cmd.len(), MAX_CMDS + 1);
+        let first = s.by_cmd.iter().find(|(k, _)| k == "cmd_0").unwrap();
+        assert_eq!((first.1.enqueued, first.1.superseded), (1, 2));
+        assert_eq!(s.latency.count, 0, "a superseded event is no attempt");
         let other = s.by_cmd.iter().find(|(k, _)| k == "other").unwrap();
-        assert_eq!(other.1.enqueued, 10);
+        assert_eq!((other.1.enqueued, other.1.superseded), (10, 1));
     }
 }

@@ -73,6 +73,9 @@ async fn nas_down_waits_and_alerts_once(backend: Backend) {
     cfg.daemon.schemes_dir = schemes_dir();
     cfg.daemon.transport.known_hosts = env.path().join("known_hosts");
     cfg.daemon.max_attempts = 3;
+    // The events queued during the outage are to wait, all of them: no `[coalesce]`
+    // run is merged (that would finish some as superseded while the NAS is down).
+    cfg.daemon.coalesce = false;
     cfg.daemon.breaker.failures = 3;
     cfg.daemon.breaker.probe_first = Duration::from_millis(100);
     cfg.daemon.breaker.probe_max = Duration::from_millis(300);

@@ -31,6 +31,9 @@ fn config(env: &TestEnv, sshd: &Sshd) -> Config {
     cfg.daemon.schemes_dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("schemes");
     cfg.daemon.transport.known_hosts = env.path().join("known_hosts");
     cfg.daemon.transport.ssh_key = Some(sshd.client_key.clone());
+    // Every event is to reach the device: runs of one `[coalesce]` group are not merged
+    // (tests/coalesce.rs covers that).
+    cfg.daemon.coalesce = false;
     cfg
 }
 

@@ -273,14 +273,22 @@ impl Collector for Figures {
         family(
             e,
             "nasd_events_finished_total",
-            "Events that left the stack for history, by NAS, cmd and outcome (done or failed).",
+            "Events that left the stack for history, by NAS, cmd and outcome (done, failed, or superseded: replaced by a later event of its coalesce group, never sent).",
+            // `superseded` only for the cmds that had one: most schemes coalesce
+            // nothing, and the family's series stay two per cmd there.
             snaps.iter().flat_map(|s| {
                 s.by_cmd.iter().flat_map(move |(cmd, c)| {
-                    [("done", c.done), ("failed", c.failed)].map(|(outcome, n)| {
-                        (
+                    [
+                        ("done", Some(c.done)),
+                        ("failed", Some(c.failed)),
+                        ("superseded", (c.superseded > 0).then_some(c.superseded)),
+                    ]
+                    .into_iter()
+                    .filter_map(move |(outcome, n)| {
+                        Some((
                             (nas(s.nas_id), [("cmd", cmd.as_str()), ("outcome", outcome)]),
-                            ConstCounter::new(n),
-                        )
+                            ConstCounter::new(n?),
+                        ))
                     })
                 })
             }),
@@ -571,6 +579,7 @@ mod tests {
             Duration::from_millis(3),
             None,
         )]);
+        stats.nas(9).superseded(["user_drop", "user_drop"]);
         let now = Utc::now();
         Figures {
             snaps: stats.snapshot(),
@@ -635,7 +644,7 @@ mod tests {
             (
                 "nasd_events_finished_total",
                 "counter",
-                "Events that left the stack for history, by NAS, cmd and outcome (done or failed).",
+                "Events that left the stack for history, by NAS, cmd and outcome (done, failed, or superseded: replaced by a later event of its coalesce group, never sent).",
             ),
             (
                 "nasd_command_duration_seconds",
@@ -775,6 +784,10 @@ mod tests {
     #[test]
     fn exposition_has_counters_histograms_and_gauges() {
         let text = text(sample("user_del", "d2"));
+        assert!(
+            !text.contains("cmd=\"user_add\",outcome=\"superseded\""),
+            "no superseded series for a cmd that never had one:\n{text}"
+        );
         assert_lines(
             &text,
             &[
@@ -784,6 +797,7 @@ mod tests {
                 "nasd_events_finished_total{nas=\"7\",cmd=\"user_add\",outcome=\"done\"} 1",
                 "nasd_events_finished_total{nas=\"7\",cmd=\"user_add\",outcome=\"failed\"} 0",
                 "nasd_events_finished_total{nas=\"9\",cmd=\"user_drop\",outcome=\"done\"} 1",
+                "nasd_events_finished_total{nas=\"9\",cmd=\"user_drop\",outcome=\"superseded\"} 2",
                 "nasd_events_retried_total{nas=\"7\",cmd=\"user_add\"} 1",
                 "nasd_command_duration_seconds_bucket{nas=\"7\",le=\"0.005\"} 0",
                 "nasd_command_duration_seconds_bucket{nas=\"7\",le=\"0.025\"} 1",

@@ -12,7 +12,7 @@ use crate::store::{AuditEntry, EventStatus, Store};
 
 #[derive(Args, Debug, Default, Clone)]
 pub struct FilterArgs {
-    /// queued, retrying, running, failed (default) or done.
+    /// queued, retrying, running, failed (default), done or superseded.
     #[arg(long)]
     state: Option<String>,
     #[arg(long)]

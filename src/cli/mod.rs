@@ -10,6 +10,7 @@ pub mod enqueue;
 pub mod events;
 pub mod generate;
 pub mod nas;
+pub mod reconcile;
 pub mod send;
 pub mod stack;
 
@@ -90,6 +91,22 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Compare what a NAS holds with what its accounts should have (the scheme's
+    /// [state]); print the differences and the events that would fix them.
+    Reconcile {
+        /// The NAS to read.
+        #[arg(long)]
+        nas: i64,
+        /// Only this account (user_id).
+        #[arg(long)]
+        account: Option<i64>,
+        /// Enqueue the fixing events (they go through the normal pipeline).
+        #[arg(long)]
+        apply: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Copy every table (NAS, accounts, both stacks, history) to another, empty
     /// database, keeping ids, states and try counts; verified by row counts and
     /// checksums. Refused while a daemon works on the source.
@@ -118,6 +135,9 @@ pub enum Command {
     /// Prune `[history] keep` from a big history (10 million rows) while events are
     /// delivered, and print the longest delivery pause.
     BenchPrune(tools::bench_prune::BenchPruneOptions),
+    /// Carbon's reboot storm: a backlog of events per account on one simulated NAS
+    /// (SSH, 300 ms per command), drained without and with coalescing.
+    BenchStorm(tools::bench_storm::BenchStormOptions),
     /// Write the man pages or a shell's completions (for the Debian package).
     #[command(hide = true)]
     Generate(generate::GenerateArgs),
@@ -232,6 +252,20 @@ async fn execute(
             };
             return send::run(&cfg, req).await;
         }
+        Command::Reconcile {
+            nas,
+            account,
+            apply,
+            json,
+        } => {
+            let req = crate::reconcile::Request {
+                nas_id: nas,
+                account,
+                apply,
+                by: "nasd reconcile".into(),
+            };
+            return reconcile::run(&cfg, req, json).await;
+        }
         Command::Copy { to } => copy::copy_to(&cfg, &to).await?,
         Command::Backup { file } => copy::backup(&cfg, &file).await?,
         Command::Restore { file } => copy::restore(&cfg, &file).await?,
@@ -241,6 +275,7 @@ async fn execute(
         Command::BenchApi(opts) => tools::bench_api::run(opts).await?,
         Command::BenchConsole(opts) => tools::bench_console::run(opts).await?,
         Command::BenchPrune(opts) => tools::bench_prune::run(opts).await?,
+        Command::BenchStorm(opts) => tools::bench_storm::run(opts).await?,
         // main.rs runs it before the config is loaded: it needs the whole clap command.
         Command::Generate(_) => bail!("nasd generate runs from main, with the clap command"),
     }

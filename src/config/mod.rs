@@ -9,10 +9,12 @@ use serde::Deserialize;
 pub mod alerts;
 pub mod billing;
 pub mod keys;
+pub mod reconcile;
 pub mod secret;
 
 use keys::size_key;
 pub use keys::{ConfigError, duration_key};
+pub use reconcile::ReconcileConfig;
 
 /// The query that reads one account's variables from the reference `accounts` table.
 /// `$1` is the user_id; every column returned becomes a variable of the same name.
@@ -37,6 +39,8 @@ pub struct Config {
     /// `[billing]`: the billing's own database for account variables (and events).
     /// `None`: `[database] params_query` runs on nasd's own database.
     pub billing: Option<billing::BillingConfig>,
+    /// `[reconcile]`: the daemon's own reconciliation runs.
+    pub reconcile: ReconcileConfig,
 }
 
 /// `[history]`: rows of `events_history` older than `keep` are deleted in small batches.
@@ -302,16 +306,21 @@ pub struct DaemonConfig {
     pub transport: TransportConfig,
     /// `[breaker]`: the per-NAS circuit breaker.
     pub breaker: BreakerConfig,
+    /// Coalesce superseded events where a scheme declares `[coalesce]` groups (of
+    /// several queued events of one group in a row for an account only the last is
+    /// sent); `false` sends every event everywhere.
+    pub coalesce: bool,
 }
 
-/// The delivery settings a SIGHUP changes while the daemon runs: retries and the
-/// circuit breaker. Owners read them at each decision.
+/// The delivery settings a SIGHUP changes while the daemon runs: retries, the circuit
+/// breaker and coalescing. Owners read them at each decision.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Tuning {
     pub max_attempts: i32,
     pub retry_base: Duration,
     pub retry_cap: Duration,
     pub breaker: BreakerConfig,
+    pub coalesce: bool,
 }
 
 impl DaemonConfig {
@@ -321,6 +330,7 @@ impl DaemonConfig {
             retry_base: self.retry_base,
             retry_cap: self.retry_cap,
             breaker: self.breaker.clone(),
+            coalesce: self.coalesce,
         }
     }
 }
@@ -418,6 +428,7 @@ impl Default for Config {
                     connect_timeout: DEFAULT_CONNECT_TIMEOUT,
                 },
                 breaker: BreakerConfig::default(),
+                coalesce: true,
             },
             api: None,
             alerts: None,
@@ -425,6 +436,7 @@ impl Default for Config {
             cluster: ClusterConfig::default(),
             history: HistoryConfig::default(),
             billing: None,
+            reconcile: ReconcileConfig::default(),
         }
     }
 }
@@ -449,6 +461,8 @@ struct RawConfig {
     #[serde(default)]
     history: RawHistory,
     billing: Option<billing::RawBilling>,
+    #[serde(default)]
+    reconcile: reconcile::RawReconcile,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -835,6 +849,7 @@ struct RawDaemon {
     expand_batch: Option<i64>,
     shutdown_grace: Option<String>,
     exec_timeout: Option<String>,
+    coalesce: Option<toml::Value>,
 }
 
 /// The 1-based line of byte `offset` in `text`.
@@ -974,6 +989,11 @@ impl Config {
                     )?,
                 },
                 breaker: breaker_section(raw.breaker)?,
+                coalesce: bool_key(
+                    "daemon.coalesce",
+                    raw.daemon.coalesce.as_ref(),
+                    d.daemon.coalesce,
+                )?,
             },
             api: raw.api.map(api_section).transpose()?,
             alerts: raw.alerts.map(alerts::alerts_section).transpose()?,
@@ -981,6 +1001,7 @@ impl Config {
             cluster: cluster_section(raw.cluster)?,
             history: history_section(raw.history)?,
             billing: raw.billing.map(billing::billing_section).transpose()?,
+            reconcile: reconcile::reconcile_section(raw.reconcile)?,
         };
         cfg.validate()?;
         Ok(cfg)

@@ -7,7 +7,14 @@
 //!   after the previous one's result is recorded;
 //! - an event waiting for a retry holds only its own lane, never another account's;
 //! - `user_info` goes to the front of its lane (behind earlier `user_info`s), but never
-//!   past an event in flight, also when the lanes are rebuilt while it runs.
+//!   past an event in flight, also when the lanes are rebuilt while it runs;
+//! - coalescing: when a head is taken, the events of its run (the head and the events
+//!   right behind it whose cmds are in one `[coalesce]` group of the scheme, none tried
+//!   yet) give way to the last of them: that one is sent, the others are superseded.
+//!   A run never includes an event in flight (a busy lane gives no head), never crosses
+//!   an event outside the group nor a cmd that is never coalesced (`user_info`, which
+//!   also sits in front of the waiting events), and never takes an event that was
+//!   already claimed or tried (`try_count > 0`, a foreign lease).
 //!
 //! Nothing here does I/O or reads a clock: `now` is passed in.
 
@@ -20,6 +27,63 @@ use crate::model::StackEvent;
 
 /// The cmd that jumps the queue of its account (an operator waits for it in the UI).
 pub const PRIORITY_CMD: &str = "user_info";
+
+/// A lane head taken to start: the event to send and the events it supersedes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Take {
+    pub user_id: i64,
+    /// The event to send: the head, or the last event of the head's run.
+    pub event_id: i64,
+    /// The events before it in its run, head first: recorded as superseded, never sent.
+    /// Empty when the head runs alone.
+    pub supersedes: Vec<i64>,
+}
+
+impl Take {
+    /// Every event of the take in lane order: the superseded ones, then the one to send.
+    /// All of them are claimed together.
+    pub fn ids(&self) -> impl Iterator<Item = i64> + '_ {
+        self.supersedes
+            .iter()
+            .copied()
+            .chain(std::iter::once(self.event_id))
+    }
+}
+
+/// Whether an event may be part of a run: waiting in this lane, claimed by nobody, never
+/// tried (a refunded attempt, which reached nothing, does not count).
+fn untried(p: &Pending) -> bool {
+    !p.running && p.event.state == "ready" && p.event.try_count == 0
+}
+
+/// The run at the head of `events` (a lane with no event in flight): the head and the
+/// untried events right behind it in the head's `[coalesce]` group. Returns the event
+/// to send (the last of the run) and the ones before it; the head alone with nothing
+/// superseded when the run is one event. None for an empty lane.
+fn run_at_head<'g>(
+    events: &VecDeque<Pending>,
+    group: &impl Fn(&str) -> Option<&'g str>,
+) -> Option<(i64, Vec<i64>)> {
+    let head = events.front()?;
+    // A cmd that is never coalesced stays out of any run, whatever the scheme says.
+    let group_of = |p: &Pending| {
+        if crate::scheme::never_coalesced(&p.event.cmd) || !untried(p) {
+            None
+        } else {
+            group(&p.event.cmd)
+        }
+    };
+    let Some(first) = group_of(head) else {
+        return Some((head.event.id, Vec::new()));
+    };
+    let run: Vec<i64> = events
+        .iter()
+        .take_while(|p| group_of(p) == Some(first))
+        .map(|p| p.event.id)
+        .collect();
+    let (last, before) = run.split_last()?;
+    Some((*last, before.to_vec()))
+}
 
 struct Pending {
     event: StackEvent,
@@ -145,10 +209,16 @@ impl Lanes {
         }
     }
 
-    /// Up to `max` heads that may start now, as (user_id, event id), oldest ready first.
-    /// Each must then be [`started`](Lanes::started), [`held_off`](Lanes::held_off) or
-    /// [`put_back`](Lanes::put_back).
-    pub fn take_ready(&mut self, max: usize) -> Vec<(i64, i64)> {
+    /// Up to `max` heads that may start now, oldest ready first, each with the run it
+    /// supersedes: `group` names the `[coalesce]` group of a cmd (None: the cmd is in no
+    /// group, or coalescing is off). Each take must then be
+    /// [`started`](Lanes::started) (after [`superseded`](Lanes::superseded) when its
+    /// run was), [`held_off`](Lanes::held_off) or [`put_back`](Lanes::put_back).
+    pub fn take_ready<'g>(
+        &mut self,
+        max: usize,
+        group: impl Fn(&str) -> Option<&'g str>,
+    ) -> Vec<Take> {
         let mut heads = Vec::with_capacity(max.min(self.ready.len()));
         while heads.len() < max {
             let Some(user_id) = self.ready.pop_front() else {
@@ -161,11 +231,45 @@ impl Lanes {
             if lane.busy() || self.busy_users.contains(&user_id) {
                 continue;
             }
-            if let Some(head) = lane.events.front() {
-                heads.push((user_id, head.event.id));
+            if let Some((event_id, supersedes)) = run_at_head(&lane.events, &group) {
+                heads.push(Take {
+                    user_id,
+                    event_id,
+                    supersedes,
+                });
             }
         }
         heads
+    }
+
+    /// The event `event_id` of an account's lane, as held now.
+    pub fn get(&self, user_id: i64, event_id: i64) -> Option<&StackEvent> {
+        self.lanes
+            .get(&user_id)?
+            .events
+            .iter()
+            .find(|p| p.event.id == event_id)
+            .map(|p| &p.event)
+    }
+
+    /// The events `ids` of a taken lane were recorded as superseded: they leave the lane,
+    /// whose head is then the event that replaced them (to be [`started`](Lanes::started)).
+    /// Returns them as they were held, in lane order.
+    pub fn superseded(&mut self, user_id: i64, ids: &[i64]) -> Vec<StackEvent> {
+        let Some(lane) = self.lanes.get_mut(&user_id) else {
+            return Vec::new();
+        };
+        let mut gone = Vec::with_capacity(ids.len());
+        lane.events.retain(|p| {
+            if !p.running && ids.contains(&p.event.id) {
+                gone.push(p.event.clone());
+                false
+            } else {
+                true
+            }
+        });
+        self.loaded = self.loaded.saturating_sub(gone.len());
+        gone
     }
 
     /// A taken head was not claimed (the database was away): it may be taken again.
@@ -186,10 +290,20 @@ impl Lanes {
         self.schedule(user_id, now);
     }
 
-    /// A taken head was claimed: it runs now, and its account starts nothing else.
-    /// Returns the event as claimed (try count, state and token set).
-    pub fn started(&mut self, user_id: i64, try_count: i32, token: i64) -> Option<StackEvent> {
+    /// A taken head `event_id` was claimed: it runs now, and its account starts nothing
+    /// else. Returns the event as claimed (try count, state and token set); None when it
+    /// is not the lane's head (the events it supersedes are still there).
+    pub fn started(
+        &mut self,
+        user_id: i64,
+        event_id: i64,
+        try_count: i32,
+        token: i64,
+    ) -> Option<StackEvent> {
         let head = self.lanes.get_mut(&user_id)?.events.front_mut()?;
+        if head.event.id != event_id || head.running {
+            return None;
+        }
         head.running = true;
         head.event.try_count = try_count;
         head.event.state = "running".into();
@@ -319,8 +433,16 @@ mod tests {
         AddRunning(i64, i64, &'static str),
         /// insert (id, user, cmd) waiting for `secs`
         AddWaiting(i64, i64, &'static str, u64),
-        /// take up to n ready heads and start them all; expect these event ids
+        /// insert (id, user, cmd) ready now, tried once already
+        AddTried(i64, i64, &'static str),
+        /// take up to n ready heads and start them all; expect these event ids, none
+        /// superseding anything
         Start(usize, &'static [i64]),
+        /// take up to n ready heads; expect these (event to send, events it supersedes);
+        /// record the superseded ones and start the rest
+        Runs(usize, &'static [(i64, &'static [i64])]),
+        /// turn coalescing off (the `[daemon] coalesce = false` switch) or on again
+        Coalesce(bool),
         /// the attempt on (user, id) finished
         Finish(i64, i64),
         /// the attempt on (user, id) retries after `secs`
@@ -335,18 +457,39 @@ mod tests {
         Lane(i64, &'static [i64]),
     }
 
+    /// The `[coalesce]` groups of the shipped mikrotik schemes; `user_info` is given a
+    /// group on purpose (a scheme cannot, the loader refuses it): the lanes must still
+    /// never coalesce it.
+    fn group(cmd: &str) -> Option<&'static str> {
+        match cmd {
+            "user_accept" | "user_drop" | "own_disabled" | "own_disabled_cancel" => Some("allowed"),
+            "user_redirect" | "user_redirect_cancel" => Some("negbal"),
+            "user_rate_set" | "user_rate_set_cancel" => Some("speed"),
+            "user_info" => Some("allowed"),
+            _ => None,
+        }
+    }
+
     fn run(steps: &[Step]) {
         let mut lanes = Lanes::default();
         let t0 = Instant::now();
         let mut now = t0;
+        let mut coalesce = true;
         for (i, step) in steps.iter().enumerate() {
             lanes.fire_timers(now);
+            let on = coalesce;
+            let groups = move |cmd: &str| if on { group(cmd) } else { None };
             match *step {
                 Step::Add(id, user, cmd) => lanes.insert(ev(id, user, cmd), None, false, now),
                 Step::AddRunning(id, user, cmd) => {
                     let mut e = ev(id, user, cmd);
                     e.state = "running".into();
                     lanes.insert(e, None, true, now)
+                }
+                Step::AddTried(id, user, cmd) => {
+                    let mut e = ev(id, user, cmd);
+                    e.try_count = 1;
+                    lanes.insert(e, None, false, now)
                 }
                 Step::AddWaiting(id, user, cmd, secs) => lanes.insert(
                     ev(id, user, cmd),
@@ -355,13 +498,47 @@ mod tests {
                     now,
                 ),
                 Step::Start(n, want) => {
-                    let heads = lanes.take_ready(n);
-                    let ids: Vec<i64> = heads.iter().map(|(_, id)| *id).collect();
+                    let heads = lanes.take_ready(n, groups);
+                    let ids: Vec<i64> = heads.iter().map(|t| t.event_id).collect();
                     assert_eq!(ids, want, "step {i}: {step:?}");
-                    for (user, _) in heads {
-                        assert!(lanes.started(user, 1, 7).is_some(), "step {i}");
+                    for take in heads {
+                        assert_eq!(take.supersedes, Vec::<i64>::new(), "step {i}: {step:?}");
+                        assert!(
+                            lanes.started(take.user_id, take.event_id, 1, 7).is_some(),
+                            "step {i}"
+                        );
                     }
                 }
+                Step::Runs(n, want) => {
+                    let heads = lanes.take_ready(n, groups);
+                    let got: Vec<(i64, Vec<i64>)> = heads
+                        .iter()
+                        .map(|t| (t.event_id, t.supersedes.clone()))
+                        .collect();
+                    let want: Vec<(i64, Vec<i64>)> =
+                        want.iter().map(|(id, s)| (*id, s.to_vec())).collect();
+                    assert_eq!(got, want, "step {i}: {step:?}");
+                    for take in heads {
+                        // All of the take is claimed under one token; before the
+                        // superseded ones are recorded, the one to send is not the head.
+                        let ids: Vec<i64> = take.ids().collect();
+                        assert_eq!(ids.last(), Some(&take.event_id), "step {i}");
+                        if !take.supersedes.is_empty() {
+                            assert!(
+                                lanes.started(take.user_id, take.event_id, 1, 7).is_none(),
+                                "step {i}: started before its run was recorded"
+                            );
+                        }
+                        let gone = lanes.superseded(take.user_id, &take.supersedes);
+                        let gone: Vec<i64> = gone.iter().map(|e| e.id).collect();
+                        assert_eq!(gone, take.supersedes, "step {i}");
+                        assert!(
+                            lanes.started(take.user_id, take.event_id, 1, 7).is_some(),
+                            "step {i}"
+                        );
+                    }
+                }
+                Step::Coalesce(on) => coalesce = on,
                 Step::Finish(user, id) => lanes.finished(user, id, now),
                 Step::Retry(user, id, secs) => {
                     lanes.rescheduled(user, id, 1, now + Duration::from_secs(secs), now)
@@ -375,6 +552,11 @@ mod tests {
     }
 
     use Step::*;
+
+    /// (user, event to send) of each take.
+    fn heads(takes: Vec<Take>) -> Vec<(i64, i64)> {
+        takes.iter().map(|t| (t.user_id, t.event_id)).collect()
+    }
 
     #[test]
     fn one_event_per_account_in_order() {
@@ -500,6 +682,202 @@ mod tests {
     }
 
     #[test]
+    fn a_run_gives_way_to_its_last_event() {
+        run(&[
+            Add(1, 10, "user_accept"),
+            Add(2, 10, "user_drop"),
+            Add(3, 10, "own_disabled_cancel"),
+            Add(4, 10, "own_disabled"),
+            Add(5, 20, "user_rate_set"),
+            Add(6, 20, "user_rate_set_cancel"),
+            Add(7, 20, "user_rate_set"),
+            Add(8, 30, "user_redirect"),
+            Add(9, 30, "user_redirect_cancel"),
+            Runs(5, &[(4, &[1, 2, 3]), (7, &[5, 6]), (9, &[8])]),
+            Lane(10, &[4]),
+            Lane(20, &[7]),
+            Runs(5, &[]),
+            Finish(10, 4),
+            Finish(20, 7),
+            Finish(30, 9),
+            Lane(10, &[]),
+            Runs(5, &[]),
+        ]);
+        // The loaded count follows: superseded events leave memory.
+        let mut lanes = Lanes::default();
+        let now = Instant::now();
+        for (id, cmd) in [(1, "user_accept"), (2, "user_drop"), (3, "user_accept")] {
+            lanes.insert(ev(id, 10, cmd), None, false, now);
+        }
+        let take = lanes.take_ready(1, group).pop().unwrap();
+        assert_eq!(
+            lanes.get(10, 3).map(|e| e.cmd.as_str()),
+            Some("user_accept")
+        );
+        lanes.superseded(10, &take.supersedes);
+        assert_eq!(lanes.loaded(), 1);
+    }
+
+    #[test]
+    fn the_event_in_flight_is_never_superseded() {
+        run(&[
+            Add(1, 10, "user_accept"),
+            Start(5, &[1]),
+            Add(2, 10, "user_drop"),
+            Add(3, 10, "user_accept"),
+            // 1 runs: its lane gives nothing; the run starts after it.
+            Runs(5, &[]),
+            Finish(10, 1),
+            Runs(5, &[(3, &[2])]),
+            Finish(10, 3),
+            // Rebuilt while an event runs: it comes back running, at the head.
+            Add(4, 10, "user_drop"),
+            Start(5, &[4]),
+            Add(5, 10, "user_accept"),
+            Add(6, 10, "user_drop"),
+            Clear,
+            AddRunning(4, 10, "user_drop"),
+            Add(5, 10, "user_accept"),
+            Add(6, 10, "user_drop"),
+            Runs(5, &[]),
+            Finish(10, 4),
+            Runs(5, &[(6, &[5])]),
+        ]);
+    }
+
+    #[test]
+    fn another_cmd_ends_the_run() {
+        run(&[
+            Add(1, 10, "user_accept"),
+            Add(2, 10, "user_drop"),
+            // Another group, then no group at all.
+            Add(3, 10, "user_redirect"),
+            Add(4, 10, "user_accept"),
+            Add(5, 10, "user_add"),
+            Add(6, 10, "user_drop"),
+            Add(7, 10, "user_accept"),
+            Runs(5, &[(2, &[1])]),
+            Finish(10, 2),
+            Runs(5, &[(3, &[])]),
+            Finish(10, 3),
+            Runs(5, &[(4, &[])]),
+            Finish(10, 4),
+            Runs(5, &[(5, &[])]),
+            Finish(10, 5),
+            Runs(5, &[(7, &[6])]),
+        ]);
+    }
+
+    #[test]
+    fn user_info_neither_breaks_nor_joins_a_run() {
+        run(&[
+            // In id order it sits inside the run; it jumped ahead of it.
+            Add(1, 10, "user_accept"),
+            Add(2, 10, "user_info"),
+            Add(3, 10, "user_drop"),
+            Lane(10, &[2, 1, 3]),
+            // Alone, although `group` gives it the run's group.
+            Runs(5, &[(2, &[])]),
+            Finish(10, 2),
+            Runs(5, &[(3, &[1])]),
+            Finish(10, 3),
+            // Arriving while an event runs: behind it, ahead of the waiting run.
+            Add(4, 10, "user_drop"),
+            Start(5, &[4]),
+            Add(5, 10, "user_accept"),
+            Add(6, 10, "user_info"),
+            Add(7, 10, "user_drop"),
+            Lane(10, &[4, 6, 5, 7]),
+            Finish(10, 4),
+            Runs(5, &[(6, &[])]),
+            Finish(10, 6),
+            Runs(5, &[(7, &[5])]),
+        ]);
+    }
+
+    #[test]
+    fn tried_events_are_never_coalesced() {
+        run(&[
+            Add(1, 10, "user_accept"),
+            Start(5, &[1]),
+            Add(2, 10, "user_drop"),
+            Add(3, 10, "user_accept"),
+            // 1 waits for a retry: when its time comes it is sent, not superseded, and
+            // the run behind it waits its turn.
+            Retry(10, 1, 5),
+            Runs(5, &[]),
+            Wait(5),
+            Runs(5, &[(1, &[])]),
+            Finish(10, 1),
+            Runs(5, &[(3, &[2])]),
+            // The survivor retries: it is sent again, and what came meanwhile waits.
+            Retry(10, 3, 5),
+            Add(4, 10, "user_drop"),
+            Wait(5),
+            Runs(5, &[(3, &[])]),
+            Finish(10, 3),
+            Runs(5, &[(4, &[])]),
+            Finish(10, 4),
+            // An event tried before (a rebuild read it with its try count) ends a run.
+            Add(5, 10, "user_accept"),
+            AddTried(6, 10, "user_drop"),
+            Add(7, 10, "user_accept"),
+            Runs(5, &[(5, &[])]),
+            Finish(10, 5),
+            Runs(5, &[(6, &[])]),
+            Finish(10, 6),
+            Runs(5, &[(7, &[])]),
+        ]);
+    }
+
+    #[test]
+    fn a_foreign_lease_ends_a_run() {
+        let mut lanes = Lanes::default();
+        let now = Instant::now();
+        lanes.insert(ev(1, 10, "user_accept"), None, false, now);
+        let mut held = ev(2, 10, "user_drop");
+        held.state = "running".into();
+        lanes.insert(held, Some(now + Duration::from_secs(30)), false, now);
+        lanes.insert(ev(3, 10, "user_accept"), None, false, now);
+        let takes = lanes.take_ready(5, group);
+        assert_eq!(
+            takes,
+            vec![Take {
+                user_id: 10,
+                event_id: 1,
+                supersedes: vec![]
+            }]
+        );
+    }
+
+    #[test]
+    fn a_group_of_one_and_coalescing_off_send_everything() {
+        run(&[
+            Add(1, 10, "user_accept"),
+            Add(2, 10, "user_rate_set"),
+            Add(3, 10, "user_redirect"),
+            Runs(5, &[(1, &[])]),
+            Finish(10, 1),
+            Runs(5, &[(2, &[])]),
+            Finish(10, 2),
+            Runs(5, &[(3, &[])]),
+            Finish(10, 3),
+            Coalesce(false),
+            Add(4, 20, "user_accept"),
+            Add(5, 20, "user_drop"),
+            Add(6, 20, "user_accept"),
+            Start(5, &[4]),
+            Finish(20, 4),
+            Start(5, &[5]),
+            // Turned on again: what is queued coalesces at the next take.
+            Add(7, 20, "user_drop"),
+            Finish(20, 5),
+            Coalesce(true),
+            Runs(5, &[(7, &[6])]),
+        ]);
+    }
+
+    #[test]
     fn a_foreign_lease_is_not_released_by_the_nas_coming_up() {
         let mut lanes = Lanes::default();
         let now = Instant::now();
@@ -507,9 +885,9 @@ mod tests {
         held.state = "running".into();
         lanes.insert(held, Some(now + Duration::from_secs(30)), false, now);
         lanes.release_waiting_heads(now);
-        assert!(lanes.take_ready(5).is_empty());
+        assert!(lanes.take_ready(5, group).is_empty());
         lanes.fire_timers(now + Duration::from_secs(30));
-        assert_eq!(lanes.take_ready(5), vec![(10, 1)]);
+        assert_eq!(heads(lanes.take_ready(5, group)), vec![(10, 1)]);
     }
 
     #[test]
@@ -517,15 +895,15 @@ mod tests {
         let mut lanes = Lanes::default();
         let now = Instant::now();
         lanes.insert(ev(1, 10, "block"), None, false, now);
-        assert_eq!(lanes.take_ready(5), vec![(10, 1)]);
+        assert_eq!(heads(lanes.take_ready(5, group)), vec![(10, 1)]);
         lanes.held_off(10, now + Duration::from_secs(5), now);
-        assert!(lanes.take_ready(5).is_empty());
+        assert!(lanes.take_ready(5, group).is_empty());
         assert_eq!(lanes.next_timer(), Some(now + Duration::from_secs(5)));
         lanes.fire_timers(now + Duration::from_secs(5));
-        assert_eq!(lanes.take_ready(5), vec![(10, 1)]);
+        assert_eq!(heads(lanes.take_ready(5, group)), vec![(10, 1)]);
         // The database was away: put back, taken again.
         lanes.put_back(10, now + Duration::from_secs(5));
-        assert_eq!(lanes.take_ready(5), vec![(10, 1)]);
+        assert_eq!(heads(lanes.take_ready(5, group)), vec![(10, 1)]);
     }
 
     #[test]
@@ -535,8 +913,8 @@ mod tests {
         lanes.insert(ev(1, 10, "block"), None, false, now);
         lanes.insert(ev(2, 10, "unblock"), None, false, now);
         assert_eq!(lanes.loaded(), 2);
-        lanes.take_ready(1);
-        let started = lanes.started(10, 3, 99).unwrap();
+        lanes.take_ready(1, group);
+        let started = lanes.started(10, 1, 3, 99).unwrap();
         assert_eq!(
             (
                 started.try_count,
@@ -548,8 +926,8 @@ mod tests {
         lanes.finished(10, 1, now);
         assert_eq!(lanes.loaded(), 1);
         // A discarded result frees the account but leaves the event for the rebuild.
-        lanes.take_ready(1);
-        lanes.started(10, 1, 5);
+        lanes.take_ready(1, group);
+        lanes.started(10, 2, 1, 5);
         lanes.discarded(10, 2);
         assert_eq!(lanes.loaded(), 1);
         assert_eq!(lanes.lane(10), vec![2]);

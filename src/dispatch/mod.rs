@@ -4,6 +4,12 @@
 //! Order: a lane starts its next event only after the previous one's result has been
 //! committed, and an event waiting for a retry blocks only its own lane. `user_info`
 //! goes to the front of its lane, but never past an event in flight.
+//!
+//! Coalescing (`[coalesce]` in the scheme, `[daemon] coalesce`): a lane head taken with
+//! the run it supersedes is claimed with the whole run under one token; the superseded
+//! events are recorded as `superseded` (fenced by that token, one completion) before the
+//! last event of the run is sent. A run not claimed whole supersedes nothing: what was
+//! claimed goes back and the lanes are rebuilt.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -30,7 +36,7 @@ use crate::stats::NasStats;
 use crate::store::{Finish, Reschedule, Store};
 use crate::transport::{Reply, Verdict};
 use breaker::{Admit, Breaker, Transition};
-use lanes::Lanes;
+use lanes::{Lanes, Take};
 use outcome::Plan;
 
 // Sending lives in `transport::send` (the owner and `nasd send` share it); the old
@@ -450,8 +456,16 @@ impl Owner {
         if !self.shared.fence.holds() {
             return;
         }
-        let heads = self.lanes.take_ready(free);
-        if heads.is_empty() {
+        // Coalescing: each take may carry the run its event supersedes (see `lanes`).
+        let scheme = self.runtime.scheme.clone();
+        let coalesce = self.tuning.borrow().coalesce;
+        let takes = self.lanes.take_ready(free, |cmd: &str| {
+            scheme
+                .as_deref()
+                .filter(|_| coalesce)
+                .and_then(|s| s.coalesce_group(cmd))
+        });
+        if takes.is_empty() {
             return;
         }
         let token = loop {
@@ -461,84 +475,233 @@ impl Owner {
             }
         };
         // Through the claim batcher: other owners' claims go into the same statement,
-        // each row under its own owner's token.
+        // each row under its own owner's token. A run is claimed whole, under the token
+        // of the event that supersedes it, so no other owner can send any of it.
         let epoch = self.runtime.tenure.epoch;
-        let claims: Vec<(i64, i64, i64)> =
-            heads.iter().map(|(_, id)| (*id, token, epoch)).collect();
+        let claims: Vec<(i64, i64, i64)> = takes
+            .iter()
+            .flat_map(Take::ids)
+            .map(|id| (id, token, epoch))
+            .collect();
         let claimed = match self.shared.batches.claim(claims).await {
             Ok(c) => c,
             Err(e) => {
                 let now = Instant::now();
-                for (user_id, _) in heads {
-                    self.lanes.put_back(user_id, now);
+                for take in takes {
+                    self.lanes.put_back(take.user_id, now);
                 }
                 self.db_failed("claiming events", e);
                 return;
             }
         };
         let claimed: HashMap<i64, i32> = claimed.into_iter().map(|c| (c.id, c.try_count)).collect();
-        for (user_id, id) in heads {
-            let Some(try_count) = claimed.get(&id).copied() else {
+        // (user_id, event id, try count) of the events to send now.
+        let mut starts: Vec<(i64, i64, i32)> = Vec::with_capacity(takes.len());
+        let mut runs: Vec<(Take, i32)> = Vec::new();
+        let mut supersede: Vec<Finish> = Vec::new();
+        let mut unclaim: Vec<Reschedule> = Vec::new();
+        for take in takes {
+            let Some(try_count) = claimed.get(&take.event_id).copied() else {
                 // Someone else holds it (a lease that has not expired) or it is gone:
-                // look again later and rebuild from the table.
-                let now = Instant::now();
-                let until = now + self.shared.cfg.lease.min(Duration::from_secs(5));
-                self.lanes.held_off(user_id, until, now);
-                self.want_reload = true;
+                // look again later and rebuild from the table. What of its run was
+                // claimed goes back (ready, the claim's attempt refunded).
+                self.unclaim(&take, &claimed, token, &mut unclaim);
+                self.hold_off(take.user_id);
                 continue;
             };
-            let Some(event) = self.lanes.started(user_id, try_count, token) else {
-                continue;
-            };
-            self.in_flight.insert(id, token);
-            if admit == Admit::Probe {
-                self.breaker.probe_started();
-                tracing::info!(nas_id = self.nas_id(), event_id = id, "probing the NAS");
-            }
-            let runtime = self.runtime.clone();
-            let tx = self.results_tx.clone();
-            let exec_timeout = self.shared.cfg.exec_timeout;
-            let max_attempts = self.tuning.borrow().max_attempts;
-            let fence = self.shared.fence.clone();
-            let gate = fence.clone();
-            self.workers.spawn(async move {
-                let started = Instant::now();
-                let losses = fence.watch();
-                let reply = match outcome::before_attempt(event.try_count, max_attempts) {
-                    Some(verdict) => Reply::unsent(verdict),
-                    // The lease is checked again right before the send: the claim may
-                    // have waited for a free session past the local deadline.
-                    None if !fence.holds() => Reply::unsent(crate::transport::Verdict::Requeue(
-                        "this daemon's lease on the NAS may have run out; not sent".into(),
-                    )),
-                    // A send still running when the lease is lost is abandoned (its
-                    // session closes), before the lease ends in the database and a new
-                    // owner may connect.
-                    // The gate asks the lease again before every command written.
-                    None => tokio::select! {
-                        reply = crate::transport::gate::scope(
-                            Arc::new(move || gate.holds()),
-                            send_event(&runtime, &event, exec_timeout),
-                        ) => reply,
-                        _ = crate::cluster::Fence::revoked(losses) => Reply::unsent(
-                            crate::transport::Verdict::Requeue(
-                                "abandoned: this daemon lost its lease on the NAS during the send"
-                                    .into(),
-                            ),
-                        ),
-                    },
-                };
-                let _ = tx.send(Box::new(AttemptResult {
-                    user_id,
-                    event,
-                    token,
-                    reply,
-                    duration: started.elapsed(),
+            if take.supersedes.is_empty() {
+                starts.push((take.user_id, take.event_id, try_count));
+            } else if take.supersedes.iter().all(|id| claimed.contains_key(id)) {
+                let cmd = self
+                    .lanes
+                    .get(take.user_id, take.event_id)
+                    .map(|e| e.cmd.clone())
+                    .unwrap_or_default();
+                let error = superseded_text(take.event_id, &cmd);
+                supersede.extend(take.supersedes.iter().map(|id| Finish {
+                    id: *id,
+                    claim_token: token,
+                    outcome: crate::model::Outcome::Superseded,
+                    commands: Vec::new(),
+                    answer: String::new(),
+                    error: Some(error.clone()),
+                    duration_ms: 0,
                 }));
-            });
+                runs.push((take, try_count));
+            } else {
+                // Part of the run is held by someone else or gone (cancelled): nothing
+                // is superseded. What was claimed goes back (ready, the claim's attempt
+                // refunded) and the run is planned again from the table.
+                self.unclaim(&take, &claimed, token, &mut unclaim);
+                self.hold_off(take.user_id);
+            }
+        }
+        if !supersede.is_empty() || !unclaim.is_empty() {
+            // The superseded events are recorded (fenced by the run's claim token, in
+            // one transaction) before the event that replaces them is sent: should this
+            // fail, nothing of the run is sent now.
+            match self.shared.batches.complete(supersede, unclaim).await {
+                Ok(applied) => {
+                    let applied: HashSet<i64> = applied.into_iter().collect();
+                    for (take, try_count) in runs {
+                        if take.supersedes.iter().all(|id| applied.contains(id)) {
+                            self.record_superseded(&take);
+                            starts.push((take.user_id, take.event_id, try_count));
+                        } else {
+                            // The claim went stale meanwhile (another owner took the
+                            // NAS): the run is that owner's now.
+                            if take.supersedes.iter().any(|id| applied.contains(id)) {
+                                self.record_superseded_of(&take, &applied);
+                            }
+                            self.hold_off(take.user_id);
+                        }
+                    }
+                }
+                Err(e) => {
+                    // Nothing was recorded: the runs stay claimed until their leases
+                    // end, then are claimed again and sent one by one, in order.
+                    for (take, _) in runs {
+                        self.hold_off(take.user_id);
+                    }
+                    self.db_failed("recording superseded events", e);
+                }
+            }
+        }
+        for (user_id, id, try_count) in starts {
+            self.spawn_attempt(user_id, id, try_count, token, admit);
         }
         self.stats
             .set_load(self.in_flight.len(), self.lanes.loaded());
+    }
+
+    /// A taken lane whose event could not start now: it waits a little (a foreign lease
+    /// or a row gone), and the lanes are rebuilt from the table.
+    fn hold_off(&mut self, user_id: i64) {
+        let now = Instant::now();
+        let until = now + self.shared.cfg.lease.min(Duration::from_secs(5));
+        self.lanes.held_off(user_id, until, now);
+        self.want_reload = true;
+    }
+
+    /// Gives back what this owner claimed of `take` without sending it: ready again,
+    /// the claim's attempt refunded (through the completion, fenced by the token).
+    fn unclaim(
+        &self,
+        take: &Take,
+        claimed: &HashMap<i64, i32>,
+        token: i64,
+        out: &mut Vec<Reschedule>,
+    ) {
+        let now = Utc::now();
+        out.extend(take.ids().filter(|id| claimed.contains_key(id)).map(|id| {
+            Reschedule {
+                id,
+                claim_token: token,
+                retry_at: now,
+                error: "not sent: claimed with a run to coalesce that changed meanwhile \
+                            (an event of it was cancelled or is held elsewhere)"
+                    .into(),
+                refund: true,
+            }
+        }));
+    }
+
+    /// The run of `take` was recorded as superseded: it leaves the lanes; the figures
+    /// and the NAS and account logs say so, one line per event.
+    fn record_superseded(&mut self, take: &Take) {
+        let applied: HashSet<i64> = take.supersedes.iter().copied().collect();
+        self.record_superseded_of(take, &applied);
+    }
+
+    fn record_superseded_of(&mut self, take: &Take, applied: &HashSet<i64>) {
+        let by_cmd = self
+            .lanes
+            .get(take.user_id, take.event_id)
+            .map(|e| e.cmd.clone())
+            .unwrap_or_default();
+        let ids: Vec<i64> = take
+            .supersedes
+            .iter()
+            .copied()
+            .filter(|id| applied.contains(id))
+            .collect();
+        let gone = self.lanes.superseded(take.user_id, &ids);
+        self.stats.superseded(gone.iter().map(|e| e.cmd.as_str()));
+        let nas_target = NasTarget {
+            id: self.runtime.nas.id,
+            name: self.runtime.nas.name.clone(),
+            ip: self.runtime.nas.ip.clone(),
+        };
+        for event in gone {
+            let account = AccountTarget {
+                abonent_id: event.abonent_id,
+                user_id: event.user_id,
+            };
+            let attempt = Attempt {
+                event_id: event.id,
+                cmd: event.cmd,
+                try_count: 0,
+                commands: Vec::new(),
+                answer: String::new(),
+                outcome: format!("{}: not sent", superseded_text(take.event_id, &by_cmd)),
+                duration: Duration::ZERO,
+            };
+            self.shared.journal.attempt(&nas_target, &account, &attempt);
+        }
+    }
+
+    /// Sends a claimed event on a worker: it runs now and its account starts nothing
+    /// else until its result is recorded.
+    fn spawn_attempt(&mut self, user_id: i64, id: i64, try_count: i32, token: i64, admit: Admit) {
+        let Some(event) = self.lanes.started(user_id, id, try_count, token) else {
+            return;
+        };
+        self.in_flight.insert(id, token);
+        if admit == Admit::Probe {
+            self.breaker.probe_started();
+            tracing::info!(nas_id = self.nas_id(), event_id = id, "probing the NAS");
+        }
+        let runtime = self.runtime.clone();
+        let tx = self.results_tx.clone();
+        let exec_timeout = self.shared.cfg.exec_timeout;
+        let max_attempts = self.tuning.borrow().max_attempts;
+        let fence = self.shared.fence.clone();
+        let gate = fence.clone();
+        self.workers.spawn(async move {
+            let started = Instant::now();
+            let losses = fence.watch();
+            let reply = match outcome::before_attempt(event.try_count, max_attempts) {
+                Some(verdict) => Reply::unsent(verdict),
+                // The lease is checked again right before the send: the claim may
+                // have waited for a free session past the local deadline.
+                None if !fence.holds() => Reply::unsent(crate::transport::Verdict::Requeue(
+                    "this daemon's lease on the NAS may have run out; not sent".into(),
+                )),
+                // A send still running when the lease is lost is abandoned (its
+                // session closes), before the lease ends in the database and a new
+                // owner may connect.
+                // The gate asks the lease again before every command written.
+                None => tokio::select! {
+                    reply = crate::transport::gate::scope(
+                        Arc::new(move || gate.holds()),
+                        send_event(&runtime, &event, exec_timeout),
+                    ) => reply,
+                    _ = crate::cluster::Fence::revoked(losses) => Reply::unsent(
+                        crate::transport::Verdict::Requeue(
+                            "abandoned: this daemon lost its lease on the NAS during the send"
+                                .into(),
+                        ),
+                    ),
+                },
+            };
+            let _ = tx.send(Box::new(AttemptResult {
+                user_id,
+                event,
+                token,
+                reply,
+                duration: started.elapsed(),
+            }));
+        });
     }
 
     /// Feeds one result to the circuit breaker and announces a transition: the daemon
@@ -743,6 +906,11 @@ impl Owner {
         self.stats
             .set_load(self.in_flight.len(), self.lanes.loaded());
     }
+}
+
+/// What history and the logs say of an event replaced by event `by_id` (cmd `by_cmd`).
+pub fn superseded_text(by_id: i64, by_cmd: &str) -> String {
+    format!("superseded by event {by_id} ({by_cmd})")
 }
 
 /// Copies what the statistics show of a NAS's settings.

@@ -125,6 +125,8 @@ pub fn decide(
             (Outcome::Done, _) => "done".to_string(),
             (Outcome::Failed, Some(why)) => format!("failed: {why}"),
             (Outcome::Failed, None) => "failed".to_string(),
+            // `decide` judges an attempt; a superseded event never had one.
+            (Outcome::Superseded, _) => "superseded".to_string(),
         };
         Decision {
             plan: Plan::Finish { outcome, error },

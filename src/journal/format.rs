@@ -141,7 +141,8 @@ pub fn discarded_json(
 }
 
 /// What an outcome text says, for the JSON `outcome` field and its reason (`error`):
-/// `done`, `retry` (will be tried again), `failed` (for good), or `other` for a text this
+/// `done`, `retry` (will be tried again), `failed` (for good), `superseded` (never sent:
+/// a later event of its coalesce group replaced it), or `other` for a text this
 /// function does not know (the full text is always in `outcome_text`).
 pub fn classify_outcome(text: &str) -> (&'static str, Option<&str>) {
     let (head, reason) = match text.split_once(": ") {
@@ -150,6 +151,8 @@ pub fn classify_outcome(text: &str) -> (&'static str, Option<&str>) {
     };
     if head.starts_with("done") {
         ("done", None)
+    } else if head.starts_with("superseded") {
+        ("superseded", None)
     } else if head.starts_with("retry") || head.ends_with("would retry") {
         ("retry", reason)
     } else if head.starts_with("failed") || head.ends_with("failed") {
@@ -588,6 +591,10 @@ mod tests {
         let cases = [
             ("done", ("done", None)),
             ("done (manual send)", ("done", None)),
+            (
+                "superseded by event 15 (user_accept): not sent",
+                ("superseded", None),
+            ),
             (
                 "retry in 2s: exit 254 (postpone)",
                 ("retry", Some("exit 254 (postpone)")),

@@ -2028,7 +2028,8 @@ user_del = ["/c {{ ip }}"]
                 .map(|(g, cmds)| (g.to_string(), cmds.iter().map(|c| c.to_string()).collect()))
                 .collect()
         };
-        let cases: &[(&[(&str, &[&str])], Result<(), &str>)] = &[
+        type Groups<'a> = &'a [(&'a str, &'a [&'a str])];
+        let cases: &[(Groups, Result<(), &str>)] = &[
             (&[("a", &["user_accept", "user_drop"])], Ok(())),
             (
                 &[("a", &["user_accept"])],

@@ -13,7 +13,7 @@
 //! key = "address"                  # the word holding the account key
 //!
 //! [state.facts.allowed]
-//! expect = "{{ blocked | default(0) == 0 }}"
+//! expect = "{{ not (blocked | default(false) | truthy) }}"
 //! missing = "user_accept"          # expected, the NAS lacks it
 //! extra = "user_drop"              # the NAS has it, not expected
 //! ```
@@ -172,6 +172,7 @@ impl StateSpec {
         };
         let mut env = Environment::new();
         env.set_undefined_behavior(UndefinedBehavior::Strict);
+        env.add_filter("truthy", truthy);
         env.add_template_owned(KEY_TEMPLATE.to_string(), file.key.clone())
             .map_err(|e| format!("key: {}", template_message(&e)))?;
         if file.read.is_empty() {
@@ -573,6 +574,21 @@ impl Matcher {
     }
 }
 
+/// The `truthy` filter: billing flags arrive as booleans, numbers or text (a CSV
+/// import makes `"0"` a string, which Jinja itself would call true).
+fn truthy(value: Value) -> bool {
+    if let Some(s) = value.as_str() {
+        return matches!(
+            s.trim().to_ascii_lowercase().as_str(),
+            "1" | "true" | "yes" | "on" | "y" | "t"
+        );
+    }
+    if let Ok(n) = f64::try_from(value.clone()) {
+        return n != 0.0;
+    }
+    value.is_true()
+}
+
 /// What `expect` rendered to: None for absent, `yes` for a flag that is present.
 fn expectation(text: &str) -> Option<String> {
     let t = text.trim();
@@ -778,12 +794,12 @@ key_regex = "^([^/]+)"
 value = "max-limit"
 
 [facts.allowed]
-expect = "{{ blocked | default(0) == 0 }}"
+expect = "{{ not (blocked | default(false) | truthy) }}"
 missing = "user_accept"
 extra = "user_drop"
 
 [facts.negbal]
-expect = "{{ negbal | default(false) }}"
+expect = "{{ negbal | default(false) | truthy }}"
 missing = "user_redirect"
 extra = "user_redirect_cancel"
 
@@ -955,6 +971,34 @@ extra = "user_drop"
             state.entries.keys().cloned().collect::<Vec<_>>(),
             vec!["10.0.0.1".to_string(), "10.0.0.7".to_string()]
         );
+    }
+
+    #[test]
+    fn truthy_table() {
+        let spec = spec(ROUTEROS).expect("spec");
+        let cases: &[(serde_json::Value, Option<&str>)] = &[
+            (serde_json::json!(1), None),
+            (serde_json::json!(0), Some("yes")),
+            (serde_json::json!("1"), None),
+            (serde_json::json!("0"), Some("yes")),
+            (serde_json::json!("yes"), None),
+            (serde_json::json!(""), Some("yes")),
+            (serde_json::json!(true), None),
+            (serde_json::json!(false), Some("yes")),
+            (serde_json::json!(null), Some("yes")),
+        ];
+        for (blocked, allowed) in cases {
+            let e = spec
+                .expected(&vars(
+                    serde_json::json!({"ip": "10.0.0.1", "blocked": blocked}),
+                ))
+                .expect("expected");
+            assert_eq!(
+                e.facts["allowed"].as_deref(),
+                *allowed,
+                "blocked = {blocked}"
+            );
+        }
     }
 
     #[test]

@@ -49,18 +49,22 @@ pub enum EventState {
     Failed,
     /// In history, done.
     Done,
+    /// In history, never sent: a later event of its coalesce group replaced it.
+    Superseded,
 }
 
 impl EventState {
-    pub const ALL: [EventState; 5] = [
+    pub const ALL: [EventState; 6] = [
         EventState::Queued,
         EventState::Retrying,
         EventState::Running,
         EventState::Failed,
         EventState::Done,
+        EventState::Superseded,
     ];
 
-    /// `queued`, `retrying`, `running`, `failed` or `done` (case and spaces ignored).
+    /// `queued`, `retrying`, `running`, `failed`, `done` or `superseded` (case and
+    /// spaces ignored).
     pub fn parse(text: &str) -> Result<EventState, String> {
         let t = text.trim().to_ascii_lowercase();
         EventState::ALL
@@ -68,7 +72,7 @@ impl EventState {
             .find(|s| s.as_str() == t)
             .ok_or_else(|| {
                 format!(
-                    "unknown event state `{}` (expected queued, retrying, running, failed or done)",
+                    "unknown event state `{}` (expected queued, retrying, running, failed, done or superseded)",
                     text.trim()
                 )
             })
@@ -81,11 +85,15 @@ impl EventState {
             EventState::Running => "running",
             EventState::Failed => "failed",
             EventState::Done => "done",
+            EventState::Superseded => "superseded",
         }
     }
 
     fn in_history(self) -> bool {
-        matches!(self, EventState::Failed | EventState::Done)
+        matches!(
+            self,
+            EventState::Failed | EventState::Done | EventState::Superseded
+        )
     }
 }
 
@@ -322,7 +330,7 @@ impl Source {
         match state {
             EventState::Queued => &[Source::Compact, Source::Stack],
             EventState::Retrying | EventState::Running => &[Source::Stack],
-            EventState::Failed | EventState::Done => &[Source::History],
+            EventState::Failed | EventState::Done | EventState::Superseded => &[Source::History],
         }
     }
 
@@ -415,6 +423,7 @@ pub fn event_where(
         (Source::Stack, EventState::Running) => c.raw("s.state = 'running'"),
         (Source::History, EventState::Failed) => c.raw("h.outcome = 'failed'"),
         (Source::History, EventState::Done) => c.raw("h.outcome = 'done'"),
+        (Source::History, EventState::Superseded) => c.raw("h.outcome = 'superseded'"),
         _ => {}
     }
     if source == Source::Stack {
@@ -1856,7 +1865,7 @@ mod tests {
         assert_eq!(
             EventState::parse("stuck"),
             Err(
-                "unknown event state `stuck` (expected queued, retrying, running, failed or done)"
+                "unknown event state `stuck` (expected queued, retrying, running, failed, done or superseded)"
                     .into()
             )
         );
@@ -2028,6 +2037,24 @@ mod tests {
                      AND h.id >= $2",
                     2,
                 )),
+            ),
+            (
+                query(EventState::Superseded),
+                Source::History,
+                Dialect::Sqlite,
+                Some(500),
+                None,
+                false,
+                Some((" WHERE h.outcome = 'superseded' AND h.id < ?1", 1)),
+            ),
+            (
+                query(EventState::Superseded),
+                Source::Stack,
+                Dialect::Postgres,
+                None,
+                None,
+                false,
+                None,
             ),
             (
                 full.clone(),

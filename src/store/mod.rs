@@ -4,6 +4,7 @@
 //! two backends answer the same calls; what differs (placeholders, arrays, time types,
 //! locking) stays inside their files.
 
+pub mod accounts;
 pub mod billing;
 pub mod cluster;
 pub mod console;
@@ -982,6 +983,8 @@ impl Store {
         on_backend!(self, s => s.history(user_id, limit).await)
     }
 
+    /// Finished events: (not failed: done or superseded, failed). What waits for a
+    /// drained stack counts both.
     pub async fn history_counts(&self) -> Result<(i64, i64), StoreError> {
         on_backend!(self, s => s.history_counts().await)
     }

@@ -745,7 +745,8 @@ impl PgStore {
 
     /// Records finishes and reschedules in one statement (its own transaction, one
     /// round trip; in pooled mode the only statement of the call's transaction):
-    /// data-modifying CTEs of one statement commit or fail together.
+    /// data-modifying CTEs of one statement commit or fail together. A superseded event
+    /// was claimed (which counts an attempt) but never sent: its attempts are one less.
     pub async fn complete(
         &self,
         finishes: &[Finish],
@@ -779,7 +780,8 @@ impl PgStore {
              cmd, user_id, abonent_id, nas_id, usluga_id, acct_session_id, params, outcome, attempts, \
              commands, answer, error, duration_ms, finished_at) \
              SELECT id, compact_id, event_date, enqueued_at, cmd, user_id, abonent_id, nas_id, \
-             usluga_id, acct_session_id, params, f_outcome, try_count, f_commands::jsonb, f_answer, \
+             usluga_id, acct_session_id, params, f_outcome, \
+             try_count - (f_outcome = 'superseded')::int, f_commands::jsonb, f_answer, \
              f_error, f_duration, $8 FROM moved ORDER BY id RETURNING event_id), \
              rescheduled AS (UPDATE events_stack s SET state = 'ready', retry_at = r.retry_at, \
              last_error = r.error, claim_token = NULL, lease_until = NULL, \
@@ -940,7 +942,7 @@ impl PgStore {
     pub async fn history_counts(&self) -> Result<(i64, i64), StoreError> {
         let mut db = self.open().await.ctx("count history")?;
         let (done, failed): (i64, i64) = sqlx::query_as(
-            "SELECT count(*) FILTER (WHERE outcome = 'done'), count(*) FILTER (WHERE outcome = 'failed') \
+            "SELECT count(*) FILTER (WHERE outcome <> 'failed'), count(*) FILTER (WHERE outcome = 'failed') \
              FROM events_history",
         )
         .persistent(self.persistent)

@@ -512,6 +512,8 @@ impl SqliteStore {
             .await
             .ctx("complete events")?;
         let mut applied = Vec::with_capacity(finishes.len() + reschedules.len());
+        // A superseded event was claimed (which counts an attempt) but never sent: its
+        // attempts are one less.
         for f in finishes {
             let commands = serde_json::to_string(&f.commands).unwrap_or_else(|_| "[]".into());
             let moved = sqlx::query(
@@ -519,8 +521,8 @@ impl SqliteStore {
                  user_id, abonent_id, nas_id, usluga_id, acct_session_id, params, outcome, attempts, \
                  commands, answer, error, duration_ms, finished_at) \
                  SELECT id, compact_id, event_date, enqueued_at, cmd, user_id, abonent_id, nas_id, \
-                 usluga_id, acct_session_id, params, ?3, try_count, ?4, ?5, ?6, ?7, ?8 \
-                 FROM events_stack WHERE id = ?1 AND claim_token = ?2",
+                 usluga_id, acct_session_id, params, ?3, try_count - (?3 = 'superseded'), \
+                 ?4, ?5, ?6, ?7, ?8 FROM events_stack WHERE id = ?1 AND claim_token = ?2",
             )
             .bind(f.id)
             .bind(f.claim_token)
@@ -690,7 +692,7 @@ impl SqliteStore {
 
     pub async fn history_counts(&self) -> Result<(i64, i64), StoreError> {
         let (done, failed): (i64, i64) = sqlx::query_as(
-            "SELECT coalesce(sum(outcome = 'done'), 0), coalesce(sum(outcome = 'failed'), 0) \
+            "SELECT coalesce(sum(outcome <> 'failed'), 0), coalesce(sum(outcome = 'failed'), 0) \
              FROM events_history",
         )
         .fetch_one(&self.pool)

@@ -8,6 +8,7 @@ pub mod bench_api;
 pub mod bench_billing;
 pub mod bench_console;
 pub mod bench_prune;
+pub mod bench_storm;
 pub mod demo;
 pub mod http_client;
 pub mod progress;

@@ -325,6 +325,30 @@ impl Device {
         }
     }
 
+    /// Runs read-only commands on one session of the pool (so within `max_sessions`,
+    /// beside the events in flight) and returns each command's output, in order. For
+    /// `nasd reconcile`: only the CLI-like transports can print their state.
+    pub async fn read(
+        &self,
+        commands: &[String],
+        timeout: std::time::Duration,
+    ) -> Result<Vec<String>, String> {
+        let result = match self {
+            Device::Ssh(p) => p.run(commands, timeout).await,
+            Device::Telnet(p) => p.run(commands, timeout).await,
+            Device::Api(p) => p.run(commands, timeout).await,
+            Device::Radius(_) | Device::Exec | Device::Null | Device::Script(_) => {
+                return Err(format!(
+                    "{self:?} cannot read the NAS's state (ssh, telnet and api can)"
+                ));
+            }
+        };
+        if let Some(error) = result.error {
+            return Err(error.to_string());
+        }
+        Ok(result.exchanges.into_iter().map(|ex| ex.output).collect())
+    }
+
     /// Opens a session and logs in without sending a command (a pooled idle session is
     /// reused, so probe with a device of its own). RADIUS, scripts and the null
     /// transport have no login: an error says so.

@@ -5,7 +5,7 @@
 'use strict';
 (() => {
   const S = { me: null, ov: null, es: null, view: null, seq: 0, ovq: { q: '', state: '', sort: 'name', dir: 1 } };
-  const STATES = ['queued', 'retrying', 'running', 'failed', 'done'];
+  const STATES = ['queued', 'retrying', 'running', 'failed', 'done', 'superseded'];
   const FINAL = new Set(['done', 'failed']);
   const CMDS = ['user_add', 'user_del', 'user_accept', 'user_drop', 'user_redirect', 'user_redirect_cancel',
     'own_disabled', 'own_disabled_cancel', 'user_rate_set', 'user_rate_set_cancel', 'user_info'];
@@ -557,7 +557,7 @@
     const bulkBar = h('div', { class: 'bulk', test: 'bulk' }, selCount,
       canRetry ? [act('Retry selected', { test: 'btn-retry-selected' }, () => bulk('retry', true)), act('Retry all matching…', { test: 'btn-retry-matching' }, () => bulk('retry', false))] : null,
       canCancel ? [act('Cancel selected', { test: 'btn-cancel-selected' }, () => bulk('cancel', true)), act('Cancel all matching…', { test: 'btn-cancel-matching', class: 'act danger' }, () => bulk('cancel', false))] : null,
-      !canRetry && !canCancel ? mute('running and done events take no action') : null);
+      !canRetry && !canCancel ? mute('running, done and superseded events take no action') : null);
     const listBox = h('div');
     const info = h('div', { class: 'row mute', test: 'events-info' });
     const detail = h('div', { test: 'event-detail-box' });
