@@ -280,6 +280,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
                     daemon: Some(cfg.daemon.clone()),
                     params_query: cfg.database.params_query.clone(),
                     billing: billing.as_ref().map(|(b, _)| b.clone()),
+                    devices: Some(devices.clone()),
                     shutdown: shutdown.clone(),
                     stack: Default::default(),
                 },

@@ -77,6 +77,9 @@ pub fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
     if differ(&old.billing, &new.billing) {
         out.push("[billing]");
     }
+    if old.reconcile != new.reconcile {
+        out.push("[reconcile]");
+    }
     out
 }
 
@@ -277,6 +280,7 @@ mod tests {
                 vec![],
             ),
             ("[history]\nkeep = \"7d\"\n", vec!["[history]"], vec![]),
+            ("[reconcile]\nevery = \"1h\"\n", vec!["[reconcile]"], vec![]),
         ];
         for (change, restart, live) in cases {
             // The change's section merged into the base: the later table wins per key.

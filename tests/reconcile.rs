@@ -450,4 +450,165 @@ async fn a_nas_back_from_down_is_reconciled(backend: Backend) {
     sim.stop().await;
 }
 
-both_backends!(over_ssh, over_api, a_nas_back_from_down_is_reconciled);
+both_backends!(
+    over_ssh,
+    over_api,
+    a_nas_back_from_down_is_reconciled,
+    a_big_nas_is_read_within_max_sessions
+);
+
+const BIG: i64 = 10_000;
+const LATENCY_MS: i64 = 200;
+
+/// A NAS holding 10,000 accounts' entries, busy with a backlog on both of its
+/// `max_sessions` = 2 sessions, reconciled with `nasd reconcile` (the real binary) while
+/// the daemon runs: the command asks the daemon, which reads through its owner's pool, so
+/// the simulator (limited to 2 sessions) refuses nothing, every account is compared, and
+/// the other session keeps sending the backlog during the read.
+async fn a_big_nas_is_read_within_max_sessions(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let record = env.path().join("sim.record");
+    let sim = nasd::sim::start(
+        &SimOptions {
+            latency: format!("{LATENCY_MS}ms"),
+            max_sessions: 2,
+            record: Some(record.clone()),
+            ..SimOptions::default()
+        },
+        CancellationToken::new(),
+    )
+    .await
+    .expect("sim starts");
+    let store = env.store().await;
+    let mut nas = Nas::new(1, "Big", &sim.ssh_addr.ip().to_string());
+    nas.scheme = Some("mikrotik-ssh".into());
+    nas.port = Some(i32::from(sim.ssh_addr.port()));
+    nas.login = Some("admin".into());
+    nas.password = Some(Secret::new("admin"));
+    nas.n_workers = 2;
+    nas.max_sessions = 2;
+    nas.host_key_policy = "accept-new".into();
+    store.nas_upsert(&nas).await.expect("nas");
+    let headers: Vec<String> = [
+        "user_id",
+        "abonent_id",
+        "nas_id",
+        "ip",
+        "rate_in",
+        "rate_out",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let records: Vec<AccountRecord> = (1..=BIG)
+        .map(|u| {
+            let values = vec![
+                u.to_string(),
+                u.to_string(),
+                "1".into(),
+                ip_of(u),
+                "10240".into(),
+                "5120".into(),
+            ];
+            AccountRecord::from_fields(&headers, &values).expect("account")
+        })
+        .collect();
+    store.accounts_upsert(&records).await.expect("accounts");
+    sim.device.apply(|state| {
+        for u in 1..=BIG {
+            let ip = ip_of(u);
+            nasd::sim::execute(
+                state,
+                &format!("/ip firewall address-list add list=allowed address={ip} comment=crb_{ip}"),
+            );
+            nasd::sim::execute(
+                state,
+                &format!(
+                    "/queue simple add name=crb_{ip} target={ip}/32 max-limit=10240k/5120k comment=crb_{ip}"
+                ),
+            );
+        }
+    });
+    // A backlog that keeps both sessions busy for a minute: read-only commands, so
+    // the state compared does not move.
+    let events: Vec<_> = (1..=300).map(|u| common::event("user_info", u)).collect();
+    store.enqueue_compact(&events).await.expect("enqueue");
+
+    let api_port = common::harness::free_port();
+    let text = format!(
+        "[database]\nurl = \"{}\"\n[daemon]\nlog_dir = \"{}\"\nschemes_dir = \"{}\"\n\
+         resync_interval = \"300ms\"\npoll_interval = \"50ms\"\n\
+         [transport]\nknown_hosts = \"{}\"\n[api]\nlisten = \"127.0.0.1:{api_port}\"\n",
+        env.url,
+        env.log_dir().display(),
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("schemes")
+            .display(),
+        env.path().join("known_hosts").display(),
+    );
+    let config_path = env.path().join("nasd.toml");
+    std::fs::write(&config_path, &text).expect("config");
+    let cfg = nasd::config::Config::from_toml(&text).expect("config parses");
+    let token = CancellationToken::new();
+    let daemon = nasd::daemon::start(cfg, token.clone())
+        .await
+        .expect("daemon starts");
+    wait_for(Duration::from_secs(60), "the backlog flowing", || {
+        let store = store.clone();
+        async move { store.history_counts().await.expect("counts").0 >= 4 }
+    })
+    .await;
+
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_nasd"))
+        .arg("--config")
+        .arg(&config_path)
+        .args(["reconcile", "--nas", "1", "--json"])
+        .output()
+        .await
+        .expect("nasd reconcile runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(&stdout).expect("JSON report");
+    let (done_after, _) = store.history_counts().await.expect("counts");
+    token.cancel();
+    daemon.wait().await.expect("daemon stops");
+
+    assert_eq!(report["owner_session"], serde_json::json!(true), "{report}");
+    assert_eq!(report["compared"], serde_json::json!(BIG), "{report}");
+    assert_eq!(report["facts"], serde_json::json!(2 * BIG), "{report}");
+    assert_eq!(report["differences"], serde_json::json!([]), "{report}");
+    assert!(
+        done_after < 300,
+        "the backlog was still there when the read ended"
+    );
+    let counters = sim.device.counters();
+    assert_eq!(counters.sessions_refused, 0, "{counters:?}");
+    assert!(counters.max_concurrent_sessions <= 2, "{counters:?}");
+    // The other session kept sending the backlog while the state was read.
+    let records: Vec<common::harness::Recorded> = std::fs::read_to_string(&record)
+        .expect("record")
+        .lines()
+        .filter_map(common::harness::Recorded::parse)
+        .collect();
+    let reads: Vec<i64> = records
+        .iter()
+        .filter(|r| r.text.contains(" print terse "))
+        .map(|r| r.ms)
+        .collect();
+    assert_eq!(reads.len(), 2, "{reads:?}");
+    let during = records
+        .iter()
+        .filter(|r| !r.text.contains(" print terse "))
+        .filter(|r| r.ms > reads[0] - LATENCY_MS && r.ms <= reads[1])
+        .count();
+    assert!(
+        during >= 1,
+        "no backlog command between the two reads ({reads:?})"
+    );
+    sim.stop().await;
+}

@@ -130,6 +130,9 @@ pub struct Console {
     pub params_query: String,
     /// `[billing]`: the test command takes the account's variables from there.
     pub billing: Option<crate::billing::Billing>,
+    /// The owners' devices: a reconciliation of a NAS served here reads through its
+    /// owner's session pool (within `max_sessions`).
+    pub devices: Option<crate::cluster::Devices>,
     /// Ends the live streams when the daemon stops.
     pub shutdown: CancellationToken,
     /// `GET /api/v1/stack`'s counts (a scan of the stacks), computed at most once per
@@ -180,6 +183,7 @@ impl Console {
             daemon: None,
             params_query: String::new(),
             billing: None,
+            devices: None,
             shutdown: CancellationToken::new(),
             stack: Default::default(),
         }
@@ -752,6 +756,84 @@ pub async fn probe(
         StatusCode::OK,
         &json!({ "ok": ok, "ms": ms, "error": error, "owner_probes": woke }),
     ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReconcileInput {
+    #[serde(default)]
+    account: Option<i64>,
+    #[serde(default)]
+    apply: bool,
+}
+
+/// `POST /api/v1/nas/{id}/reconcile` `{"account"?, "apply"?}`: what the NAS holds
+/// against what its accounts should have (`nasd reconcile`); read through the owner's
+/// device when this daemon serves the NAS, else through a session of its own.
+pub async fn reconcile(
+    State(state): State<Arc<ApiState>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    let nas = nas_of(&state, &id).await?;
+    let input: ReconcileInput = json_body(&headers, body)?;
+    if let Some(account) = input.account
+        && account <= 0
+    {
+        return Err(ApiError::bad_request(format!(
+            "account must be a positive user_id, got {account}"
+        )));
+    }
+    let cfg = state.console.daemon()?;
+    let device = state
+        .console
+        .devices
+        .as_ref()
+        .and_then(|d| d.lock().ok().and_then(|map| map.get(&nas.id).cloned()));
+    let owner_device = device.is_some();
+    let ctx = crate::reconcile::Context {
+        cfg,
+        store: &state.store,
+        params_query: &state.console.params_query,
+        billing: state.console.billing.as_ref(),
+        journal: state.console.journal.as_ref(),
+    };
+    let req = crate::reconcile::Request {
+        nas_id: nas.id,
+        account: input.account,
+        apply: input.apply,
+        by: caller.name.clone(),
+    };
+    let report = crate::reconcile::run(&ctx, device, &req)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e))?;
+    audit(
+        &state,
+        &caller,
+        if input.apply {
+            "reconcile (apply)"
+        } else {
+            "reconcile"
+        },
+        &format!("nas {} ({} {})", nas.id, nas.name, nas.ip),
+        &format!(
+            "{} differences, {} strays, {} problems, {} enqueued",
+            report.comparison.differences.len(),
+            report.comparison.strays.len(),
+            report.comparison.problems.len(),
+            report.enqueued.len()
+        ),
+        report.enqueued.len() as i64,
+    )
+    .await;
+    let mut body = serde_json::to_value(&report).unwrap_or_default();
+    if let Some(map) = body.as_object_mut() {
+        map.insert("lines".into(), json!(report.lines(input.apply)));
+        map.insert("owner_session".into(), json!(owner_device));
+    }
+    Ok(json_response(StatusCode::OK, &body))
 }
 
 #[derive(Deserialize)]

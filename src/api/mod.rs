@@ -142,6 +142,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/api/v1/nas/{id}/resume", post(console::resume))
         .route("/api/v1/nas/{id}/probe", post(console::probe))
         .route("/api/v1/nas/{id}/send", post(console::send))
+        .route("/api/v1/nas/{id}/reconcile", post(console::reconcile))
         .route(
             "/api/v1/events",
             get(console::events).post(json::enqueue_one),

@@ -106,6 +106,9 @@ pub enum Command {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+        /// Read through a session of this process even when the daemon's API answers.
+        #[arg(long)]
+        local: bool,
     },
     /// Copy every table (NAS, accounts, both stacks, history) to another, empty
     /// database, keeping ids, states and try counts; verified by row counts and
@@ -257,6 +260,7 @@ async fn execute(
             account,
             apply,
             json,
+            local,
         } => {
             let req = crate::reconcile::Request {
                 nas_id: nas,
@@ -264,7 +268,7 @@ async fn execute(
                 apply,
                 by: "nasd reconcile".into(),
             };
-            return reconcile::run(&cfg, req, json).await;
+            return reconcile::run(&cfg, req, json, local).await;
         }
         Command::Copy { to } => copy::copy_to(&cfg, &to).await?,
         Command::Backup { file } => copy::backup(&cfg, &file).await?,
