@@ -1180,7 +1180,7 @@ async fn schemathesis_finds_no_server_error(backend: Backend) {
             .args(["--max-examples", "25"])
             .args(["--phases", "examples,coverage,fuzzing"])
             .args(["--header", &format!("Authorization: {BEARER}")])
-            .args(["--request-timeout", "10"])
+            .args(["--request-timeout", "30"])
             .arg("--no-color")
             .env("SCHEMATHESIS_HOOKS", "")
             .output()

@@ -301,7 +301,13 @@ fn demo_drives_every_transport_and_reports_the_mistakes() {
     ] {
         let log =
             std::fs::read_to_string(logs.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
-        assert_eq!(log.matches("outcome: done").count(), 30, "{file}:\n{log}");
+        // Coalescing may supersede a queued `user_redirect` by the `user_redirect_cancel`
+        // behind it (MikroTik schemes): each event is either done or superseded.
+        assert_eq!(
+            log.matches("outcome: done").count() + log.matches("outcome: superseded").count(),
+            30,
+            "{file}:\n{log}"
+        );
         assert!(log.contains(proof), "{file}:\n{log}");
     }
     let coa = std::fs::read_to_string(logs.join("Sim_CoA_127.0.0.3.log")).unwrap();

@@ -161,6 +161,7 @@ fn example_config_names_every_key() {
 /// other keys beside them).
 const NO_DEFAULT: &[&str] = &[
     "transport.ssh_key",
+    "reconcile.every",
     "transport.ssh_key_passphrase",
     "transport.ssh_key_passphrase_file",
     "transport.ssh_key_passphrase_env",

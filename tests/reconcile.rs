@@ -610,5 +610,13 @@ async fn a_big_nas_is_read_within_max_sessions(backend: Backend) {
         during >= 1,
         "no backlog command between the two reads ({reads:?})"
     );
+    eprintln!(
+        "{backend:?}: read {} lines in {} ms through the owner's pool; {during} backlog commands \
+         applied meanwhile; sessions at most {}, refused {}",
+        report["read_lines"],
+        report["read_ms"],
+        counters.max_concurrent_sessions,
+        counters.sessions_refused
+    );
     sim.stop().await;
 }

@@ -374,7 +374,11 @@ impl Owner {
     }
 
     fn insert(&mut self, event: StackEvent) {
-        let running = self.in_flight.contains_key(&event.id);
+        // An attempt whose result waits to be recorded (the database was away) is still
+        // this owner's: after a rebuild of the lanes its expired lease must not make it
+        // look free, or it would be claimed and sent again before its result lands.
+        let running = self.in_flight.contains_key(&event.id)
+            || self.uncommitted.iter().any(|r| r.event.id == event.id);
         let not_before = if event.state == "running" && !running {
             instant_at(event.lease_until)
         } else {

@@ -277,7 +277,15 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         p50_ms,
         p99_ms
     );
-    for row in store.history(None, i64::MAX).await? {
+    let history = store.history(None, i64::MAX).await?;
+    let superseded = history.iter().filter(|h| h.outcome == "superseded").count();
+    if superseded > 0 {
+        println!(
+            "  of the done, {superseded} were superseded: replaced by a later event of the same \
+             account and [coalesce] group while queued, so not sent"
+        );
+    }
+    for row in history {
         if row.outcome == "failed" {
             println!(
                 "  failed: event for user_id={} cmd={}: {}",
