@@ -50,6 +50,7 @@ mod tests {
             ("/api/v1/nas/{id}/resume", "post"),
             ("/api/v1/nas/{id}/probe", "post"),
             ("/api/v1/nas/{id}/send", "post"),
+            ("/api/v1/nas/{id}/reconcile", "post"),
             ("/api/v1/events", "get"),
             ("/api/v1/events/retry", "post"),
             ("/api/v1/events/cancel", "post"),
@@ -58,6 +59,6 @@ mod tests {
         ] {
             assert!(paths[path][method].is_object(), "{method} {path}");
         }
-        assert_eq!(paths.len(), 28, "a route was added: document it");
+        assert_eq!(paths.len(), 29, "a route was added: document it");
     }
 }
